@@ -1,0 +1,35 @@
+"""kvroute: depth-wise KV-cache sharing with stochastic KV routing (R-CLA).
+
+Three calls::
+
+    model = kvroute.load("HuggingFaceTB/SmolLM2-135M")      # any supported HF model
+    kvroute.apply(model, policy="rcla", plan="every:2")    # routed: train with R-CLA, serve every:2
+    model.generate(ids, max_new_tokens=32)                 # caches only every 2nd layer
+"""
+
+from kvroute.hf.cache import SharedKVCache
+from kvroute.hf.patch import SUPPORTED_FAMILIES, apply, get_router, is_routed, routing_config, set_plan
+from kvroute.plan import KVShape, SharingPlan, parse_plan_list
+from kvroute.policy import CLA, RCLA, RDCLA, NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLA",
+    "RCLA",
+    "RDCLA",
+    "SUPPORTED_FAMILIES",
+    "KVShape",
+    "NoRouting",
+    "RoutingPolicy",
+    "SharedKVCache",
+    "SharingPlan",
+    "apply",
+    "get_router",
+    "is_routed",
+    "parse_plan_list",
+    "policy_from_dict",
+    "policy_from_spec",
+    "routing_config",
+    "set_plan",
+]

@@ -1,0 +1,111 @@
+"""Routed attention: one module replaces each supported family's attention.
+
+It keeps the original's parameters under the same names (so checkpoints load and
+save unchanged) and reads the KV of the layer its route names. A layer whose own
+K/V nobody reads in this pass skips its K/V projections.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvroute.router import RoutingPass, Router
+
+PASS_KWARG = "kvroute_pass"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the supported families apply it. x: (B, H, T, D); cos, sin: (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+class RoutedAttention(nn.Module):
+    """Attention of one decoder layer that may read an earlier layer's KV.
+
+    Args:
+        original: the family's attention module; its projections (and q/k norms) are adopted.
+        router: the model's router, shared by all routed layers.
+    """
+
+    def __init__(self, original: nn.Module, router: Router) -> None:
+        super().__init__()
+        self.config = original.config
+        self.layer_idx: int = original.layer_idx
+        self.head_dim: int = original.head_dim
+        self.num_key_value_groups: int = original.num_key_value_groups
+        self.scaling: float = original.scaling
+        self.attention_dropout: float = original.attention_dropout
+        self.is_causal: bool = original.is_causal
+        if hasattr(original, "sliding_window"):
+            self.sliding_window = original.sliding_window
+        else:  # Mistral reads it from the config
+            self.sliding_window = getattr(original.config, "sliding_window", None)
+        self.softcap = getattr(original, "attn_logit_softcapping", None)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            original.q_proj, original.k_proj, original.v_proj, original.o_proj,
+        )
+        self.q_norm = getattr(original, "q_norm", None)
+        self.k_norm = getattr(original, "k_norm", None)
+        self._eager: Callable = sys.modules[type(original).__module__].eager_attention_forward
+        object.__setattr__(self, "router", router)  # shared, not a submodule
+
+    def _project(self, proj: nn.Module, norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
+        out = proj(hidden).view(*hidden.shape[:-1], -1, self.head_dim)  # (B, T, H, D)
+        if norm is not None:
+            out = norm(out)
+        return out.transpose(1, 2)  # (B, H, T, D)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        routing: RoutingPass | None = kwargs.pop(PASS_KWARG, None)
+        if routing is None:
+            raise RuntimeError(
+                "kvroute: a routed attention layer was called outside a routed forward pass; "
+                "call the model (or its decoder), not the layer"
+            )
+        cache = cache if cache is not None else past_key_values
+        cos, sin = position_embeddings
+        query = apply_rope(self._project(self.q_proj, self.q_norm, hidden_states), cos, sin)
+        idx = self.layer_idx
+        if idx in routing.producers:
+            key = apply_rope(self._project(self.k_proj, self.k_norm, hidden_states), cos, sin)
+            value = self._project(self.v_proj, None, hidden_states)
+            if cache is not None:
+                key, value = cache.update(key, value, idx, kwargs=kwargs)
+            routing.kv[idx] = (key, value)
+        key, value = routing.kv[routing.route[idx]]
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
+        extra = {"softcap": self.softcap} if self.softcap is not None else {}
+        attn_output, attn_weights = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **extra,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights

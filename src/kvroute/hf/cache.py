@@ -1,0 +1,160 @@
+"""SharedKVCache: a transformers ``Cache`` that stores KV for owner layers only.
+
+Non-owner layers hold a ``DummyLayer`` (no tensors): they read their owner's KV
+during the forward pass. Full-attention owners keep their KV in a preallocated
+buffer that grows in place (doubling), so decode never copies the whole cache
+per step; sliding-window owners use transformers' own bounded layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+
+from kvroute.plan import KVShape, SharingPlan
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer backed by a buffer that grows in place.
+
+    Args:
+        max_cache_len: tokens to preallocate; more are allowed and grow the buffer.
+    """
+
+    def __init__(self, max_cache_len: int | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.capacity = int(max_cache_len or 0)
+        self.length = 0
+        self._k: torch.Tensor | None = None  # (B, H_kv, capacity, D)
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.capacity = max(self.capacity, key_states.shape[-2])
+        b, h, _, d = key_states.shape
+        self._k = key_states.new_empty((b, h, self.capacity, d))
+        self._v = value_states.new_empty((b, value_states.shape[1], self.capacity, value_states.shape[-1]))
+        self.length = 0
+        self.is_initialized = True
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            grown = old.new_empty((*old.shape[:2], new_capacity, old.shape[-1]))
+            grown[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, grown)
+        self.capacity = new_capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self._reserve(self.length + n)
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._refresh()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._refresh()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized and tokens_to_remove:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._refresh()
+
+    def _set_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._k, self._v = fn(self._k), fn(self._v)
+            self._refresh()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._set_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._set_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._set_batch(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+
+class SharedKVCache(Cache):
+    """A cache that holds KV for the plan's owner layers only.
+
+    Args:
+        plan: the sharing plan the model runs under.
+        shape: the model's KV shape (``KVShape.from_config(model.config)``).
+        max_cache_len: tokens to preallocate per sequence; the cache grows past it if needed.
+
+    Example:
+        >>> cache = SharedKVCache.for_model(model)            # doctest: +SKIP
+        >>> out = model.generate(ids, cache=cache, max_new_tokens=8)  # doctest: +SKIP
+    """
+
+    def __init__(self, plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None) -> None:
+        if plan.num_layers != shape.num_layers:
+            raise ValueError(f"plan {plan.spec!r} has {plan.num_layers} layers, the model {shape.num_layers}")
+        layers: list[Any] = []
+        for layer in range(plan.num_layers):
+            if plan.source[layer] != layer:
+                layers.append(DummyLayer())
+            elif shape.layer_types is not None and shape.layer_types[layer] == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
+            else:
+                layers.append(GrowingLayer(max_cache_len))
+        super().__init__(layers=layers)
+        self.plan = plan
+        self.shape = shape
+
+    @classmethod
+    def for_model(cls, model: Any, plan: SharingPlan | str | None = None, max_cache_len: int | None = None):
+        """A cache for a routed model under its active plan (or ``plan``)."""
+        from kvroute.hf.patch import get_router
+
+        active = get_router(model).plan
+        if plan is not None:
+            active = SharingPlan.for_model(plan, model.config)
+        return cls(active, KVShape.from_config(model.config), max_cache_len)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (allocated, including unused capacity)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, GrowingLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None and layer.is_initialized:
+                total += layer.keys.numel() * layer.keys.element_size() * 2
+        return total
+
+    def used_bytes(self) -> int:
+        """Bytes of the tokens actually held."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, DummyLayer) or not layer.is_initialized:
+                continue
+            keys = layer.keys
+            total += keys.numel() * keys.element_size() * 2
+        return total

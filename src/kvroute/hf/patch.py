@@ -1,0 +1,169 @@
+"""Apply routing to a loaded transformers model, change its plan, persist its routing setup."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from kvroute.hf.attention import PASS_KWARG, RoutedAttention
+from kvroute.hf.cache import SharedKVCache
+from kvroute.plan import KVShape, SharingPlan, layer_types_of
+from kvroute.policy import RoutingPolicy, policy_from_dict, policy_from_spec
+from kvroute.router import Router
+
+#: model_type -> the attention class kvroute replaces.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llama": "LlamaAttention",
+    "mistral": "MistralAttention",
+    "qwen2": "Qwen2Attention",
+    "qwen3": "Qwen3Attention",
+    "gemma3_text": "Gemma3Attention",
+}
+CONFIG_KEY = "kvroute"
+CONFIG_VERSION = 1
+
+
+def check_supported(config: Any) -> None:
+    """Raise a clear error for a model family kvroute does not route."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"kvroute does not support model_type {model_type!r}; supported families: "
+            + ", ".join(SUPPORTED_FAMILIES)
+        )
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers (LlamaModel for LlamaForCausalLM)."""
+    for candidate in (getattr(model, "model", None), model):
+        if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+            return candidate
+    raise ValueError(f"kvroute cannot find the decoder layers of {type(model).__name__}")
+
+
+def _routed_layers(model: nn.Module) -> list[RoutedAttention]:
+    return [m for m in model.modules() if isinstance(m, RoutedAttention)]
+
+
+def is_routed(model: nn.Module) -> bool:
+    return bool(_routed_layers(model))
+
+
+def get_router(model: nn.Module) -> Router:
+    """The router of a model that :func:`apply` has routed."""
+    layers = _routed_layers(model)
+    if not layers:
+        raise ValueError("this model is not routed; call kvroute.apply(model, ...) first")
+    return layers[0].router
+
+
+def apply(
+    model: nn.Module,
+    policy: RoutingPolicy | str | None = None,
+    plan: SharingPlan | str | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Route a transformers model: any layer may read an earlier layer's KV.
+
+    In ``model.train()`` mode every forward pass draws a route from ``policy``; in
+    ``model.eval()`` mode the route is ``plan``. Layers that read another layer's KV
+    skip their own K/V projections. Calling it again on a routed model changes the
+    policy and plan in place.
+
+    Args:
+        model: a loaded model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma3 text).
+        policy: training policy (``"rcla"``, ``"cla:2"``, a :class:`RoutingPolicy`...);
+            default: the one saved in the model's config, else ``none``.
+        plan: inference plan spec or :class:`SharingPlan`; default: the saved one, else ``full``.
+        seed: seed of the generator that draws training routes.
+
+    Returns:
+        The same model, routed.
+
+    Example:
+        >>> model = kvroute.apply(model, policy="rcla", plan="every:2")  # doctest: +SKIP
+    """
+    check_supported(model.config)
+    saved = getattr(model.config, CONFIG_KEY, None) or {}
+    if policy is None:
+        policy = policy_from_dict(saved["policy"]) if "policy" in saved else "none"
+    if plan is None:
+        plan = saved.get("plan", "full")
+    policy = policy_from_spec(policy)
+    plan = SharingPlan.for_model(plan, model.config)
+
+    if is_routed(model):
+        router = get_router(model)
+        router.policy, router.plan = policy, plan
+        router.generator.manual_seed(seed)
+    else:
+        router = Router(plan, policy, layer_types_of(model.config), seed)
+        decoder = _decoder(model)
+        expected = SUPPORTED_FAMILIES[model.config.model_type]
+        for layer in decoder.layers:
+            attn = layer.self_attn
+            if type(attn).__name__ != expected:
+                raise ValueError(
+                    f"kvroute expected {expected} in each decoder layer, found {type(attn).__name__}"
+                )
+            layer.self_attn = RoutedAttention(attn, router)
+        decoder.register_forward_pre_hook(_begin_pass_hook(router), with_kwargs=True)
+    _write_config(model, router)
+    return model
+
+
+def set_plan(model: nn.Module, plan: SharingPlan | str) -> SharingPlan:
+    """Change the inference plan of a routed model without reloading it.
+
+    Also becomes the default plan saved with the model.
+    """
+    router = get_router(model)
+    router.plan = SharingPlan.for_model(plan, model.config)
+    _write_config(model, router)
+    return router.plan
+
+
+def routing_config(model: nn.Module) -> dict[str, Any]:
+    """The routing setup saved in a checkpoint's config: policy and default plan."""
+    router = get_router(model)
+    return {
+        "version": CONFIG_VERSION,
+        "policy": router.policy.to_dict(),
+        "plan": router.plan.spec,
+        "source": list(router.plan.source),
+    }
+
+
+def _write_config(model: nn.Module, router: Router) -> None:
+    setattr(model.config, CONFIG_KEY, routing_config(model) if is_routed(model) else None)
+
+
+def _begin_pass_hook(router: Router):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs[PASS_KWARG] = router.begin_pass(module.training)
+        if module.training:
+            return args, kwargs
+        name = "past_key_values" if "past_key_values" in kwargs else "cache"
+        cache = kwargs.get(name)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False)
+        fresh = cache is None and use_cache or type(cache) is DynamicCache and cache.get_seq_length() == 0
+        if fresh:
+            kwargs[name] = SharedKVCache(router.plan, KVShape.from_config(module.config))
+        elif isinstance(cache, SharedKVCache) and cache.plan.source != router.plan.source:
+            raise ValueError(
+                f"this SharedKVCache was built for plan {cache.plan.spec!r} but the model runs plan "
+                f"{router.plan.spec!r}; build a new cache after set_plan()"
+            )
+        return args, kwargs
+
+    return hook
+
+
+def warn_if_unrouted_checkpoint(config: Any) -> None:
+    if getattr(config, CONFIG_KEY, None) is None:
+        warnings.warn("checkpoint has no kvroute routing config; serving it with the 'full' plan", stacklevel=2)

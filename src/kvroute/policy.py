@@ -1,0 +1,219 @@
+"""Routing policies: how a route is drawn for each training forward pass.
+
+A route is a tuple ``source[l]``: the layer whose KV layer ``l`` reads in one
+forward pass. Each policy is a small dataclass with one method, :meth:`sample`.
+All randomness goes through the ``torch.Generator`` passed in, so a seeded run
+reproduces its routes step by step.
+
+- ``none``: standard attention, every layer reads its own KV;
+- ``rcla(p)``: the paper's R-CLA: each layer l >= 1 keeps its own KV with
+  probability p, else reads a layer drawn from the earlier layers of its type
+  (``uniform``, as in the paper, or ``nearest``: distance ~ geometric(1/2));
+- ``cla(k)``: fixed groups of k layers, the first layer of each group owns;
+- ``rdcla(k, p)``: each layer flips a coin (p) between its CLA@k source and itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvroute.plan import SharingPlan
+
+Route = tuple[int, ...]
+
+
+def _earlier_same_type(layer: int, layer_types: tuple[str, ...] | None) -> list[int]:
+    if layer_types is None:
+        return list(range(layer))
+    return [j for j in range(layer) if layer_types[j] == layer_types[layer]]
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"routing p must be in [0, 1] (the probability a layer uses its own KV), got {p}")
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """Base class: draws one route per forward pass."""
+
+    name: ClassVar[str] = ""
+
+    def sample(self, num_layers: int, layer_types: tuple[str, ...] | None, generator: torch.Generator) -> Route:
+        """Draw the route for one forward pass.
+
+        Args:
+            num_layers: the model's depth.
+            layer_types: per-layer attention types when the model mixes them, else None.
+            generator: the source of randomness (CPU generator).
+
+        Returns:
+            ``source[l]`` for every layer, with ``source[l] <= l`` and of the same type.
+        """
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> str:
+        """The string form, as the CLI takes it."""
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class NoRouting(RoutingPolicy):
+    """Standard attention: every layer reads its own KV."""
+
+    name: ClassVar[str] = "none"
+
+    def sample(self, num_layers, layer_types, generator) -> Route:
+        return tuple(range(num_layers))
+
+
+@dataclass(frozen=True)
+class RCLA(RoutingPolicy):
+    """R-CLA: own KV with probability ``p``, else an earlier layer of the same type.
+
+    Args:
+        p: probability that a layer uses its own KV.
+        sources: ``uniform`` (the paper) or ``nearest`` (distance ~ geometric(1/2)).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> route = RCLA(p=0.5).sample(4, None, g)
+        >>> all(s <= l for l, s in enumerate(route))
+        True
+    """
+
+    name: ClassVar[str] = "rcla"
+    p: float = 0.6
+    sources: str = "uniform"
+
+    def __post_init__(self) -> None:
+        _check_p(self.p)
+        if self.sources not in ("uniform", "nearest"):
+            raise ValueError(f"rcla sources must be 'uniform' or 'nearest', got {self.sources!r}")
+
+    def sample(self, num_layers, layer_types, generator) -> Route:
+        coins = torch.rand(num_layers, generator=generator).tolist()
+        picks = torch.rand(num_layers, generator=generator).tolist()
+        route = []
+        for layer in range(num_layers):
+            earlier = _earlier_same_type(layer, layer_types)
+            if not earlier or coins[layer] < self.p:
+                route.append(layer)
+                continue
+            if self.sources == "uniform":
+                route.append(earlier[min(int(picks[layer] * len(earlier)), len(earlier) - 1)])
+            else:  # nearest: P(d-th nearest) proportional to 2^-d
+                weights = [0.5 ** (d + 1) for d in range(len(earlier))]
+                total, acc, target = sum(weights), 0.0, picks[layer]
+                for d, w in enumerate(weights):
+                    acc += w / total
+                    if target < acc or d == len(weights) - 1:
+                        route.append(earlier[-1 - d])
+                        break
+        return tuple(route)
+
+    @property
+    def spec(self) -> str:
+        extra = "" if self.sources == "uniform" else f",sources={self.sources}"
+        return f"rcla:p={self.p:g}{extra}"
+
+
+@dataclass(frozen=True)
+class CLA(RoutingPolicy):
+    """CLA@k: fixed groups of ``k`` layers sharing the first layer's KV."""
+
+    name: ClassVar[str] = "cla"
+    k: int = 2
+
+    def __post_init__(self) -> None:
+        if int(self.k) <= 0:
+            raise ValueError(f"cla:K needs a positive K, got {self.k}")
+
+    def sample(self, num_layers, layer_types, generator) -> Route:
+        return SharingPlan.from_spec(f"every:{self.k}", num_layers, layer_types).source
+
+    @property
+    def spec(self) -> str:
+        return f"cla:{self.k}"
+
+
+@dataclass(frozen=True)
+class RDCLA(RoutingPolicy):
+    """RD-CLA@k: each layer flips a coin (own KV with probability ``p``) against its CLA@k source."""
+
+    name: ClassVar[str] = "rdcla"
+    k: int = 2
+    p: float = 0.6
+
+    def __post_init__(self) -> None:
+        if int(self.k) <= 0:
+            raise ValueError(f"rdcla:K needs a positive K, got {self.k}")
+        _check_p(self.p)
+
+    def sample(self, num_layers, layer_types, generator) -> Route:
+        fixed = SharingPlan.from_spec(f"every:{self.k}", num_layers, layer_types).source
+        coins = torch.rand(num_layers, generator=generator).tolist()
+        return tuple(layer if coins[layer] < self.p else fixed[layer] for layer in range(num_layers))
+
+    @property
+    def spec(self) -> str:
+        return f"rdcla:{self.k},p={self.p:g}"
+
+
+_POLICIES: dict[str, type[RoutingPolicy]] = {c.name: c for c in (NoRouting, RCLA, CLA, RDCLA)}
+
+
+def policy_from_spec(spec: str | RoutingPolicy, p: float | None = None, sources: str | None = None) -> RoutingPolicy:
+    """Parse ``none``, ``rcla``, ``cla:K`` or ``rdcla:K``.
+
+    Options may follow the spec (``rcla:p=0.6,sources=nearest``, ``rdcla:2,p=0.5``);
+    ``p`` and ``sources`` given here override them.
+
+    Raises:
+        ValueError: for an unknown policy, a bad K, or p outside [0, 1].
+    """
+    if isinstance(spec, RoutingPolicy):
+        return spec
+    text = spec.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip().lower()
+    if name not in _POLICIES:
+        raise ValueError(f"routing {text!r}: unknown policy {name!r}; expected one of none, rcla, cla:K, rdcla:K")
+    kwargs: dict[str, Any] = {}
+    for item in (x.strip() for x in rest.split(",") if x.strip()):
+        key, eq, value = item.partition("=")
+        if not eq:
+            key, value = ("k" if name in ("cla", "rdcla") else "p"), key
+        try:
+            kwargs[key.strip()] = value.strip() if key.strip() == "sources" else (
+                int(value) if key.strip() == "k" else float(value)
+            )
+        except ValueError:
+            raise ValueError(f"routing {text!r}: bad value {value!r} for {key!r}") from None
+    fields = set(_POLICIES[name].__dataclass_fields__)
+    if p is not None and "p" in fields:  # --p applies to the policies that have one
+        kwargs["p"] = p
+    if sources is not None and "sources" in fields:
+        kwargs["sources"] = sources
+    if name in ("cla", "rdcla") and "k" not in kwargs:
+        raise ValueError(f"routing {text!r}: {name} needs a group size, e.g. {name}:2")
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise ValueError(f"routing {text!r}: {name} takes no option(s) {sorted(unknown)}")
+    return _POLICIES[name](**kwargs)
+
+
+def policy_from_dict(data: dict[str, Any]) -> RoutingPolicy:
+    """Read back :meth:`RoutingPolicy.to_dict`."""
+    data = dict(data)
+    name = data.pop("name")
+    if name not in _POLICIES:
+        raise ValueError(f"unknown routing policy {name!r} in config")
+    return _POLICIES[name](**data)

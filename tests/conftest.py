@@ -1,0 +1,54 @@
+"""Tiny models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+def tiny_config(family: str, layers: int = 4, attn: str = "sdpa"):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "mistral":
+        config = MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(**common, head_dim=8)
+    elif family == "gemma3_text":
+        config = Gemma3TextConfig(
+            **common, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * (layers // 3)
+            + ["sliding_attention"] * (layers % 3),
+        )
+    else:
+        raise ValueError(family)
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, attn), attn_implementation=attn)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
