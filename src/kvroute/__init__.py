@@ -8,6 +8,7 @@ Three calls::
 """
 
 from kvroute.hf.cache import SharedKVCache
+from kvroute.models import convert, load, load_model, load_tokenizer, save_checkpoint
 from kvroute.hf.patch import SUPPORTED_FAMILIES, apply, get_router, is_routed, routing_config, set_plan
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.policy import CLA, RCLA, RDCLA, NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
@@ -25,6 +26,11 @@ __all__ = [
     "SharedKVCache",
     "SharingPlan",
     "apply",
+    "convert",
+    "load",
+    "load_model",
+    "load_tokenizer",
+    "save_checkpoint",
     "get_router",
     "is_routed",
     "parse_plan_list",

@@ -1,0 +1,1 @@
+"""Data: text packing, context-QA records and the fictional QA generator."""
