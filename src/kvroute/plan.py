@@ -146,15 +146,15 @@ class SharingPlan:
         Raises:
             ValueError: naming the spec and what is wrong with it.
         """
+        types = tuple(layer_types) if layer_types is not None and len(set(layer_types)) > 1 else None
         if isinstance(spec, SharingPlan):
             if spec.num_layers != num_layers:
                 raise ValueError(
                     f"plan {spec.spec!r} has {spec.num_layers} layers but the model has {num_layers}"
                 )
-            return spec
+            return spec if types is None else cls(spec.source, spec.spec, types)  # check the types
         if num_layers <= 0:
             raise ValueError(f"plan {spec!r}: the model must have at least one layer, got {num_layers}")
-        types = tuple(layer_types) if layer_types is not None and len(set(layer_types)) > 1 else None
         if types is not None and len(types) != num_layers:
             raise ValueError(f"plan {spec!r}: {num_layers} layers but {len(types)} layer types")
         text = spec.strip()
@@ -194,7 +194,10 @@ class SharingPlan:
                             f"plan {text!r}: layer {first} is the first {t!r} layer and must keep its cache"
                         )
         elif kind == "groups":
-            sizes = [int(x) for x in _split(text, arg)]
+            try:
+                sizes = [int(x) for x in _split(text, arg)]
+            except ValueError:
+                raise ValueError(f"plan {text!r}: expected a comma-separated list of group sizes") from None
             if any(s <= 0 for s in sizes):
                 raise ValueError(f"plan {text!r}: group sizes must be positive")
             if sum(sizes) != num_layers:

@@ -101,6 +101,21 @@ class GrowingLayer(DynamicLayer):
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
 
+def shared_layers(plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None) -> list[Any]:
+    """One empty cache layer per model layer: nothing for non-owners, a bounded or growing one for owners."""
+    if plan.num_layers != shape.num_layers:
+        raise ValueError(f"plan {plan.spec!r} has {plan.num_layers} layers, the model {shape.num_layers}")
+    layers: list[Any] = []
+    for layer in range(plan.num_layers):
+        if plan.source[layer] != layer:
+            layers.append(DummyLayer())
+        elif shape.layer_types is not None and shape.layer_types[layer] == "sliding_attention":
+            layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
+        else:
+            layers.append(GrowingLayer(max_cache_len))
+    return layers
+
+
 class SharedKVCache(Cache):
     """A cache that holds KV for the plan's owner layers only.
 
@@ -115,17 +130,7 @@ class SharedKVCache(Cache):
     """
 
     def __init__(self, plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None) -> None:
-        if plan.num_layers != shape.num_layers:
-            raise ValueError(f"plan {plan.spec!r} has {plan.num_layers} layers, the model {shape.num_layers}")
-        layers: list[Any] = []
-        for layer in range(plan.num_layers):
-            if plan.source[layer] != layer:
-                layers.append(DummyLayer())
-            elif shape.layer_types is not None and shape.layer_types[layer] == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
-            else:
-                layers.append(GrowingLayer(max_cache_len))
-        super().__init__(layers=layers)
+        super().__init__(layers=shared_layers(plan, shape, max_cache_len))
         self.plan = plan
         self.shape = shape
 

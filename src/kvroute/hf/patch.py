@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DummyLayer, DynamicCache
 
 from kvroute.hf.attention import PASS_KWARG, RoutedAttention
-from kvroute.hf.cache import SharedKVCache
+from kvroute.hf.cache import SharedKVCache, shared_layers
 from kvroute.plan import KVShape, SharingPlan, layer_types_of
-from kvroute.policy import RoutingPolicy, policy_from_dict, policy_from_spec
+from kvroute.policy import NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
 from kvroute.router import Router
 
 #: model_type -> the attention class kvroute replaces.
@@ -145,23 +146,52 @@ def _begin_pass_hook(router: Router):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs[PASS_KWARG] = router.begin_pass(module.training)
         if module.training:
+            if not isinstance(router.policy, NoRouting):
+                _check_checkpointing(module)
             return args, kwargs
         name = "past_key_values" if "past_key_values" in kwargs else "cache"
         cache = kwargs.get(name)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", False)
-        fresh = cache is None and use_cache or type(cache) is DynamicCache and cache.get_seq_length() == 0
-        if fresh:
-            kwargs[name] = SharedKVCache(router.plan, KVShape.from_config(module.config))
+        shape = KVShape.from_config(module.config)
+        if cache is None and use_cache:
+            kwargs[name] = SharedKVCache(router.plan, shape)
+        elif type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
+            # an empty cache from generate() or the caller: give it the shared layout in place,
+            # so the caller's reference still holds the KV on the next call
+            cache.layers[:] = shared_layers(router.plan, shape)
         elif isinstance(cache, SharedKVCache) and cache.plan.source != router.plan.source:
             raise ValueError(
                 f"this SharedKVCache was built for plan {cache.plan.spec!r} but the model runs plan "
                 f"{router.plan.spec!r}; build a new cache after set_plan()"
             )
+        elif cache is not None and any(
+            o < len(cache.layers) and isinstance(cache.layers[o], DummyLayer) for o in router.plan.owners
+        ):
+            raise ValueError(
+                f"this cache holds no KV for some owners of plan {router.plan.spec!r}; "
+                "build a new cache after set_plan()"
+            )
         return args, kwargs
 
     return hook
+
+
+def _check_checkpointing(decoder: nn.Module) -> None:
+    """Reentrant checkpointing drops the gradient a layer sends to the layer whose KV it reads."""
+    for layer in decoder.layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if (
+            getattr(layer, "gradient_checkpointing", False)
+            and isinstance(func, functools.partial)
+            and func.keywords.get("use_reentrant", True)  # torch's default when unset
+        ):
+            raise ValueError(
+                "kvroute: reentrant gradient checkpointing (use_reentrant=True) loses the gradients that "
+                "routed layers send to the layers whose KV they read; use "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
 
 
 def warn_if_unrouted_checkpoint(config: Any) -> None:

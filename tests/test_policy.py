@@ -1,0 +1,177 @@
+"""Routing policies: route validity, R-CLA statistics, seeding, specs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from kvroute.plan import SharingPlan
+from kvroute.policy import CLA, RCLA, RDCLA, NoRouting, policy_from_dict, policy_from_spec
+from kvroute.router import Router
+
+S, F = "sliding_attention", "full_attention"
+TYPES = (S, S, F, S, S, F, S, S, F)
+
+
+def _routes(policy, layers, types=None, n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [policy.sample(layers, types, g) for _ in range(n)]
+
+
+def _chi_square(counts: list[int]) -> float:
+    expected = sum(counts) / len(counts)
+    return sum((c - expected) ** 2 / expected for c in counts)
+
+
+# 99.9% quantiles of the chi-square distribution by degrees of freedom
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+@pytest.mark.parametrize("p", [0.25, 0.6, 0.9])
+def test_rcla_self_frequency_is_p(p):
+    routes = _routes(RCLA(p), 8)
+    assert all(r[0] == 0 for r in routes)
+    for layer in range(1, 8):
+        freq = sum(r[layer] == layer for r in routes) / len(routes)
+        assert abs(freq - p) < 0.035, (layer, freq)
+
+
+def test_rcla_sources_are_uniform():
+    routes = _routes(RCLA(0.5), 8, n=6000)
+    for layer in range(2, 8):
+        counts = Counter(r[layer] for r in routes if r[layer] != layer)
+        assert set(counts) == set(range(layer))
+        stat = _chi_square([counts[j] for j in range(layer)])
+        try:
+            from scipy.stats import chi2
+        except ImportError:
+            threshold = CHI2_999[layer - 1]
+        else:
+            threshold = chi2.ppf(0.999, layer - 1)
+        assert stat < threshold, (layer, dict(counts), stat)
+
+
+def test_chi_square_rejects_skewed_sources():
+    # the check above can fail: the nearest distribution is far from uniform
+    routes = _routes(RCLA(0.5, sources="nearest"), 8, n=6000)
+    counts = Counter(r[6] for r in routes if r[6] != 6)
+    assert _chi_square([counts[j] for j in range(6)]) > CHI2_999[5]
+
+
+def test_rcla_nearest_favours_near_layers():
+    routes = _routes(RCLA(0.0, sources="nearest"), 8)
+    counts = Counter(r[7] for r in routes)
+    assert 7 not in counts  # p = 0: never itself
+    ordered = [counts[j] for j in range(6, -1, -1)]  # nearest first
+    assert ordered[:4] == sorted(ordered[:4], reverse=True)
+    assert abs(counts[6] / len(routes) - 0.5) < 0.04  # P(nearest) ~ 1/2
+
+
+@pytest.mark.parametrize(
+    "policy", [RCLA(0.3), RCLA(0.0, sources="nearest"), CLA(2), CLA(3), RDCLA(2, 0.5), NoRouting()]
+)
+def test_routes_are_valid_and_never_cross_types(policy):
+    for types in (None, TYPES):
+        for route in _routes(policy, len(TYPES), types, n=300):
+            assert len(route) == len(TYPES)
+            for layer, s in enumerate(route):
+                assert 0 <= s <= layer
+                if types is not None:
+                    assert types[s] == types[layer]
+
+
+def test_typed_rcla_reaches_every_same_type_layer():
+    routes = _routes(RCLA(0.0), len(TYPES), TYPES, n=2000)
+    assert {r[8] for r in routes} == {2, 5}
+    assert {r[7] for r in routes} == {0, 1, 3, 4, 6}
+    assert all(r[2] == 2 for r in routes)  # first full layer has no earlier full layer
+
+
+def test_same_seed_same_routes():
+    for policy in (RCLA(0.5), RCLA(0.5, sources="nearest"), RDCLA(2, 0.5)):
+        assert _routes(policy, 8, n=50, seed=7) == _routes(policy, 8, n=50, seed=7)
+        assert _routes(policy, 8, n=50, seed=7) != _routes(policy, 8, n=50, seed=8)
+
+
+def test_router_draws_per_pass_and_resumes():
+    plan = SharingPlan.from_spec("every:2", 6)
+    router = Router(plan, RCLA(0.5), seed=3)
+    first = [router.begin_pass(training=True).route for _ in range(5)]
+    assert len(set(first)) > 1  # a new route every pass
+    state = router.state_dict()
+    after = [router.begin_pass(training=True).route for _ in range(5)]
+    again = Router(plan, RCLA(0.5), seed=3)
+    assert [again.begin_pass(training=True).route for _ in range(5)] == first
+    again.load_state_dict(state)
+    assert [again.begin_pass(training=True).route for _ in range(5)] == after
+    routing = router.begin_pass(training=False)
+    assert routing.route == plan.source and router.last_route == plan.source
+    assert routing.producers == frozenset(plan.owners)
+
+
+def test_cla_and_rdcla():
+    g = torch.Generator().manual_seed(0)
+    assert CLA(2).sample(6, None, g) == (0, 0, 2, 2, 4, 4)
+    assert CLA(2).sample(5, (S, S, F, S, S), g) == (0, 0, 2, 0, 4)
+    assert NoRouting().sample(3, None, g) == (0, 1, 2)
+    routes = _routes(RDCLA(2, 0.6), 6)
+    for layer in (1, 3, 5):
+        values = Counter(r[layer] for r in routes)
+        assert set(values) == {layer, layer - 1}
+        assert abs(values[layer] / len(routes) - 0.6) < 0.035
+    assert all(r[layer] == layer for r in routes for layer in (0, 2, 4))
+    assert all(r == (0, 1, 2, 3) for r in _routes(RDCLA(2, 1.0), 4, n=50))
+    assert all(r == (0, 0, 2, 2) for r in _routes(RDCLA(2, 0.0), 4, n=50))
+
+
+@pytest.mark.parametrize(
+    "spec, policy",
+    [
+        ("none", NoRouting()),
+        ("rcla", RCLA()),
+        ("rcla:0.5", RCLA(0.5)),
+        ("rcla:p=0.25,sources=nearest", RCLA(0.25, "nearest")),
+        ("cla:2", CLA(2)),
+        ("rdcla:4", RDCLA(4)),
+        ("rdcla:2,p=0.5", RDCLA(2, 0.5)),
+        (" RCLA:p=0.75 ", RCLA(0.75)),
+    ],
+)
+def test_policy_specs(spec, policy):
+    parsed = policy_from_spec(spec)
+    assert parsed == policy
+    assert policy_from_spec(parsed.spec) == parsed
+    assert policy_from_dict(parsed.to_dict()) == parsed
+
+
+def test_policy_spec_overrides():
+    assert policy_from_spec("rcla", p=0.3, sources="nearest") == RCLA(0.3, "nearest")
+    assert policy_from_spec("rdcla:2", p=0.1) == RDCLA(2, 0.1)
+    assert policy_from_spec("cla:2", p=0.1) == CLA(2)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("random", "unknown policy 'random'"),
+        ("cla", "needs a group size"),
+        ("cla:0", "positive K"),
+        ("rdcla:-1", "positive K"),
+        ("rcla:1.5", r"p must be in \[0, 1\]"),
+        ("rcla:p=-0.1", r"p must be in \[0, 1\]"),
+        ("rcla:p=abc", "bad value"),
+        ("rcla:sources=far", "sources must be"),
+        ("cla:2,p=0.5", "takes no option"),
+        ("none:3", "takes no option"),
+    ],
+)
+def test_bad_policy_spec(spec, match):
+    with pytest.raises(ValueError, match=match):
+        policy_from_spec(spec)
+
+
+def test_unknown_policy_in_config():
+    with pytest.raises(ValueError, match="unknown routing policy 'xyz'"):
+        policy_from_dict({"name": "xyz"})

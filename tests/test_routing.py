@@ -1,0 +1,396 @@
+"""Routed attention on tiny HF models: identity, cached decode, generate, training paths, gradients."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.cache_utils import DummyLayer, DynamicCache
+
+import kvroute
+from conftest import FAMILIES, tiny_config, tiny_model
+from kvroute.hf.cache import SharedKVCache
+from kvroute.policy import RoutingPolicy
+
+VOCAB = 97
+# valid for every family; with six layers Gemma3's types are [S, S, F, S, S, F]
+PLANS = ["full", "every:2", "every:3", "keep:0.5", "layers:0,2,3", "groups:2,3,1", "source:0,0,2,1,3,2"]
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
+
+
+@dataclass(frozen=True)
+class Fixed(RoutingPolicy):
+    """A test policy that always draws the same route."""
+
+    route: tuple[int, ...] = ()
+
+    def sample(self, num_layers, layer_types, generator):
+        return self.route
+
+
+def count_kv_calls(model) -> dict[str, list[int]]:
+    """Record which layers run their k_proj / v_proj, in call order."""
+    calls: dict[str, list[int]] = {"k": [], "v": []}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("k", "v"):
+            proj = getattr(layer.self_attn, f"{name}_proj")
+            proj.register_forward_hook(lambda *_, name=name, i=i: calls[name].append(i))
+    return calls
+
+
+# ------------------------------------------------------------------ identity
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_plan_is_the_unmodified_model(family, attn):
+    model = tiny_model(family, layers=4, attn=attn)
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_train = model.train()(ids, labels=ids)
+    model.eval()
+    kvroute.apply(model, policy="none", plan="full")
+    assert all(type(layer.self_attn).__name__ == "RoutedAttention" for layer in model.model.layers)
+    with torch.no_grad():
+        close(model(ids).logits, ref)
+        close(model(ids, use_cache=False).logits, ref)
+        train = model.train()(ids, labels=ids)
+    close(train.logits, ref_train.logits)
+    close(train.loss, ref_train.loss)
+
+
+def test_routing_changes_the_logits(family):
+    # the equivalence tests below would pass trivially if the plan were ignored
+    model = kvroute.apply(tiny_model(family, layers=6), plan="full")
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        kvroute.set_plan(model, "every:3")
+        shared = model(ids).logits
+    assert (full - shared).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------- cached decode
+def decode_logits(model, ids: torch.Tensor, prefill: int, cache=None) -> torch.Tensor:
+    """Prefill ``prefill`` tokens, then decode the rest one by one; logits of every position."""
+    out = model(ids[:, :prefill], cache=cache, use_cache=True)
+    logits = [out.logits]
+    cache = out.cache
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("spec", PLANS)
+def test_decode_matches_full_forward(family, spec):
+    model = kvroute.apply(tiny_model(family, layers=6), plan=spec)
+    ids = tokens(2, 14)  # longer than Gemma3's sliding window (8)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        close(decode_logits(model, ids, prefill=5), full)
+        cache = SharedKVCache.for_model(model, max_cache_len=14)
+        close(decode_logits(model, ids, prefill=3, cache=cache), full)
+    assert cache.get_seq_length() == 14
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_caller_cache_is_kept_across_calls(family, attn):
+    # a loop that keeps passing its own DynamicCache, as with an unrouted model
+    model = kvroute.apply(tiny_model(family, layers=6, attn=attn), plan="every:2")
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        logits = [model(ids[:, :4], cache=cache).logits]
+        for t in range(4, 12):
+            logits.append(model(ids[:, t : t + 1], cache=cache).logits)
+    close(torch.cat(logits, dim=1), full)
+    owners = kvroute.get_router(model).plan.owners
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, DummyLayer) == (i not in owners)
+
+
+def test_stale_cache_after_set_plan_raises():
+    model = kvroute.apply(tiny_model("llama", layers=4), plan="every:2")
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        cache = model(ids).cache
+        dyn = DynamicCache(config=model.config)
+        model(ids, cache=dyn)
+        kvroute.set_plan(model, "full")
+        with pytest.raises(ValueError, match="built for plan 'every:2'.*'full'"):
+            model(ids[:, :1], cache=cache)
+        with pytest.raises(ValueError, match="holds no KV for some owners of plan 'full'"):
+            model(ids[:, :1], cache=dyn)
+
+
+# ------------------------------------------------------------------ generate
+def greedy_loop(model, ids, steps, mask=None, sample=False):
+    """Hand-written prefill + decode: argmax (or multinomial with the global RNG) of the last logits."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    seq = ids
+    for _ in range(steps):
+        last = out.logits[:, -1].float()
+        nxt = torch.multinomial(last.softmax(-1), 1) if sample else last.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(nxt, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
+    return seq
+
+
+def routed_for_generate(family, spec="every:2"):
+    model = kvroute.apply(tiny_model(family, layers=6), plan=spec)
+    model.generation_config.eos_token_id = None  # always generate every step
+    return model
+
+
+def test_generate_matches_greedy_loop(family):
+    model = routed_for_generate(family)
+    ids = tokens(2, 5)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+        ref = greedy_loop(model, ids, 8)
+    assert torch.equal(out.sequences, ref)
+    owners = kvroute.get_router(model).plan.owners
+    assert [not isinstance(layer, DummyLayer) for layer in out.cache.layers] == [
+        i in owners for i in range(6)
+    ]
+
+
+def test_generate_sampling_matches_loop_with_same_seed():
+    model = routed_for_generate("qwen3")
+    ids = tokens(2, 4)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        out = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+        torch.manual_seed(123)
+        ref = greedy_loop(model, ids, 8, sample=True)
+        torch.manual_seed(124)
+        other = greedy_loop(model, ids, 8, sample=True)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, other)
+
+
+@pytest.mark.parametrize("family_", ["llama", "gemma3_text"])
+def test_generate_batched_left_padding(family_):
+    model = routed_for_generate(family_)
+    rows = [tokens(1, 4, seed=1)[0], tokens(1, 9, seed=2)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(batched, greedy_loop(model, ids, 6, mask=mask))
+        for i, row in enumerate(rows):
+            alone = model.generate(row[None], max_new_tokens=6, do_sample=False)
+            assert torch.equal(batched[i, -6:], alone[0, -6:])
+
+
+# ------------------------------------------------------------ training paths
+def train_step(family, policy, seed, layers=6, **kwargs):
+    """One training forward + backward; returns the model, output and gradients."""
+    model = tiny_model(family, layers=layers)
+    kvroute.apply(model, policy=policy, plan="every:2", seed=seed)
+    checkpointing = kwargs.pop("checkpointing", False)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    ids = tokens(2, 12)
+    out = model(ids, labels=ids, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, out, grads
+
+
+@pytest.mark.parametrize("family_", ["llama", "qwen3", "gemma3_text"])
+def test_cache_and_checkpointing_do_not_change_routing(family_):
+    model, ref, ref_grads = train_step(family_, "rcla:p=0.5", seed=0, use_cache=False)
+    route = kvroute.get_router(model).last_route
+    assert route != tuple(range(6))  # the seed draws a real routing
+    cache = DynamicCache(config=model.config)
+    runs = {
+        "cache": train_step(family_, "rcla:p=0.5", seed=0, use_cache=True, cache=cache),
+        "no-cache-arg": train_step(family_, "rcla:p=0.5", seed=0),
+        "checkpointing": train_step(family_, "rcla:p=0.5", seed=0, checkpointing=True),
+    }
+    for name, (model, out, grads) in runs.items():
+        assert kvroute.get_router(model).last_route == route, name
+        close(out.logits, ref.logits)
+        close(out.loss, ref.loss)
+        assert grads.keys() == ref_grads.keys(), name
+        for key in grads:
+            close(grads[key], ref_grads[key])
+
+
+def test_sdpa_and_eager_agree_under_routing(family):
+    ids = tokens(2, 11)
+    logits = {}
+    for attn in ("sdpa", "eager"):
+        model = kvroute.apply(tiny_model(family, layers=6, attn=attn), policy="rcla:p=0.3", plan="every:3", seed=2)
+        with torch.no_grad():
+            logits[attn, "eval"] = model(ids).logits
+            logits[attn, "train"] = model.train()(ids).logits
+        assert kvroute.get_router(model).last_route != tuple(range(6))
+    close(logits["sdpa", "eval"], logits["eager", "eval"])
+    close(logits["sdpa", "train"], logits["eager", "train"])
+
+
+def test_eval_paths_agree():
+    model = kvroute.apply(tiny_model("gemma3_text", layers=6), plan="every:3")
+    ids = tokens(2, 11)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        close(model(ids).logits, ref)
+        close(model(ids, cache=DynamicCache(config=model.config)).logits, ref)
+        close(model(ids, cache=SharedKVCache.for_model(model)).logits, ref)
+
+
+def test_reentrant_checkpointing_is_refused():
+    model = kvroute.apply(tiny_model("llama"), policy="rcla")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = tokens(1, 6)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model(ids, labels=ids)
+
+
+def test_gradients_reach_the_source_projections():
+    _, _, own = train_step("llama", "none", seed=0, layers=2)
+    model, _, routed = train_step("llama", "cla:2", seed=0, layers=2)
+    assert kvroute.get_router(model).last_route == (0, 0)
+    for proj in ("k_proj", "v_proj"):
+        src = f"model.layers.0.self_attn.{proj}.weight"
+        assert f"model.layers.1.self_attn.{proj}.weight" not in routed  # never computed
+        assert routed[src].abs().sum() > 0
+        # layer 1 reads layer 0's K/V, so its loss gradient flows into layer 0's projections
+        assert (routed[src] - own[src]).abs().max() > 1e-6
+    assert "model.layers.1.self_attn.q_proj.weight" in routed
+
+
+def test_skipped_projections_are_never_called_in_training(family):
+    model = kvroute.apply(tiny_model(family, layers=6), policy="rcla:p=0.4", seed=1).train()
+    calls = count_kv_calls(model)
+    router = kvroute.get_router(model)
+    seen = set()
+    for step in range(6):
+        for recorded in calls.values():
+            recorded.clear()
+        model(tokens(1, 6, seed=step))
+        producers = sorted(set(router.last_route))
+        assert calls["k"] == producers and calls["v"] == producers
+        seen.add(router.last_route)
+    assert len(seen) > 1 and any(len(set(r)) < 6 for r in seen)
+
+
+def test_skipped_projections_are_never_called_in_inference(family):
+    model = routed_for_generate(family, "every:3")
+    calls = count_kv_calls(model)
+    with torch.no_grad():
+        model.generate(tokens(1, 5), max_new_tokens=4, do_sample=False)
+    owners = list(kvroute.get_router(model).plan.owners)
+    assert len(owners) < 6
+    assert calls["k"] == owners * 4 and calls["v"] == owners * 4  # prefill + 3 decode steps
+
+
+def test_drawn_routes_reach_the_model():
+    model = kvroute.apply(tiny_model("llama", layers=4), policy="rcla:p=0.3", seed=5).train()
+    router = kvroute.get_router(model)
+    ids = tokens(2, 8)
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(ids).logits
+            route = router.last_route
+            kvroute.apply(model, policy=Fixed(route))
+            close(model(ids).logits, logits)
+            kvroute.apply(model, policy="rcla:p=0.3")
+        # a training route reads the producer's own KV, not its owner: (0, 0, 1) != (0, 0, 0)
+        outs = []
+        for route in [(0, 0, 1, 3), (0, 0, 0, 3), (0, 1, 2, 3)]:
+            kvroute.apply(model, policy=Fixed(route))
+            outs.append(model(ids).logits)
+            assert router.last_route == route
+    assert (outs[0] - outs[1]).abs().max() > 1e-4 and (outs[0] - outs[2]).abs().max() > 1e-4
+
+
+def test_routed_layer_refuses_a_direct_call():
+    model = kvroute.apply(tiny_model("llama", layers=2))
+    attn = model.model.layers[0].self_attn
+    with pytest.raises(RuntimeError, match="outside a routed forward pass"):
+        attn(torch.zeros(1, 2, 32), position_embeddings=(torch.ones(1, 2, 8), torch.zeros(1, 2, 8)))
+
+
+# ---------------------------------------------------------------- errors
+def test_unsupported_model_lists_families():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=32))
+    with pytest.raises(ValueError, match="'gpt2'") as err:
+        kvroute.apply(model)
+    assert all(f in str(err.value) for f in FAMILIES)
+
+
+def test_apply_rejects_bad_plan_for_model():
+    model = tiny_model("gemma3_text", layers=6)
+    with pytest.raises(ValueError, match="'source:0,0,1,3,4,5'.*cannot read"):
+        kvroute.apply(model, plan="source:0,0,1,3,4,5")
+    with pytest.raises(ValueError, match="'every:0'"):
+        kvroute.apply(model, plan="every:0")
+    with pytest.raises(ValueError, match="7 entries but the model has 6"):
+        kvroute.apply(model, plan="source:0,0,0,0,0,0,0")
+    untyped = kvroute.SharingPlan.from_spec("every:2", 6)  # layer 3 would read layer 2, a full layer
+    with pytest.raises(ValueError, match="cannot read"):
+        kvroute.apply(model, plan=untyped)
+
+
+# ---------------------------------------------------------- property test
+@functools.lru_cache(maxsize=None)
+def _model(family: str):
+    return kvroute.apply(tiny_model(family, layers=5))
+
+
+@st.composite
+def source_maps(draw, types):
+    """A random valid source map: each layer reads itself or an earlier layer of its type."""
+    source = []
+    for layer, t in enumerate(types):
+        allowed = [j for j in range(layer + 1) if types[j] == t]
+        source.append(draw(st.sampled_from(allowed)))
+    return tuple(source)
+
+
+_GEMMA_TYPES = tuple(tiny_config("gemma3_text", 5).layer_types)
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    data=st.data(),
+    family=st.sampled_from(["llama", "gemma3_text"]),
+    prefill=st.integers(1, 6),
+    length=st.integers(7, 12),
+)
+def test_decode_equals_full_forward_for_any_source_map(data, family, prefill, length):
+    types = _GEMMA_TYPES if family == "gemma3_text" else ("full_attention",) * 5
+    source = data.draw(source_maps(types))
+    model = _model(family)
+    kvroute.set_plan(model, "source:" + ",".join(map(str, source)))
+    ids = tokens(1, length, seed=length)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        close(decode_logits(model, ids, prefill=prefill), full)
