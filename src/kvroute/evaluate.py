@@ -1,0 +1,378 @@
+"""Quality under every sharing plan: language modelling, context-QA, multiple choice.
+
+One checkpoint is loaded once; each plan is switched in with :func:`kvroute.set_plan`
+and scored on every dataset. Results go to disk after every plan and dataset, so
+a plan that fails midway leaves the others' results in place.
+
+- **Language modelling**: mean next-token loss and perplexity over held-out text,
+  with sliding windows: each window scores only tokens no earlier window scored, so
+  every token after the first of a document is scored exactly once, with at
+  least ``window - stride`` tokens of context once the document is long enough.
+- **Context-QA**: greedy generation with ``model.generate``, which in eval mode runs
+  through the plan's :class:`~kvroute.SharedKVCache` exactly as serving does; the
+  first line of the answer is scored with F1, exact match and ROUGE-L.
+- **Multiple choice**: the choice with the highest log-likelihood (``acc``), or the
+  highest per character (``acc_norm``).
+
+Example:
+    >>> cfg = EvalConfig(["runs/rcla/final"], plans="full,every:2", qa=["data/fictional/test.jsonl"])  # doctest: +SKIP
+    >>> evaluate(cfg).rows[0]["value"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvroute.data.evalsets import MCExample, QAExample, TextSet, load_mc, load_qa, load_text
+from kvroute.metrics import exact_match, f1_score, rouge_l
+from kvroute.plan import KVShape, SharingPlan, dtype_bytes, parse_plan_list
+from kvroute.results import ResultWriter, kv_kib_per_token
+
+DEFAULT_PLANS = "full,every:2,every:3,every:4,every:8"
+#: the prompt layout of QA fine-tuning (kvroute.data.qa), context first
+QA_PROMPT_PARTS = ("Context: ", "{context}", "\n", "Question: {question}\n", "Answer:")
+QA_CHAT_PROMPT = "{context}\n\nAnswer the question with a short phrase from the text above.\nQuestion: {question}"
+
+
+# ------------------------------------------------------------------ scorers
+@dataclass(frozen=True)
+class LMScore:
+    """Language-modelling result; ``tokens_scored`` tokens each counted once."""
+
+    loss: float
+    perplexity: float
+    tokens_scored: int
+    tokens_total: int
+    documents: int
+    windows: int
+
+
+@torch.inference_mode()
+def lm_score(
+    model: torch.nn.Module, documents: list[list[int]], window: int = 1024, stride: int = 512, progress: bool = False
+) -> LMScore:
+    """Mean next-token NLL over token documents with sliding windows.
+
+    Args:
+        model: a causal LM (routed or not); runs under its current plan.
+        documents: token ids, one list per document (no context crosses documents).
+        window: tokens one forward pass sees.
+        stride: tokens a window advances; ``stride <= window``.
+
+    Returns:
+        Loss (mean NLL, nats), perplexity ``exp(loss)`` and token counts: every
+        token but the first of each document is scored exactly once.
+    """
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    device = next(model.parameters()).device
+    nll, scored, windows = 0.0, 0, 0
+    total = sum(len(d) for d in documents)
+    bar = tqdm(total=total - len(documents), desc="lm", unit="tok", disable=not progress, leave=False)
+    for doc in documents:
+        ids = torch.tensor(doc, dtype=torch.long, device=device)
+        done = 1  # ids[:done] are scored, or have no prediction (the first token)
+        while done < len(doc):
+            step = window - 1 if done == 1 else min(stride, window - 1)
+            end = min(len(doc), done + step)
+            begin = max(0, end - window)  # begin <= done - 1: the window holds each target's context
+            chunk = ids[begin:end].unsqueeze(0)  # (1, T)
+            # the logits at position t - 1 predict token t: keep those of the targets done..end-1
+            keep = end - done + 1
+            logits = model(input_ids=chunk, use_cache=False, logits_to_keep=keep).logits[0, :-1].float()  # (keep-1, V)
+            losses = torch.nn.functional.cross_entropy(logits, ids[done:end], reduction="none")
+            nll += losses.double().sum().item()
+            scored += losses.numel()
+            windows += 1
+            bar.update(end - done)
+            done = end
+    bar.close()
+    if scored == 0:
+        raise ValueError("no tokens to score: every document is a single token")
+    loss = nll / scored
+    return LMScore(loss, math.exp(loss), scored, total, len(documents), windows)
+
+
+def tokenize_documents(
+    tokenizer: Any, texts: tuple[str, ...] | list[str], max_tokens: int | None = None
+) -> list[list[int]]:
+    """Token ids per document, stopping once ``max_tokens`` tokens are taken."""
+    docs: list[list[int]] = []
+    taken = 0
+    for text in texts:
+        ids = tokenizer(text, verbose=False)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[: max_tokens - taken]
+        if len(ids) >= 2:
+            docs.append(list(ids))
+            taken += len(ids)
+        if max_tokens is not None and taken >= max_tokens:
+            break
+    return docs
+
+
+class _StopAtNewline:
+    """Stop greedy generation once the answer has started and a line ended."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int) -> None:
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
+        stop = "\n" in text.lstrip()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def qa_prompt_ids(tokenizer: Any, example: QAExample, chat: bool = False) -> list[int]:
+    """Prompt token ids, laid out and tokenized piece by piece as QA fine-tuning does.
+
+    ``[BOS] Context: <context>\\nQuestion: <question>\\nAnswer:``, or with ``chat`` a
+    user message through the tokenizer's chat template (for instruction-tuned models).
+    """
+    if chat:
+        content = QA_CHAT_PROMPT.format(context=example.context, question=example.question)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if the model uses one
+    for part in QA_PROMPT_PARTS:
+        text = part.format(context=example.context, question=example.question)
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+@torch.inference_mode()
+def qa_score(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[QAExample],
+    max_new_tokens: int = 32,
+    chat: bool = False,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy answers through the model's cache, scored with F1, exact match and ROUGE-L.
+
+    Returns:
+        ``({"f1", "exact_match", "rouge_l"}, predictions)``; one prediction dict per example.
+    """
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    if not examples:
+        raise ValueError("empty QA dataset")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos, eos_token_id=eos,
+    )
+    sums = {"f1": 0.0, "exact_match": 0.0, "rouge_l": 0.0}
+    predictions = []
+    for ex in tqdm(examples, desc="qa", unit="ex", disable=not progress, leave=False):
+        ids = torch.tensor([qa_prompt_ids(tokenizer, ex, chat)], device=device)  # (1, T)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+            stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, ids.shape[1])]),
+        )
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        answer = text.strip().split("\n", 1)[0].strip()
+        scores = {"f1": f1_score(answer, ex.answers), "exact_match": exact_match(answer, ex.answers),
+                  "rouge_l": rouge_l(answer, ex.answers)}
+        for k, v in scores.items():
+            sums[k] += v
+        predictions.append({"id": ex.id, "question": ex.question, "prediction": answer,
+                            "answers": list(ex.answers), **scores})
+    return {k: v / len(examples) for k, v in sums.items()}, predictions
+
+
+@torch.inference_mode()
+def choice_logprobs(model: torch.nn.Module, tokenizer: Any, example: MCExample) -> list[float]:
+    """log p(delimiter + choice | context) for each choice, tokenized as lm-eval does.
+
+    The choices run as one right-padded batch: padding only follows real tokens,
+    so a causal model's log-probabilities of the real tokens do not change.
+    """
+    device = next(model.parameters()).device
+    context_ids = list(tokenizer(example.context)["input_ids"]) if example.context else []
+    if context_ids:
+        wholes = [list(tokenizer(example.context + example.delimiter + c)["input_ids"]) for c in example.choices]
+    else:  # nothing to condition on: start from BOS (or EOS), as lm-eval does
+        context_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        wholes = [context_ids + list(tokenizer(example.delimiter + c, add_special_tokens=False)["input_ids"])
+                  for c in example.choices]
+    n_ctx = len(context_ids)
+    for choice, whole in zip(example.choices, wholes):
+        if len(whole) <= n_ctx:
+            raise ValueError(f"example {example.id}: choice {choice!r} has no tokens")
+    width = max(len(w) for w in wholes)
+    ids = torch.tensor([w + [w[-1]] * (width - len(w)) for w in wholes], device=device)  # (C, L)
+    # keep the logits from the last context position on: they predict the continuations
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=width - n_ctx + 1).logits.float()  # (C, K, V)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, n_ctx:, None])[..., 0]  # (C, K-1)
+    return [logp[i, : len(w) - n_ctx].double().sum().item() for i, w in enumerate(wholes)]
+
+
+def mc_score(
+    model: torch.nn.Module, tokenizer: Any, examples: list[MCExample], progress: bool = False
+) -> dict[str, float]:
+    """Accuracy by log-likelihood (``acc``) and by log-likelihood per character (``acc_norm``)."""
+    if not examples:
+        raise ValueError("empty multiple choice dataset")
+    acc = acc_norm = 0
+    for ex in tqdm(examples, desc="mc", unit="ex", disable=not progress, leave=False):
+        lls = choice_logprobs(model, tokenizer, ex)
+        norm = [ll / max(1, len(c)) for ll, c in zip(lls, ex.choices)]
+        acc += int(max(range(len(lls)), key=lls.__getitem__) == ex.answer)
+        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex.answer)
+    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
+
+
+# ------------------------------------------------------------------ the run
+@dataclass
+class EvalConfig:
+    """What ``kvroute eval`` runs.
+
+    Args:
+        checkpoints: hub ids, folders or ``.gguf`` files.
+        plans: plan specs, a list or a comma-separated string.
+        text: held-out text datasets (file, folder or glob each).
+        qa: context-QA JSONL files.
+        mc: multiple choice JSONL files or BIG-bench ``task.json`` files.
+        out: folder for ``results.json``, ``results.csv``, ``predictions.jsonl`` and ``pareto.png``.
+        window, stride: sliding windows of the language-modelling loss.
+        max_tokens: tokens taken from each text dataset (None: all).
+        limit: examples taken from each QA / multiple choice dataset (None: all).
+        max_new_tokens: answer length limit for QA.
+        chat: wrap QA prompts in the tokenizer's chat template.
+        dtype, device: how the model is loaded.
+        kv_dtype: dtype the KV KiB/token figure assumes (default: the model's).
+    """
+
+    checkpoints: list[str]
+    plans: list[str] | str = DEFAULT_PLANS
+    text: list[str] = field(default_factory=list)
+    qa: list[str] = field(default_factory=list)
+    mc: list[str] = field(default_factory=list)
+    out: str = "eval"
+    window: int = 1024
+    stride: int = 512
+    max_tokens: int | None = None
+    limit: int | None = None
+    max_new_tokens: int = 32
+    chat: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    kv_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.plans = parse_plan_list(self.plans)
+        if not self.checkpoints:
+            raise ValueError("give at least one checkpoint")
+        if not self.plans:
+            raise ValueError("--plans: give at least one plan")
+        if not (self.text or self.qa or self.mc):
+            raise ValueError("give at least one dataset: --text, --qa or --mc")
+        if not 0 < self.stride <= self.window:
+            raise ValueError(f"--stride must be in 1..--window ({self.window}), got {self.stride}")
+        for name in ("max_tokens", "limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.kv_dtype is not None:
+            dtype_bytes(self.kv_dtype)
+
+
+@dataclass
+class _Datasets:
+    text: list[TextSet]
+    qa: list[tuple[str, list[QAExample]]]
+    mc: list[tuple[str, list[MCExample]]]
+
+
+def load_datasets(config: EvalConfig) -> _Datasets:
+    """Read and check every dataset before any model is loaded."""
+    return _Datasets(
+        [load_text(p) for p in config.text],
+        [(p, load_qa(p, config.limit)) for p in config.qa],
+        [(p, load_mc(p, config.limit)) for p in config.mc],
+    )
+
+
+def check_checkpoints(checkpoints: list[str]) -> None:
+    """Fail early, before any work, for a local checkpoint that does not exist."""
+    from kvroute.models import check_source
+
+    for ckpt in checkpoints:
+        check_source(ckpt)
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
+    """Score every checkpoint under every plan on every dataset; write results as they come.
+
+    Returns:
+        The writer holding the rows (``.rows``), the errors (``.errors``) and the file paths.
+    """
+    from kvroute.hf.patch import set_plan
+    from kvroute.models import load, load_tokenizer
+
+    data = load_datasets(config)
+    check_checkpoints(config.checkpoints)
+    writer = ResultWriter(config.out, run={k: v for k, v in asdict(config).items() if k != "out"})
+    for ckpt in config.checkpoints:
+        model = load(ckpt, plan="full", dtype=config.dtype, device=config.device)
+        tokenizer = load_tokenizer(ckpt)
+        plans = [SharingPlan.for_model(spec, model.config) for spec in config.plans]  # all checked first
+        max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if data.text and max_positions and config.window > max_positions:
+            raise ValueError(f"--window {config.window} is longer than {ckpt}'s context ({max_positions} tokens)")
+        shape = KVShape.from_config(model.config)
+        kv_dtype = config.kv_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+        documents = [tokenize_documents(tokenizer, t.texts, config.max_tokens) for t in data.text]
+        model_info = {"checkpoint": ckpt, "model_type": model.config.model_type,
+                      "num_layers": shape.num_layers, "dtype": config.dtype}
+        for plan in plans:
+            set_plan(model, plan)
+            base = {**model_info, "plan": plan.spec, "plan_source": ",".join(map(str, plan.source)),
+                    "owners": len(plan.owners), "retention": plan.retention,
+                    "kv_kib_per_token": kv_kib_per_token(plan, shape, kv_dtype), "kv_dtype": kv_dtype}
+            if progress:
+                print(f"[{ckpt}] {plan.describe()}", flush=True)
+            try:
+                _score_plan(model, tokenizer, config, data, documents, base, writer, progress)
+            except Exception as err:  # keep what other plans produced; report and go on
+                writer.add_error({**base, "error": f"{type(err).__name__}: {err}"})
+                if progress:
+                    print(f"[{ckpt}] plan {plan.spec} failed: {type(err).__name__}: {err}", flush=True)
+        del model
+    return writer
+
+
+def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents, base, writer, progress) -> None:
+    for text_set, docs in zip(data.text, documents):
+        start = time.perf_counter()
+        score = lm_score(model, docs, config.window, config.stride, progress)
+        info = {**base, "task": "lm", "data": text_set.path, "n": score.documents,
+                "tokens_scored": score.tokens_scored, "tokens_total": score.tokens_total,
+                "window": config.window, "stride": config.stride,
+                "seconds": round(time.perf_counter() - start, 3)}
+        writer.add(info, {"loss": score.loss, "perplexity": score.perplexity})
+    for path, examples in data.qa:
+        start = time.perf_counter()
+        metrics, predictions = qa_score(model, tokenizer, examples, config.max_new_tokens, config.chat, progress)
+        info = {**base, "task": "qa", "data": path, "n": len(examples),
+                "seconds": round(time.perf_counter() - start, 3)}
+        writer.add(info, metrics, predictions)
+    for path, examples in data.mc:
+        start = time.perf_counter()
+        metrics = mc_score(model, tokenizer, examples, progress)
+        info = {**base, "task": "mc", "data": path, "n": len(examples),
+                "seconds": round(time.perf_counter() - start, 3)}
+        writer.add(info, metrics)

@@ -1,0 +1,117 @@
+"""Answer metrics for context-QA: SQuAD F1 and exact match, ROUGE-L.
+
+F1 and exact match follow the official SQuAD evaluation script: both strings are
+normalized (lower case, punctuation and the articles a/an/the removed, whitespace
+collapsed) before comparing bags of tokens. ROUGE-L is the F-measure of the
+longest common subsequence of tokens (lower case, split on anything that is not a
+letter or digit, no stemming), as ``rouge_score`` computes it without a stemmer.
+With several gold answers each metric takes the best one.
+
+Example:
+    >>> f1_score("The cat sat.", "a cat sat down")
+    0.8
+    >>> exact_match("The Cat!", "cat")
+    1.0
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _golds(gold: str | Sequence[str]) -> list[str]:
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    if not golds:
+        raise ValueError("a QA example needs at least one gold answer")
+    return golds
+
+
+def _f1_one(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:  # SQuAD v2: an empty answer only matches an empty answer
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, gold: str | Sequence[str]) -> float:
+    """Token F1 after SQuAD normalization, best over the gold answers."""
+    return max(_f1_one(prediction, g) for g in _golds(gold))
+
+
+def exact_match(prediction: str, gold: str | Sequence[str]) -> float:
+    """1.0 when the normalized prediction equals a normalized gold answer."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in _golds(gold)))
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Tokens as ``rouge_score`` makes them (without stemming)."""
+    return _NON_ALNUM.sub(" ", text.lower()).split()
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def _rouge_l_one(prediction: str, gold: str) -> float:
+    pred, ref = rouge_tokens(prediction), rouge_tokens(gold)
+    if not pred or not ref:
+        return 0.0
+    lcs = _lcs(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, gold: str | Sequence[str]) -> float:
+    """ROUGE-L F-measure over tokens, best over the gold answers."""
+    return max(_rouge_l_one(prediction, g) for g in _golds(gold))
+
+
+def qa_metrics(predictions: Iterable[str], golds: Iterable[str | Sequence[str]]) -> dict[str, float]:
+    """Mean F1, exact match and ROUGE-L of paired predictions and gold answers.
+
+    Returns:
+        ``{"f1": ..., "exact_match": ..., "rouge_l": ...}``.
+
+    Raises:
+        ValueError: when there are no pairs or the two lists differ in length.
+    """
+    preds, refs = list(predictions), list(golds)
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} gold answers")
+    if not preds:
+        raise ValueError("no QA examples to score")
+    n = len(preds)
+    return {
+        "f1": sum(f1_score(p, g) for p, g in zip(preds, refs)) / n,
+        "exact_match": sum(exact_match(p, g) for p, g in zip(preds, refs)) / n,
+        "rouge_l": sum(rouge_l(p, g) for p, g in zip(preds, refs)) / n,
+    }

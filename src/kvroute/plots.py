@@ -1,0 +1,73 @@
+"""Pareto plots: quality against KV KiB per token, one line per checkpoint.
+
+Rendered with matplotlib's Agg backend (no display needed); matplotlib is the
+``kvroute[plot]`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kvroute.results import METRICS, PRIMARY
+
+
+def pareto_plot(rows: list[dict[str, Any]], out: str | Path, metrics: dict[str, str] | None = None) -> Path:
+    """Write a PNG with one panel per dataset: its main metric against KV KiB/token.
+
+    Args:
+        rows: result rows (``results.json``'s ``rows``).
+        out: the PNG path.
+        metrics: task -> metric to plot; default: loss (lm), f1 (qa), acc (mc).
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        ValueError: when no row has a metric to plot.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'kvroute[plot]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    chosen = {**PRIMARY, **(metrics or {})}
+    panels: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if chosen.get(r["task"]) == r["metric"]:
+            panels.setdefault((r["task"], r["data"], r["metric"]), []).append(r)
+    if not panels:
+        raise ValueError("nothing to plot: no rows with metrics " + ", ".join(sorted(set(chosen.values()))))
+
+    cols = min(3, len(panels))
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4.2 * rows_), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, ((task, data, metric), panel) in zip(axes.flat, panels.items()):
+        by_ckpt: dict[str, list[dict[str, Any]]] = {}
+        for r in panel:
+            by_ckpt.setdefault(str(r["checkpoint"]), []).append(r)
+        for ckpt, points in by_ckpt.items():
+            points.sort(key=lambda r: float(r["kv_kib_per_token"]))
+            xs = [float(r["kv_kib_per_token"]) for r in points]
+            ys = [float(r["value"]) for r in points]
+            (line,) = ax.plot(xs, ys, marker="o", label=ckpt)
+            for x, y, r in zip(xs, ys, points):
+                ax.annotate(str(r["plan"]), (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=line.get_color())
+        better = "higher" if METRICS.get(metric, True) else "lower"
+        ax.set_title(f"{task}: {'/'.join(Path(str(data)).parts[-2:])}", fontsize=10)
+        ax.margins(x=0.1, y=0.1)
+        ax.set_xlabel("KV cache KiB per token")
+        ax.set_ylabel(f"{metric} ({better} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,279 @@
+"""kvroute eval: LM loss by hand, plans change the numbers, QA through the shared cache, result files."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from eval_helpers import save_tiny_checkpoint, tiny_lm, tiny_tokenizer
+
+import kvroute
+from kvroute.cli import main
+from kvroute.data.evalsets import MCExample, QAExample, load_mc, load_qa, load_text
+from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_prompt_ids, qa_score
+from kvroute.results import format_table, merge_results
+
+TEXT = "The lighthouse keeper of Stusasol counted ships every night and wrote their names in a book.\n"
+
+
+def _doc(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 100, (n,), generator=g).tolist()
+
+
+# ------------------------------------------------------------------ language modelling
+def test_perplexity_is_exp_mean_nll_by_hand():
+    model, doc = tiny_lm(), _doc(24)
+    ids = torch.tensor([doc])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none").double()
+    score = lm_score(model, [doc], window=64, stride=32)
+    assert score.tokens_scored == 23 and score.tokens_total == 24 and score.windows == 1
+    assert score.loss == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert score.perplexity == pytest.approx(torch.exp(nll.mean()).item(), rel=1e-5)
+
+
+def test_sliding_windows_score_each_token_once_with_its_context():
+    model, doc, window = tiny_lm(), _doc(24), 8
+    nll = []
+    with torch.no_grad():  # stride 1: token t is predicted from the window - 1 tokens before it
+        for t in range(1, len(doc)):
+            ids = torch.tensor([doc[max(0, t + 1 - window) : t + 1]])
+            nll.append(-torch.log_softmax(model(ids).logits[0, -2], -1)[doc[t]].item())
+    score = lm_score(model, [doc], window=window, stride=1)
+    assert score.tokens_scored == 23
+    assert score.loss == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("window,stride", [(8, 8), (8, 3), (5, 1), (64, 64)])
+def test_token_counts_are_honest(window, stride):
+    docs = [_doc(30, 1), _doc(2, 2), _doc(17, 3)]
+    score = lm_score(tiny_lm(layers=2), docs, window=window, stride=stride)
+    assert score.tokens_scored == 29 + 1 + 16  # every token but each document's first
+    assert score.tokens_total == 49 and score.documents == 3
+
+
+def test_full_plan_equals_unmodified_model_and_plans_differ():
+    plain = tiny_lm(layers=4, seed=1)
+    routed = kvroute.apply(copy.deepcopy(plain), plan="full")
+    docs = [_doc(40, 5)]
+    reference = lm_score(plain, docs, window=16, stride=8)
+    assert lm_score(routed, docs, window=16, stride=8).loss == pytest.approx(reference.loss, rel=1e-6)
+    losses = {}
+    for spec in ("full", "every:2", "every:4"):
+        kvroute.set_plan(routed, spec)
+        losses[spec] = lm_score(routed, docs, window=16, stride=8).loss
+    assert len({round(v, 6) for v in losses.values()}) == 3, losses
+
+
+# ------------------------------------------------------------------ QA and multiple choice
+def _greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            out.append(int(model(torch.tensor([out]), use_cache=False).logits[0, -1].argmax()))
+            if out[-1] == eos:
+                break
+    return out[len(ids) :]
+
+
+def test_qa_generates_through_the_shared_cache_like_a_full_forward():
+    from transformers.cache_utils import DummyLayer
+
+    tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan="every:2")
+    ex = QAExample("0", "Hunaes is the capital.", "What is the capital?", ("Hunaes",))
+    caches = []  # runs after kvroute's own hook: sees the cache the layers get
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(kwargs.get("cache", kwargs.get("past_key_values"))), with_kwargs=True
+    )
+    metrics, preds = qa_score(model, tok, [ex], max_new_tokens=6)
+    assert len(caches) > 1 and all(c is caches[0] for c in caches)  # prefill, then decode steps on one cache
+    assert [isinstance(layer, DummyLayer) for layer in caches[0].layers] == [False, True, False, True]
+    expected = tok.decode(_greedy_without_cache(model, qa_prompt_ids(tok, ex), 6, tok.eos_token_id),
+                          skip_special_tokens=True)
+    assert len(preds[0]["prediction"]) >= 4  # a random model, but not a trivial answer
+    assert preds[0]["prediction"] == expected.strip().split("\n", 1)[0].strip()
+    assert set(metrics) == {"f1", "exact_match", "rouge_l"}
+
+    kvroute.set_plan(model, "full")  # another plan, another answer from the same random model
+    _, preds_full = qa_score(model, tok, [ex], max_new_tokens=6)
+    assert preds_full[0]["prediction"] != preds[0]["prediction"]
+
+
+def test_choice_logprobs_by_hand():
+    tok, model = tiny_tokenizer(), tiny_lm(seed=3)
+    ex = MCExample("0", "Q: colour?\nA:", ("indigo", "teal"), 0, " ")
+    lls = choice_logprobs(model, tok, ex)
+    ctx = tok(ex.context)["input_ids"]
+    for ll, choice in zip(lls, ex.choices):
+        whole = tok(ex.context + " " + choice)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0], -1)
+        expected = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
+        assert ll == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------ datasets
+def test_dataset_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "c", "question": "q", "answer": "a"}\n{"context": "c", "answer": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field\(s\) 'question'"):
+        load_qa(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty dataset"):
+        load_qa(empty)
+    with pytest.raises(ValueError, match="empty dataset"):
+        load_mc(empty)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"context": "c", "choices": ["a", "b"], "answer": "z"}\n')
+    with pytest.raises(ValueError, match="not one of the choices"):
+        load_mc(mc)
+    with pytest.raises(FileNotFoundError, match="QA data not found"):
+        load_qa(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="no .txt files"):
+        load_text(tmp_path)
+
+
+def test_bigbench_task_json(tmp_path):
+    task = {"examples": [
+        {"input": "2 + 2", "target_scores": {"3": 0, "4": 1}},
+        {"input": "free text", "target": "only generative"},
+        {"input": "1 + 1", "target_scores": {"2": 1, "11": 0}},
+    ]}
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    examples = load_mc(tmp_path / "task.json")
+    assert [(e.choices, e.answer) for e in examples] == [(("3", "4"), 1), (("2", "11"), 0)]
+    assert examples[0].context == "Q: 2 + 2\n  choice: 3\n  choice: 4\nA:" and examples[0].delimiter == " "
+
+
+# ------------------------------------------------------------------ the whole run and its files
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    ckpt = save_tiny_checkpoint(root / "ckpt", layers=4, seed=4)
+    (root / "text").mkdir()
+    (root / "text" / "a.txt").write_text(TEXT * 2)
+    (root / "text" / "b.txt").write_text(TEXT)
+    qa = root / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"context": f"The capital is Hunaes{i}.", "question": "Capital?",
+                                      "answer": f"Hunaes{i}"}) + "\n" for i in range(2)))
+    mc = root / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "Colour?", "choices": ["indigo", "teal"], "answer": 1}) + "\n")
+    return root, ckpt, qa, mc
+
+
+def test_eval_cli_writes_self_describing_results(eval_inputs, tmp_path, capsys):
+    root, ckpt, qa, mc = eval_inputs
+    out = tmp_path / "out"
+    argv = ["eval", str(ckpt), "--plans", "full,every:2", "--text", str(root / "text"), "--qa", str(qa),
+            "--mc", str(mc), "--out", str(out), "--window", "32", "--stride", "16", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "every:2" in table and "50.0%" in table and "d f1" in table
+
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["rows"]
+    assert doc["run"]["plans"] == ["full", "every:2"] and not doc["errors"]
+    metrics = {"lm": ["loss", "perplexity"], "qa": ["f1", "exact_match", "rouge_l"], "mc": ["acc", "acc_norm"]}
+    expected = {(p, t, m) for p in ("full", "every:2") for t, ms in metrics.items() for m in ms}
+    assert {(r["plan"], r["task"], r["metric"]) for r in rows} == expected
+    tokens = len(tiny_tokenizer()(TEXT * 2)["input_ids"]) + len(tiny_tokenizer()(TEXT)["input_ids"])
+    for r in rows:
+        assert r["checkpoint"] == str(ckpt) and r["model_type"] == "llama" and r["num_layers"] == 4
+        full = r["plan"] == "full"
+        assert r["retention"] == (1.0 if full else 0.5) and r["owners"] == (4 if full else 2)
+        assert r["plan_source"] == ("0,1,2,3" if full else "0,0,2,2")
+        # 2 (K and V) x owners x 2 KV heads x head_dim 8 x 4 bytes (float32) / 1024
+        assert r["kv_kib_per_token"] == pytest.approx(2 * r["owners"] * 2 * 8 * 4 / 1024) and r["kv_dtype"] == "float32"
+        if full:
+            assert r["delta_vs_full"] == 0.0
+        if r["task"] == "lm":
+            assert r["tokens_total"] == tokens and r["tokens_scored"] == tokens - 2 and r["data"] == str(root / "text")
+    loss = {r["plan"]: r["value"] for r in rows if r["metric"] == "loss"}
+    delta = next(r["delta_vs_full"] for r in rows if r["metric"] == "loss" and r["plan"] == "every:2")
+    assert delta == pytest.approx(loss["every:2"] - loss["full"]) and delta != 0
+
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    described = {"plan", "plan_source", "retention", "kv_kib_per_token", "checkpoint", "data", "tokens_scored"}
+    assert described <= set(csv_rows[0])
+    assert float(csv_rows[0]["value"]) == pytest.approx(rows[0]["value"])
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 2  # 2 questions x 2 plans
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (3 * 660, 504)  # one 5.5 x 4.2 inch panel per dataset at 120 dpi
+
+    # --compare merges result files: here the same run under another checkpoint name
+    other = json.loads((out / "results.json").read_text())
+    for r in other["rows"]:
+        r["checkpoint"], r["value"] = "other", r["value"] + 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged_out = tmp_path / "merged"
+    assert main(["eval", "--compare", str(out), str(tmp_path / "other.json"), "--out", str(merged_out)]) == 0
+    merged = json.loads((merged_out / "results.json").read_text())["rows"]
+    assert len(merged) == 2 * len(rows) and {r["checkpoint"] for r in merged} == {str(ckpt), "other"}
+    assert "other" in capsys.readouterr().out and (merged_out / "pareto.png").is_file()
+    single = merge_results([out])
+    def key(r):
+        return r["plan"], r["metric"], r["value"]
+
+    assert [key(r) for r in single] == [key(r) for r in rows]
+
+
+def test_a_failing_plan_leaves_the_other_results_on_disk(eval_inputs, tmp_path, monkeypatch):
+    import kvroute.evaluate as ev
+
+    root, ckpt, qa, _ = eval_inputs
+    real = ev.lm_score
+
+    def flaky(model, *args, **kwargs):
+        if kvroute.get_router(model).plan.spec == "every:2":
+            raise RuntimeError("out of memory (simulated)")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "lm_score", flaky)
+    config = EvalConfig([str(ckpt)], plans="full,every:2,every:4", text=[str(root / "text")],
+                        out=str(tmp_path), window=32, stride=16)
+    writer = evaluate(config, progress=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {r["plan"] for r in doc["rows"]} == {"full", "every:4"}
+    assert doc["errors"][0]["plan"] == "every:2" and "simulated" in doc["errors"][0]["error"]
+    assert len(writer.errors) == 1 and "every:4" in format_table(writer.rows)
+
+
+def test_bad_inputs_give_clear_messages(eval_inputs, tmp_path, capsys):
+    root, ckpt, qa, _ = eval_inputs
+    base = ["--qa", str(qa), "--out", str(tmp_path / "out")]
+    assert main(["eval", str(tmp_path / "missing-ckpt"), *base]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["eval", str(ckpt), "--plans", "full,bogus:3", *base]) == 2
+    assert "unknown kind 'bogus'" in capsys.readouterr().err
+    assert main(["eval", str(ckpt), "--qa", str(tmp_path / "none.jsonl")]) == 2
+    assert "QA data not found" in capsys.readouterr().err
+    assert main(["eval", str(ckpt)]) == 2
+    assert "at least one dataset" in capsys.readouterr().err
+
+
+def test_pareto_plot_needs_a_plottable_metric(tmp_path):
+    from kvroute.plots import pareto_plot
+
+    row = {"checkpoint": "c", "plan": "full", "task": "qa", "data": "d", "metric": "rouge_l", "value": 1.0,
+           "kv_kib_per_token": 1.0, "retention": 1.0}
+    with pytest.raises(ValueError, match="nothing to plot"):
+        pareto_plot([row], tmp_path / "p.png")
+    assert pareto_plot([row], tmp_path / "p.png", metrics={"qa": "rouge_l"}).is_file()
+
+
+def test_window_longer_than_the_model_context_is_refused(eval_inputs, tmp_path):
+    root, ckpt, _, _ = eval_inputs
+    config = EvalConfig([str(ckpt)], plans="full", text=[str(root / "text")], out=str(tmp_path), window=512)
+    with pytest.raises(ValueError, match="--window 512 is longer than .* context \\(256 tokens\\)"):
+        evaluate(config, progress=False)
