@@ -41,7 +41,8 @@ def _split_gguf(source: str | os.PathLike) -> tuple[str, str | None]:
     return text, None
 
 
-def _check_source(source: str | os.PathLike) -> None:
+def check_source(source: str | os.PathLike) -> None:
+    """Raise FileNotFoundError for a local path that does not exist (hub ids pass)."""
     text = str(source)
     looks_local = text.startswith((".", "/", "~")) or os.sep in text and not _is_hub_id(text)
     if looks_local and not Path(text).expanduser().exists():
@@ -57,12 +58,26 @@ def load_tokenizer(source: str | os.PathLike):
     """The tokenizer of a hub id, folder or GGUF file."""
     from transformers import AutoTokenizer
 
-    _check_source(source)
+    check_source(source)
     folder, gguf = _split_gguf(source)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_config(source: str | os.PathLike) -> Any:
+    """The transformers config of a hub id, folder or GGUF file, checked for a supported family.
+
+    Cheap (no weights), so callers can validate a run before any work.
+    """
+    from transformers import AutoConfig
+
+    check_source(source)
+    folder, gguf = _split_gguf(source)
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    check_supported(config.get_text_config(decoder=True))
+    return config
 
 
 def load_model(
@@ -74,7 +89,7 @@ def load_model(
     """Load a causal LM (hub id, folder or GGUF file, dequantized) without routing it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_source(source)
+    check_source(source)
     folder, gguf = _split_gguf(source)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "attn_implementation": attn_implementation}
     if gguf:

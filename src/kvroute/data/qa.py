@@ -1,0 +1,186 @@
+"""Context-QA fine-tuning data: JSONL ``{context, question, answer}`` records.
+
+As in the paper, each example puts the question before the context with
+probability 0.5 (a fresh, seeded coin per example and epoch), and the loss is on
+the answer tokens only: the collator sets every other label to -100.
+
+Prompt layout (the answer is followed by EOS)::
+
+    Context: <context>            Question: <question>
+    Question: <question>    or    Context: <context>
+    Answer: <answer></s>          Answer: <answer></s>
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvroute.data.text import HF_PREFIX, load_hf_records, resolve_files
+
+IGNORE_INDEX = -100
+FIELDS = ("context", "question", "answer")
+
+
+@dataclass(frozen=True)
+class QARecord:
+    context: str
+    question: str
+    answer: str
+
+
+def _record(row: dict[str, Any], where: str) -> QARecord:
+    missing = [k for k in FIELDS if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; each record needs {list(FIELDS)}")
+    answer = row["answer"]
+    if isinstance(answer, dict) and "text" in answer:  # SQuAD-style {"text": [...]}
+        answer = answer["text"]
+    if isinstance(answer, list):
+        answer = answer[0] if answer else ""
+    values = [row["context"], row["question"], answer]
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{where}: context, question and answer must be strings")
+    return QARecord(*values)
+
+
+def read_qa(sources: list[str]) -> list[QARecord]:
+    """Read QA records from JSONL files (files, folders of ``*.jsonl``, globs) or ``hf:`` datasets.
+
+    Raises:
+        FileNotFoundError: for a source that matches no file.
+        ValueError: naming the file and line of a bad record, or when there is no record.
+    """
+    records: list[QARecord] = []
+    for path in resolve_files(sources, suffixes=(".jsonl",)):
+        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            records.append(_record(row, f"{path}:{lineno}"))
+    for source in (s for s in sources if s.startswith(HF_PREFIX)):
+        records.extend(_record(row, source) for row in load_hf_records(source))
+    if not records:
+        raise ValueError(f"--data: no QA records in {', '.join(sources)}")
+    return records
+
+
+def split_records(
+    records: list[QARecord], val_fraction: float, seed: int = 0
+) -> tuple[list[QARecord], list[QARecord]]:
+    """Shuffle (seeded) and hold out ``val_fraction`` of the records (at least one when asked)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = 0
+    if val_fraction > 0 and len(records) >= 2:
+        n_val = min(len(records) - 1, max(1, round(len(records) * val_fraction)))
+    shuffled = [records[i] for i in order]
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+@dataclass
+class QADataset(torch.utils.data.Dataset):
+    """Tokenized QA examples; ``labels`` are -100 everywhere but the answer (and its EOS).
+
+    The order of question and context is drawn per (seed, epoch, index), so a
+    resumed run sees the same examples; call :meth:`set_epoch` at each epoch.
+
+    Args:
+        records: the examples.
+        tokenizer: a transformers tokenizer with an EOS token.
+        seq_len: maximum example length; the context is cut to fit.
+        question_first_p: probability the question comes before the context (paper: 0.5).
+        seed: seed of the order coins.
+    """
+
+    records: list[QARecord]
+    tokenizer: Any
+    seq_len: int
+    question_first_p: float = 0.5
+    seed: int = 0
+    epoch: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; it is needed to end the answer")
+        self._prefix = self.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS, if the model uses one
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def question_first(self, index: int) -> bool:
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").random() < self.question_first_p
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode(self, record: QARecord, question_first: bool) -> dict[str, torch.Tensor]:
+        """Tokenize one example; returns ``input_ids`` and ``labels``, each ``(T,)`` with T <= seq_len."""
+        context = self._ids(record.context)
+        question = self._ids("Question: " + record.question + "\n")
+        head = self._ids("Context: ")
+        tail = self._ids("\n")
+        prompt_end = self._ids("Answer:")
+        answer = self._ids(" " + record.answer) + [self.tokenizer.eos_token_id]
+        fixed = len(self._prefix) + len(question) + len(head) + len(tail) + len(prompt_end) + len(answer)
+        room = self.seq_len - fixed
+        if room < 0:
+            raise ValueError(
+                f"a QA example needs {fixed} tokens without its context, more than --seq-len {self.seq_len}"
+            )
+        context_part = head + context[:room] + tail
+        body = question + context_part if question_first else context_part + question
+        prompt = self._prefix + body + prompt_end
+        ids = prompt + answer
+        labels = [IGNORE_INDEX] * len(prompt) + answer
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.encode(self.records[index], self.question_first(index))
+
+
+@dataclass(frozen=True)
+class QACollator:
+    """Right-pad QA examples: ``input_ids`` with ``pad_token_id``, ``labels`` with -100.
+
+    Returns ``input_ids``, ``labels`` and ``attention_mask``, each ``(B, T_max)``.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def load_qa(
+    sources: list[str], tokenizer: Any, seq_len: int, val_fraction: float = 0.05, seed: int = 0
+) -> tuple[QADataset, QADataset]:
+    """Read, split and wrap QA records for training and validation.
+
+    Example:
+        >>> train, val = load_qa(["qa.jsonl"], tok, seq_len=512)  # doctest: +SKIP
+    """
+    train, val = split_records(read_qa(sources), val_fraction, seed)
+    return QADataset(train, tokenizer, seq_len, seed=seed), QADataset(val, tokenizer, seq_len, seed=seed + 1)

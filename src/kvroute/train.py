@@ -1,0 +1,628 @@
+"""Training with stochastic KV routing: fine-tune a checkpoint or pre-train from a preset.
+
+A plain loop on HF Accelerate, so ``accelerate launch`` / ``torchrun`` run it on
+several GPUs (DDP) with no code change. Every forward pass in training mode draws
+a route from the policy (R-CLA, CLA@k, RD-CLA@k, none); eval runs under fixed
+plans. A resumed run restores weights, optimizer, scheduler, RNGs, the router's
+generator and the data position, so its losses equal an uninterrupted run's.
+
+Example:
+    >>> cfg = TrainConfig(data=["assets/text/sotu/data"], model="assets/smollm2-135m",
+    ...                   routing="rcla", p=0.6, max_steps=300, output_dir="runs/rcla")  # doctest: +SKIP
+    >>> result = train(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvroute.data.qa import IGNORE_INDEX, QACollator, load_qa
+from kvroute.data.text import collate_blocks, load_text, resolve_files
+from kvroute.hf.patch import apply, get_router, set_plan
+from kvroute.plan import SharingPlan, parse_plan_list
+from kvroute.policy import NoRouting, RoutingPolicy, policy_from_spec
+from kvroute.presets import PRESETS, preset_config
+from kvroute.trainlog import MetricsLog, latest_checkpoint, load_training_state, save_training_state
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; validated on construction (errors name the CLI flag).
+
+    Args:
+        data: text files, folders, globs, ``hf:NAME`` datasets, or JSONL QA files.
+        output_dir: checkpoints, metrics and the final model go here.
+        model: hub id, folder or ``.gguf`` file to fine-tune (exclusive with ``preset``).
+        preset: a :data:`kvroute.presets.PRESETS` name to pre-train from scratch (CLI ``--config``).
+        layers: depth override for ``preset``.
+        tokenizer: tokenizer source; default: ``model`` (required with ``preset``).
+        data_format: ``text``, ``qa`` or ``auto`` (QA when every file is ``.jsonl``).
+        routing: ``rcla``, ``cla:K``, ``rdcla:K`` or ``none``.
+        p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
+        sources: rcla source draw, ``uniform`` (paper) or ``nearest``.
+        plan: default inference plan saved with the checkpoints.
+        eval_plans: comma-separated plans the eval loss is measured under.
+        distill: weight of KL(teacher || routed student) on routed passes (0: off).
+        distill_from: teacher: ``self`` (the same model, unrouted) or ``base`` (frozen start).
+        lora_r: LoRA rank (0: full fine-tuning).
+        resume: ``latest`` or a checkpoint folder to continue from.
+    """
+
+    data: list[str]
+    output_dir: str = "runs/kvroute"
+    model: str | None = None
+    preset: str | None = None
+    layers: int | None = None
+    tokenizer: str | None = None
+    data_format: str = "auto"
+    routing: str = "rcla"
+    p: float | None = None
+    sources: str | None = None
+    plan: str = "full"
+    eval_plans: str = "full,every:2,every:4"
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup: float = 0.05
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    distill: float = 0.0
+    distill_from: str = "self"
+    val_fraction: float = 0.05
+    question_first_p: float = 0.5
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: str | None = None
+    tensorboard: bool = True
+    cache_dir: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.data = list(self.data)
+        self.betas = tuple(float(b) for b in self.betas)
+        if not self.data:
+            raise ValueError("--data: give at least one file, folder, glob or hf: dataset")
+        if (self.model is None) == (self.preset is None):
+            raise ValueError("give a model to fine-tune or --config PRESET to train from scratch (exactly one)")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"--config: unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+            if self.tokenizer is None:
+                raise ValueError("--config PRESET needs --tokenizer (a hub id or folder) for its vocabulary")
+        if self.layers is not None:
+            if self.preset is None:
+                raise ValueError("--layers only applies to --config PRESET (a pretrained model keeps its depth)")
+            _positive("layers", self.layers)
+        if self.p is not None and not 0.0 <= float(self.p) <= 1.0:
+            raise ValueError(f"--p must be in [0, 1] (probability a layer keeps its own KV), got {self.p}")
+        try:
+            self.policy  # noqa: B018 - parse to validate
+        except ValueError as err:
+            raise ValueError(f"--routing: {err}") from None
+        _choice("data_format", self.data_format, ("auto", "text", "qa"))
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("precision", self.precision, ("fp32", "bf16"))
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("distill_from", self.distill_from, ("self", "base"))
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
+            _positive(name, getattr(self, name))
+        for name in ("eval_every", "save_every", "keep_checkpoints", "lora_r"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "distill"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup", "val_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "question_first_p", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        if not parse_plan_list(self.eval_plans):
+            raise ValueError("--eval-plans: give at least one plan, e.g. full,every:2")
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return policy_from_spec(self.routing, p=self.p, sources=self.sources)
+
+
+@dataclass
+class StepInfo:
+    """What one optimizer step did; handed to callbacks and written to the metrics."""
+
+    step: int
+    loss: float
+    lm_loss: float
+    distill: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    tok_per_s: float
+    routes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_checkpoint: Path
+    steps: int
+    losses: list[float]
+    eval_loss: dict[str, float]
+    main_process: bool = True
+
+
+def _flag(name: str) -> str:
+    return "--" + {"preset": "config"}.get(name, name).replace("_", "-")
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{_flag(name)} must be a positive integer, got {value}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{_flag(name)} must be one of {', '.join(options)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- losses
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100. logits: (B, T, V); labels: (B, T)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) over the positions the LM loss counts. logits: (B, T, V)."""
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    s = student_logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
+    t = teacher_logits[:, :-1][mask].float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+@contextlib.contextmanager
+def _policy(router: Any, policy: RoutingPolicy):
+    saved = router.policy
+    router.policy = policy
+    try:
+        yield
+    finally:
+        router.policy = saved
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclass
+class LRSchedule:
+    """Multiplier of the peak lr: linear warm-up over ``warmup_steps``, then cosine/linear/constant."""
+
+    total_steps: int
+    warmup_steps: int
+    kind: str = "cosine"
+    min_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1 - progress
+        return self.min_ratio + (1 - self.min_ratio) * decay
+
+
+# ----------------------------------------------------------------------------- setup
+def _check_inputs(config: TrainConfig):
+    """Every check that needs files but not the weights: returns the model config (or None)."""
+    from kvroute.models import load_config
+
+    resolve_files(config.data, suffixes=(".jsonl",) if _is_qa(config) else (".txt", ".md", ".text"))
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {config.resume}")
+    if config.model is None:
+        return None
+    model_config = load_config(config.model)
+    text_config = model_config.get_text_config(decoder=True)
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is not None and config.seq_len > limit:
+        raise ValueError(f"--seq-len {config.seq_len} is above the model's maximum of {limit} positions")
+    for spec in [config.plan, *parse_plan_list(config.eval_plans)]:
+        SharingPlan.for_model(spec, text_config)
+    return model_config
+
+
+def _is_qa(config: TrainConfig) -> bool:
+    if config.data_format != "auto":
+        return config.data_format == "qa"
+    files = [s for s in config.data if not s.startswith("hf:")]
+    return bool(files) and all(s.endswith(".jsonl") for s in files)
+
+
+def _load_data(config: TrainConfig, tokenizer: Any):
+    if _is_qa(config):
+        train_ds, val_ds = load_qa(config.data, tokenizer, config.seq_len, config.val_fraction, config.seed)
+        for ds in (train_ds, val_ds):
+            ds.question_first_p = config.question_first_p
+        return train_ds, val_ds, QACollator(tokenizer.pad_token_id)
+    train_ds, val_ds = load_text(config.data, tokenizer, config.seq_len, config.val_fraction, config.cache_dir)
+    return train_ds, val_ds, collate_blocks
+
+
+def _starting_model(config: TrainConfig, tokenizer: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from kvroute.models import load_model
+
+    if config.model is not None:
+        return load_model(config.model)
+    model_config = preset_config(
+        config.preset, vocab_size=len(tokenizer), layers=config.layers, max_positions=config.seq_len,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    for spec in [config.plan, *parse_plan_list(config.eval_plans)]:
+        SharingPlan.for_model(spec, model_config)
+    torch.manual_seed(config.seed)
+    return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
+
+
+def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+class _Batches:
+    """Deterministic batches: a seeded permutation per epoch, sharded over processes.
+
+    Micro-batch ``k`` is a pure function of (seed, k), so a run resumes by its counter.
+    """
+
+    def __init__(self, dataset, collate, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.per_epoch = len(dataset) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"--data gives {len(dataset)} training examples, fewer than one batch of "
+                f"--batch-size {batch_size} x {world} process(es); add data or lower --batch-size/--seq-len"
+            )
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, micro: int) -> dict[str, torch.Tensor]:
+        epoch, index = divmod(micro, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.dataset), generator=gen)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+        start = (index * self.world + self.rank) * self.batch_size
+        return self.collate([self.dataset[int(i)] for i in self._perm[start:start + self.batch_size]])
+
+
+def _forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+
+
+@torch.no_grad()
+def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], plans: list[str],
+                   autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
+    """Mean validation loss per plan (eval mode), then back to training mode and the saved plan.
+
+    Args:
+        model: the model to call (possibly wrapped by DDP/FSDP).
+        plain: the same model unwrapped (a routed transformers model).
+        val_batches: batches with ``input_ids``, ``labels`` (and ``attention_mask``).
+        plans: plan specs, e.g. ``["full", "every:2"]``.
+
+    Every process evaluates all ``val_batches`` (a few), so wrapped models see the
+    same forward calls on every rank.
+    """
+    train_plan = get_router(plain).plan
+    device = next(plain.parameters()).device
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        for spec in plans:
+            set_plan(plain, spec)
+            total = torch.zeros(2, dtype=torch.float64)  # summed token loss, tokens
+            for batch in val_batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                with autocast():
+                    logits = _forward_logits(model, batch)
+                total += torch.stack([causal_lm_loss(logits, batch["labels"]).double() * n, n.double()]).cpu()
+            out[spec] = float(total[0] / total[1].clamp(min=1))
+    finally:
+        set_plan(plain, train_plan)
+        model.train()
+    return out
+
+
+#: settings a resumed run must share with its checkpoint (else the data order or weights differ).
+RESUME_FIXED = ("data", "data_format", "model", "preset", "layers", "tokenizer", "seq_len", "batch_size",
+                "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction")
+
+
+class _Run:
+    """The pieces of one training run and the three things it does: step, evaluate, save."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from kvroute.models import load_model, load_tokenizer
+
+        _check_inputs(config)
+        self.config = c = config
+        self.tokenizer = load_tokenizer(c.tokenizer or c.model)
+        train_ds, val_ds, collate = _load_data(c, self.tokenizer)
+        self.sizes = (len(train_ds), len(val_ds))
+        policy = c.policy
+        # bf16 is plain autocast: Accelerate's mixed precision is fixed once per process
+        self.accelerator = acc = Accelerator(cpu=c.device == "cpu", kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=not isinstance(policy, NoRouting))])
+        if c.device == "cuda" and acc.device.type != "cuda":
+            raise ValueError("--device cuda: Accelerate was already set up on the CPU in this process "
+                             "(an earlier device='cpu' run); start a new process")
+        self.main = acc.is_main_process
+        self.batches = _Batches(train_ds, collate, c.batch_size, c.seed, acc.process_index, acc.num_processes)
+        self.val_batches = [collate([val_ds[i] for i in range(s, min(s + c.batch_size, len(val_ds)))])
+                            for s in range(0, len(val_ds), c.batch_size)][: c.eval_batches]
+        self.out_dir = Path(c.output_dir)
+        self.resume_dir = None
+        if c.resume is not None:
+            self.resume_dir = latest_checkpoint(self.ckpt_root) if c.resume == "latest" else Path(c.resume)
+
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+        model = _starting_model(c, self.tokenizer)
+        distill_base = c.distill > 0 and c.distill_from == "base"
+        self.base = None  # frozen teacher; with LoRA the model itself with its adapters off
+        if distill_base and c.lora_r == 0:
+            self.base = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
+        self.adapters_off_teacher = distill_base and c.lora_r > 0
+        if self.resume_dir is not None and c.lora_r == 0:
+            model = load_model(self.resume_dir)
+        model = apply(model, policy=policy, plan=c.plan, seed=c.seed)
+        if c.gradient_checkpointing:  # non-reentrant: the reentrant kind drops cross-layer KV gradients
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if c.lora_r > 0:
+            model = _add_lora(model, c)
+        self.router = get_router(model)
+        optimizer = _optimizer(model, c)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule())
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.plain = acc.unwrap_model(self.model)
+        self.step, self.micro = 0, 0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.config.output_dir) / "checkpoints"
+
+    def schedule(self) -> LRSchedule:
+        c = self.config
+        return LRSchedule(c.max_steps, math.ceil(c.warmup * c.max_steps), c.schedule, c.min_lr_ratio)
+
+    def autocast(self):
+        return torch.autocast(self.accelerator.device.type, torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def restore(self, folder: Path) -> None:
+        state = load_training_state(folder)
+        saved = state.get("config", {})
+        for name in RESUME_FIXED:
+            old, new = saved.get(name), asdict(self.config)[name]
+            if name in saved and (list(old) if isinstance(old, tuple) else old) != new:
+                raise ValueError(
+                    f"--resume: {folder} was trained with {_flag(name)} {old!r}, this run asks for {new!r}; "
+                    "resume with the same settings"
+                )
+        self.step, self.micro = state["step"], state["micro"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.lr_lambdas = [self.schedule()] * len(self.scheduler.lr_lambdas)  # this run's --max-steps
+        self.router.load_state_dict(state["router"])
+        if state.get("trainable"):
+            self.plain.load_state_dict(state["trainable"], strict=False)
+        _set_rng(state["rng"])
+
+    def train_step(self) -> StepInfo:
+        """One optimizer step over ``grad_accum`` micro-batches; each forward draws its own route."""
+        c, acc, model = self.config, self.accelerator, self.model
+        t0 = time.perf_counter()
+        totals = torch.zeros(3, device=acc.device)  # loss, lm loss, distill (means over micro-batches)
+        tokens, routes = 0, []
+        for k in range(c.grad_accum):
+            batch = {key: v.to(acc.device) for key, v in self.batches(self.micro).items()}
+            self.micro += 1
+            with contextlib.nullcontext() if k == c.grad_accum - 1 else acc.no_sync(model):
+                with self.autocast():
+                    logits = _forward_logits(model, batch)  # draws the route
+                route = self.router.last_route
+                routes.append(route)
+                lm = causal_lm_loss(logits, batch["labels"])
+                dist = torch.zeros((), device=lm.device)
+                if c.distill > 0 and route != tuple(range(len(route))):  # only routed passes are distilled
+                    dist = distill_kl(logits, self.teacher_logits(batch), batch["labels"])
+                loss = lm + c.distill * dist
+                acc.backward(loss / c.grad_accum)
+            totals += torch.stack([loss.detach(), lm.detach(), dist.detach()]) / c.grad_accum
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), c.grad_clip)) if c.grad_clip > 0 else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals = acc.reduce(totals, "mean")
+        tokens *= acc.num_processes
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        return StepInfo(self.step, float(totals[0]), float(totals[1]), float(totals[2]), lr, grad_norm,
+                        tokens, tokens / elapsed, routes)
+
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unrouted output: the frozen base copy, else the model itself with the identity route.
+
+        Routes are equal on all ranks, so all ranks make this call alike (DDP-safe).
+        """
+        with torch.no_grad(), self.autocast():
+            if self.base is not None:
+                return _forward_logits(self.base, batch)
+            off = self.plain.disable_adapter() if self.adapters_off_teacher else contextlib.nullcontext()
+            with _policy(self.router, NoRouting()), off:
+                return _forward_logits(self.model, batch)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_plans(self.model, self.plain, self.val_batches, parse_plan_list(self.config.eval_plans),
+                              self.autocast)
+
+    def save(self, folder: Path, training_state: bool) -> None:
+        """Weights + tokenizer (atomic), then the training state (renamed into place last)."""
+        from kvroute.models import save_checkpoint
+
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            c = self.config
+            save_checkpoint(copy.deepcopy(self.plain).merge_and_unload() if c.lora_r else self.plain,
+                            folder, self.tokenizer)
+            if training_state:
+                lora = {k: v for k, v in self.plain.state_dict().items() if "lora_" in k} if c.lora_r else None
+                save_training_state(folder, {
+                    "step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "router": self.router.state_dict(),
+                    "rng": _get_rng(), "trainable": lora, "config": asdict(c),
+                    "processes": self.accelerator.num_processes,
+                }, keep=c.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+
+def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | None = None) -> TrainResult:
+    """Train with the configured routing policy; write checkpoints, metrics and ``final/``.
+
+    Args:
+        config: the run.
+        callbacks: called with a :class:`StepInfo` after every optimizer step (main process).
+
+    Returns:
+        Where things went, this run's per-step losses and the last eval loss per plan.
+
+    Raises:
+        FileNotFoundError, ValueError: for bad inputs, before any training work.
+    """
+    from tqdm.auto import tqdm
+
+    run = _Run(config)
+    c = config
+    say = (lambda msg: tqdm.write(msg)) if run.main and not c.quiet else (lambda msg: None)
+    if run.resume_dir is not None:
+        run.restore(run.resume_dir)
+        say(f"resumed from {run.resume_dir} at step {run.step}")
+    elif c.resume is not None:
+        say(f"--resume: no complete checkpoint in {run.ckpt_root}; starting from step 0")
+    log = MetricsLog(run.out_dir, tensorboard=c.tensorboard and run.main, enabled=run.main,
+                     truncate_after=run.step)
+    if run.main:
+        (run.out_dir / "run_config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    say(f"kvroute train: routing {c.policy.spec}, {run.router.plan.describe()}, {trainable / 1e6:.2f}M "
+        f"trainable params, {run.sizes[0]} train / {run.sizes[1]} val examples, device {run.accelerator.device}")
+
+    eval_loss: dict[str, float] = {}
+
+    def evaluate() -> None:
+        nonlocal eval_loss
+        eval_loss = run.evaluate()
+        log.eval(run.step, eval_loss)
+        say(f"step {run.step} eval " + "  ".join(
+            f"{spec}: loss {loss:.3f} ppl {math.exp(min(loss, 50)):.1f}" for spec, loss in eval_loss.items()))
+
+    do_eval = bool(c.eval_every and run.val_batches)
+    if do_eval and run.step == 0:
+        evaluate()
+    losses: list[float] = []
+    bar = tqdm(total=c.max_steps, initial=run.step, disable=not run.main or c.quiet, desc="train")
+    run.model.train()
+    while run.step < c.max_steps:
+        info = run.train_step()
+        losses.append(info.loss)
+        if run.main:
+            if info.step % c.log_every == 0 or info.step == c.max_steps:
+                log.step(info)
+            bar.update(1)
+            bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.2e}", tok_s=f"{info.tok_per_s:.0f}")
+            for callback in callbacks or []:
+                callback(info)
+        if do_eval and (info.step % c.eval_every == 0 or info.step == c.max_steps):
+            evaluate()
+        if c.save_every and info.step % c.save_every == 0 and info.step < c.max_steps:
+            run.save(run.ckpt_root / f"step-{info.step:06d}", training_state=True)
+    bar.close()
+    final = run.out_dir / "final"
+    run.save(final, training_state=False)
+    say(f"saved {final}")
+    log.close()
+    return TrainResult(run.out_dir, final, run.step, losses, eval_loss, run.main)
+
+
+def _get_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

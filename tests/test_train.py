@@ -1,0 +1,242 @@
+"""kvroute train on tiny models and tiny text: learning, exact resume, routing, distillation, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvroute
+from kvroute.cli import main as cli_main
+from kvroute.policy import RCLA
+from kvroute.train import StepInfo, TrainConfig, distill_kl, train
+from kvroute.trainlog import latest_checkpoint, read_metrics
+from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "model": make_model_dir(root / "model"),
+        "corpus": write_corpus(root / "corpus"),
+        "qa": write_qa(root / "qa.jsonl"),
+        "tokenizer": make_tokenizer(root / "tokenizer"),
+        "cache": root / "cache",
+    }
+
+
+def config(assets, out: Path, **overrides) -> TrainConfig:
+    fields = dict(
+        data=[str(assets["corpus"])], model=str(assets["model"]), output_dir=str(out), seq_len=32,
+        batch_size=4, max_steps=4, lr=1e-2, routing="rcla", p=0.5, eval_every=0, tensorboard=False,
+        quiet=True, cache_dir=str(assets["cache"]), device="cpu",
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def step_losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r]
+
+
+def test_loss_goes_down(assets, tmp_path):
+    result = train(config(assets, tmp_path / "run", max_steps=30, warmup=0.1, eval_every=30))
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.5 * first, result.losses
+    assert set(result.eval_loss) == {"full", "every:2", "every:4"}
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 30]
+    assert evals[-1]["eval"]["every:2"] < evals[0]["eval"]["every:2"]
+    assert (tmp_path / "run" / "train.csv").read_text().startswith("step,loss,lm_loss")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_an_uninterrupted_run(assets, tmp_path):
+    kwargs = dict(max_steps=6, grad_accum=2, save_every=2, keep_checkpoints=1, warmup=0.2)
+    full = train(config(assets, tmp_path / "full", **kwargs))
+
+    def kill_at_5(info: StepInfo) -> None:
+        if info.step == 5:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(config(assets, tmp_path / "cut", **kwargs), callbacks=[kill_at_5])
+    ckpt = latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step-000004"
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000004"]  # keep 1
+    resumed = train(config(assets, tmp_path / "cut", resume="latest", **kwargs))
+    assert resumed.losses == full.losses[4:]
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "full")  # bit-exact loss curve
+    a = kvroute.load_model(full.final_checkpoint).state_dict()
+    b = kvroute.load_model(resumed.final_checkpoint).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(assets, tmp_path):
+    plain = train(config(assets, tmp_path / "plain", max_steps=3))
+    checkpointed = train(config(assets, tmp_path / "gc", max_steps=3, gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_reloaded_checkpoint_keeps_its_routing(assets, tmp_path):
+    result = train(config(assets, tmp_path / "run", max_steps=2, routing="rcla", p=0.25, plan="every:2"))
+    model = kvroute.load(result.final_checkpoint)
+    router = kvroute.get_router(model)
+    assert router.policy == RCLA(p=0.25)
+    assert router.plan.spec == "every:2" and router.plan.source == (0, 0, 2, 2)
+    saved = json.loads((result.final_checkpoint / "config.json").read_text())["kvroute"]
+    assert saved["plan"] == "every:2" and saved["policy"]["name"] == "rcla"
+    assert (result.final_checkpoint / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("routing, p, check", [
+    ("none", None, lambda r: r == (0, 1, 2, 3)),
+    ("cla:2", None, lambda r: r == (0, 0, 2, 2)),
+    ("rdcla:2", 0.0, lambda r: r == (0, 0, 2, 2)),
+    ("rdcla:2", 1.0, lambda r: r == (0, 1, 2, 3)),
+    ("rcla", 0.0, lambda r: r[0] == 0 and r[1] == 0 and all(s < layer for layer, s in enumerate(r) if layer)),
+])
+def test_each_policy_reaches_the_model(assets, tmp_path, routing, p, check):
+    seen: list[tuple[int, ...]] = []
+    train(config(assets, tmp_path / "run", max_steps=3, grad_accum=2, routing=routing, p=p),
+          callbacks=[lambda info: seen.extend(info.routes)])
+    assert len(seen) == 6 and all(check(r) for r in seen), seen
+
+
+def test_rcla_draws_varied_routes(assets, tmp_path):
+    seen: list[tuple[int, ...]] = []
+    train(config(assets, tmp_path / "run", max_steps=6, routing="rcla", p=0.5),
+          callbacks=[lambda info: seen.extend(info.routes)])
+    assert len(set(seen)) > 1 and all(s <= layer for r in seen for layer, s in enumerate(r))
+
+
+def test_distill_kl_is_zero_for_equal_outputs():
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, 3, 4]])
+    assert distill_kl(logits, logits, labels).item() == 0.0
+    assert distill_kl(logits, torch.randn(2, 5, 11), labels).item() > 0.0
+
+
+def test_distill_is_zero_without_routing(assets, tmp_path):
+    plain = train(config(assets, tmp_path / "plain", routing="none"))
+    infos: list[StepInfo] = []
+    distilled = train(config(assets, tmp_path / "distill", routing="none", distill=1.0),
+                      callbacks=[infos.append])
+    assert [i.distill for i in infos] == [0.0] * 4
+    assert distilled.losses == plain.losses
+
+
+@pytest.mark.parametrize("source", ["self", "base"])
+def test_distill_adds_a_term_under_routing(assets, tmp_path, source):
+    infos: list[StepInfo] = []
+    train(config(assets, tmp_path / "run", max_steps=2, routing="rcla", p=0.0, distill=0.5, distill_from=source),
+          callbacks=[infos.append])
+    assert all(i.distill > 0 and i.loss == pytest.approx(i.lm_loss + 0.5 * i.distill, rel=1e-5) for i in infos)
+
+
+def test_qa_data_trains_on_answers(assets, tmp_path):
+    result = train(config(assets, tmp_path / "run", data=[str(assets["qa"])], seq_len=48, max_steps=2,
+                          eval_every=2))
+    assert len(result.losses) == 2 and set(result.eval_loss) == {"full", "every:2", "every:4"}
+
+
+def test_pretrain_preset_with_layer_override(assets, tmp_path):
+    result = train(config(assets, tmp_path / "run", model=None, preset="tiny", layers=2,
+                          tokenizer=str(assets["tokenizer"]), max_steps=2, eval_plans="full,every:2"))
+    model = kvroute.load(result.final_checkpoint)
+    assert model.config.model_type == "qwen3" and model.config.num_hidden_layers == 2
+    assert model.config.vocab_size == 47
+
+
+def test_lora_saves_a_merged_routed_model(assets, tmp_path):
+    result = train(config(assets, tmp_path / "run", lora_r=4, lr=5e-2, max_steps=2, save_every=1))
+    model = kvroute.load(result.final_checkpoint)
+    assert kvroute.get_router(model).policy == RCLA(p=0.5)
+    base = kvroute.load_model(assets["model"]).state_dict()
+    tuned = model.state_dict()
+    assert not any("lora" in k for k in tuned)
+    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"],
+                           tuned["model.layers.0.self_attn.q_proj.weight"])
+    resumed = train(config(assets, tmp_path / "run", lora_r=4, lr=5e-2, max_steps=3, resume="latest"))
+    assert resumed.steps == 3 and len(resumed.losses) == 2  # continued from step 1
+
+
+def test_cli_trains(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli_main(["train", str(assets["model"]), "--data", str(assets["corpus"]), "--output", str(out),
+                   "--seq-len", "32", "--device", "cpu", "--max-steps", "2", "--routing", "rdcla:2", "--p", "0.5",
+                   "--eval-every", "2", "--eval-plans", "full,every:4", "--quiet", "--no-tensorboard",
+                   "--cache-dir", str(assets["cache"])])
+    assert rc == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert json.loads((out / "run_config.json").read_text())["routing"] == "rdcla:2"
+
+
+def test_cli_reports_bad_input(assets, tmp_path, capsys):
+    rc = cli_main(["train", str(assets["model"]), "--data", str(assets["corpus"]), "--p", "1.5"])
+    assert rc == 2 and "--p must be in [0, 1]" in capsys.readouterr().err
+
+
+BAD_CONFIGS = [
+    (dict(p=1.5), ValueError, r"--p must be in \[0, 1\]"),
+    (dict(p=-0.1), ValueError, r"--p must be in \[0, 1\]"),
+    (dict(routing="rcla2"), ValueError, r"--routing: .*unknown policy"),
+    (dict(routing="cla:x"), ValueError, r"--routing: .*bad value"),
+    (dict(routing="cla"), ValueError, r"--routing: .*needs a group size"),
+    (dict(model=None), ValueError, r"exactly one"),
+    (dict(preset="huge"), ValueError, r"exactly one"),
+    (dict(model=None, preset="huge"), ValueError, r"--config: unknown preset"),
+    (dict(model=None, preset="tiny"), ValueError, r"--config PRESET needs --tokenizer"),
+    (dict(layers=2), ValueError, r"--layers only applies"),
+    (dict(batch_size=0), ValueError, r"--batch-size must be a positive"),
+    (dict(warmup=1.5), ValueError, r"--warmup must be in"),
+    (dict(schedule="step"), ValueError, r"--schedule must be one of"),
+    (dict(data=[]), ValueError, r"--data"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, match", BAD_CONFIGS)
+def test_bad_config_fails_on_construction(assets, tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        config(assets, tmp_path / "run", **overrides)
+
+
+def _unsupported_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing data", "missing model", "empty data", "seq len", "family",
+                                  "bad plan", "tiny data", "missing resume"])
+def test_bad_input_fails_before_work(assets, tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("  \n")
+    overrides, match = {
+        "missing data": (dict(data=[str(tmp_path / "nope.txt")]), "file not found"),
+        "missing model": (dict(model=str(tmp_path / "no-model")), "checkpoint not found"),
+        "empty data": (dict(data=[str(empty)]), "no text"),
+        "seq len": (dict(seq_len=512), r"--seq-len 512 is above the model's maximum of 256"),
+        "family": (dict(model=str(_unsupported_model(tmp_path))), "does not support model_type 'gpt2'"),
+        "bad plan": (dict(eval_plans="full,every:0"), "K must be a positive"),
+        "tiny data": (dict(seq_len=200, batch_size=64), "fewer than one batch"),
+        "missing resume": (dict(resume=str(tmp_path / "ckpt")), "--resume: checkpoint not found"),
+    }[case]
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train(config(assets, out, **overrides))
+    assert not (out / "final").exists()
+
+
+def test_resume_refuses_other_settings(assets, tmp_path):
+    train(config(assets, tmp_path / "run", max_steps=2, save_every=1))
+    with pytest.raises(ValueError, match=r"--resume: .* --seq-len 32, this run asks for 16"):
+        train(config(assets, tmp_path / "run", max_steps=2, seq_len=16, resume="latest"))
