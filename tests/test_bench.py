@@ -1,0 +1,125 @@
+"""kvroute bench: memory accounting, a tiny end-to-end run, the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import kvroute
+from kvroute.bench import BASELINE, BenchConfig, cache_nbytes, run_bench, write_report
+from kvroute.cli import main
+from kvroute.hf.cache import SharedKVCache
+from kvroute.plan import KVShape
+
+LAYERS = 4
+PER_LAYER_TOKEN = 2 * 2 * 8 * 4  # K and V, 2 KV heads, head_dim 8, fp32
+
+
+@pytest.mark.parametrize("spec", ["full", "every:2", "every:4", "layers:0,3"])
+def test_preallocated_cache_holds_exactly_the_owners(spec):
+    model = kvroute.apply(tiny_model("llama", layers=LAYERS), plan=spec)
+    plan, shape = kvroute.get_router(model).plan, KVShape.from_config(model.config)
+    cache = SharedKVCache(plan, shape, max_cache_len=12)
+    with torch.inference_mode():
+        model(input_ids=torch.randint(3, 97, (2, 10)), cache=cache, use_cache=True)
+        model(input_ids=torch.randint(3, 97, (2, 2)), cache=cache, use_cache=True)
+    expected = len(plan.owners) * PER_LAYER_TOKEN * 12 * 2
+    assert cache_nbytes(cache) == plan.kv_bytes(shape, 12, 2, "float32") == expected
+    assert cache.used_bytes() == expected  # 10 + 2 tokens fill the preallocation exactly
+
+
+def test_dynamic_cache_bytes_match_the_full_plan():
+    model = tiny_model("llama", layers=LAYERS)
+    cache = __import__("transformers").DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.randint(3, 97, (1, 9)), cache=cache, use_cache=True)
+    assert cache_nbytes(cache) == LAYERS * PER_LAYER_TOKEN * 9
+
+
+@pytest.fixture(scope="module")
+def report():
+    config = BenchConfig(plans="every:1,2,4", contexts=[8, 16], batches=[1, 2], new_tokens=2, repeats=2,
+                         warmup=0, kv_budget=LAYERS * PER_LAYER_TOKEN * 18 * 3)  # full fits batch 3 at ctx 16
+    return run_bench(config, model=tiny_model("llama", layers=LAYERS), progress=False)
+
+
+def test_bench_rows_and_ratios(report):
+    rows = {(r["context"], r["batch"], r["plan"]): r for r in report.rows}
+    assert len(report.rows) == 2 * 2 * 4  # contexts x batches x (hf + 3 plans)
+    for c in (8, 16):
+        for b in (1, 2):
+            full, hf = rows[(c, b, "every:1")], rows[(c, b, BASELINE)]
+            assert full["kv_bytes"] == hf["kv_bytes"] == LAYERS * PER_LAYER_TOKEN * (c + 2) * b
+            for spec, owners in (("every:2", 2), ("every:4", 1)):
+                r = rows[(c, b, spec)]
+                assert r["owners"] == owners
+                assert r["kv_bytes"] == r["kv_expected_bytes"]
+                assert r["kv_vs_full"] == owners / LAYERS
+                assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and len(r["decode_tok_s_all"]) == 2
+                assert r["decode_vs_full"] == pytest.approx(r["decode_tok_s"] / full["decode_tok_s"])
+    # capacity: L/|S| times the full plan's at a fixed KV budget
+    assert rows[(16, 1, "every:1")]["max_batch"] == 3
+    assert rows[(16, 1, "every:2")]["max_batch"] == 6
+    assert rows[(16, 1, "every:4")]["max_batch"] == 12
+    assert rows[(16, 1, "every:4")]["peak_mb"] > 0
+
+
+def test_bench_meta_records_the_setup(report):
+    meta = report.meta
+    assert meta["shape"]["layers"] == LAYERS and meta["shape"]["kv_heads"] == 2 and meta["shape"]["head_dim"] == 8
+    assert meta["dtype"] == "float32" and meta["threads"] == torch.get_num_threads()
+    assert meta["torch"] == torch.__version__ and "OMP_WAIT_POLICY" in meta["env"]
+
+
+def test_write_report_files(report, tmp_path):
+    paths = write_report(report, tmp_path, command="kvroute bench tiny")
+    data = json.loads(paths["json"].read_text())
+    assert data["meta"]["command"] == "kvroute bench tiny"
+    assert {r["plan"] for r in data["rows"]} == {"hf", "every:1", "every:2", "every:4"}
+    assert data["config"]["new_tokens"] == 2
+    md = paths["md"].read_text()
+    assert "| 16 | 2 | every:4 | 1 |" in md and "0.250x" in md and "max batch @" in md and "Best repeat" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_below_one_sequence_is_reported_not_raised():
+    config = BenchConfig(plans=["full", "every:4"], contexts=[8], new_tokens=1, repeats=1, warmup=0,
+                         kv_budget=10, baseline=False)
+    model = tiny_model("llama", layers=LAYERS)
+    report = run_bench(config, model=model, progress=False)
+    assert not kvroute.is_routed(model)  # the baseline stays the unmodified model
+    assert [r["max_batch"] for r in report.rows] == [0, 0]
+    assert "0 (batch 1 does not fit)" in report.table()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"contexts": [0]}, "--context"),
+    ({"batches": []}, "--batch"),
+    ({"repeats": 0}, "--repeats"),
+    ({"kv_budget": -1}, "--kv-budget"),
+    ({"plans": [], "baseline": False}, "nothing to benchmark"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**kwargs)
+
+
+def test_bad_plan_for_the_model():
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        run_bench(BenchConfig(plans=["layers:0,9"], contexts=[4]), model=tiny_model("llama"), progress=False)
+
+
+def test_cli_on_a_checkpoint_folder(tmp_path, capsys):
+    tiny_model("qwen3", layers=LAYERS).save_pretrained(tmp_path / "ckpt")
+    rc = main(["bench", str(tmp_path / "ckpt"), "--plans", "full,every:2", "--context", "8", "--batch", "1",
+               "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--kv-budget", "1KiB",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "every:2" in out and "hf" in out
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["meta"]["weights"] == "checkpoint" and data["meta"]["shape"]["model_type"] == "qwen3"
+    assert data["meta"]["command"].startswith("kvroute ")

@@ -1,0 +1,67 @@
+"""Smoke test of the CLI: every subcommand's --help, and train -> eval -> generate on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from textkit import make_model_dir, write_corpus, write_qa
+
+from kvroute.cli import build_parser, main
+
+COMMANDS = ["bench", "convert", "data", "eval", "generate", "plan", "serve", "train"]
+
+
+def test_every_command_is_registered():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(sub.choices) == COMMANDS
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kvroute " + command)
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+def test_train_eval_generate_end_to_end(tmp_path, capsys):
+    model = make_model_dir(tmp_path / "tiny")
+    corpus = write_corpus(tmp_path / "text")
+    qa = write_qa(tmp_path / "qa.jsonl", n=4)
+    run = tmp_path / "run"
+    assert main([
+        "train", str(model), "--data", str(corpus), "-o", str(run), "--routing", "rcla", "--p", "0.5",
+        "--plan", "every:2", "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
+        "--eval-every", "0", "--no-tensorboard", "--quiet", "--device", "cpu",
+    ]) == 0
+    final = run / "final"
+    saved = json.loads((final / "config.json").read_text())["kvroute"]
+    assert saved["plan"] == "every:2" and saved["policy"]["name"] == "rcla"
+
+    out = tmp_path / "eval"
+    code = main([
+        "eval", str(final), "--plans", "full,every:2", "--text", str(corpus), "--qa", str(qa),
+        "--window", "32", "--stride", "32", "--max-new-tokens", "4", "--out", str(out), "--no-plot",
+    ])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["plan"] for r in rows} == {"full", "every:2"}
+    assert {r["task"] for r in rows} == {"lm", "qa"}
+
+    capsys.readouterr()
+    assert main(["generate", str(final), "w3 w4 w5", "--plan", "every:4", "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "plan every:4" in err and "under full" in err
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
+    assert "not found" in capsys.readouterr().err

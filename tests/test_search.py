@@ -1,0 +1,130 @@
+"""Plan search: a valid plan with the requested owners, never worse than every:k, deterministic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from textkit import make_model_dir, write_corpus
+
+import kvroute
+from kvroute.cli import main
+from kvroute.search import PlanScorer, calibration_chunks, read_texts, search_plan, uniform_plans
+
+LAYERS = 8
+
+
+def _chunks(n: int = 4, t: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 97, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return kvroute.apply(tiny_model("llama", layers=LAYERS, seed=1), plan="every:2")
+
+
+@pytest.mark.parametrize("owners, uniform", [(2, "every:4"), (4, "every:2")])
+def test_search_returns_a_valid_plan_no_worse_than_every_k(model, owners, uniform):
+    chunks = _chunks()
+    before = kvroute.set_plan(model, "every:2")
+    result = search_plan(model, chunks[:2], owners, heldout=chunks[2:], progress=False)
+    assert kvroute.get_router(model).plan == before  # the model's plan is restored
+    assert result.plan.spec.startswith("layers:")
+    assert len(result.plan.owners) == owners and result.plan.owners[0] == 0
+    assert kvroute.SharingPlan.from_spec(result.plan.spec, LAYERS) == result.plan
+    scorer = PlanScorer(model, chunks[:2])  # a fresh scorer: no shared cache with the search
+    every_k = kvroute.SharingPlan.from_spec(uniform, LAYERS)
+    assert result.loss == pytest.approx(scorer.loss(result.plan.owners))
+    assert result.loss <= scorer.loss(every_k.owners)
+    plans = [r["plan"] for r in result.rows]
+    assert plans == ["full", uniform, result.plan.spec]
+    assert all(r["heldout_loss"] is not None for r in result.rows)
+    assert uniform in result.table()
+
+
+def test_search_is_deterministic(model):
+    chunks = _chunks(2, seed=3)
+    first = search_plan(model, chunks, 3, progress=False)
+    second = search_plan(model, chunks, 3, progress=False)
+    assert (first.plan, first.loss, first.evaluations) == (second.plan, second.loss, second.evaluations)
+
+
+def test_scorer_caches_losses(model):
+    scorer = PlanScorer(model, _chunks(2))
+    scorer.loss((0, 4))
+    scorer.cache[(0, 4)] = -1.0  # a cached loss is not recomputed
+    assert scorer.loss([4, 0]) == -1.0
+
+
+def test_beam_and_shortlist_and_removal(model):
+    chunks = _chunks(2)
+    exhaustive = search_plan(model, chunks, 6, refine=0, progress=False)  # 6 > 8 // 2: greedy removal
+    lazy = search_plan(model, chunks, 6, shortlist=2, refine=0, progress=False)
+    beam = search_plan(model, chunks, 2, beam=3, progress=False)
+    assert len(exhaustive.plan.owners) == len(lazy.plan.owners) == 6 and len(beam.plan.owners) == 2
+    assert lazy.evaluations < exhaustive.evaluations
+
+
+def test_search_on_an_rcla_model_and_mixed_attention():
+    rcla = kvroute.apply(tiny_model("qwen3", layers=4), policy="rcla", plan="full")
+    assert len(search_plan(rcla, _chunks(2), 2, progress=False).plan.owners) == 2
+    gemma = kvroute.apply(tiny_model("gemma3_text", layers=6))  # layers 0 and 2 start their types
+    result = search_plan(gemma, _chunks(2), 3, progress=False)
+    assert {0, 2} <= set(result.plan.owners) and len(result.plan.owners) == 3
+
+
+@pytest.mark.parametrize("owners, match", [(0, "between 1 and 8"), (9, "between 1 and 8")])
+def test_bad_owner_count(model, owners, match):
+    with pytest.raises(ValueError, match=match):
+        search_plan(model, _chunks(2), owners, progress=False)
+
+
+def test_uniform_plans():
+    assert [p.spec for p in uniform_plans(30, 8)] == ["every:4"]
+    assert [p.spec for p in uniform_plans(30, 15)] == ["every:2"]
+    assert len(uniform_plans(30, 7)[0].owners) == 7
+
+
+def test_calibration_chunks_are_evenly_spaced(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_model_dir(tmp_path / "m"))
+    texts = read_texts([write_corpus(tmp_path / "corpus", docs=4, length=50)])
+    assert len(texts) == 4
+    all_chunks = calibration_chunks(tok, texts, chunk_tokens=10)
+    assert all_chunks.shape == (20, 10)  # 4 x (50 words + eos) = 204 tokens
+    some = calibration_chunks(tok, texts, chunk_tokens=10, max_chunks=4)
+    assert torch.equal(some, all_chunks[[0, 5, 10, 15]])
+    with pytest.raises(ValueError, match="fewer than one chunk"):
+        calibration_chunks(tok, ["w1 w2"], chunk_tokens=10)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_texts([tmp_path / "missing.txt"])
+
+
+def test_cli_search(tmp_path, capsys):
+    folder = make_model_dir(tmp_path / "m", layers=4)
+    corpus = write_corpus(tmp_path / "corpus", docs=4, length=50)
+    rc = main(["plan", "search", str(folder), "--budget", "0.5", "--data", str(corpus), "--chunk-tokens", "16",
+               "--max-chunks", "4", "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "plan: layers:0," in out and "every:2" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert len(data["plan"]["owners"]) == 2 and data["chunks"] == 4
+    assert data["rows"][-1]["heldout_loss"] is not None
+
+
+@pytest.mark.parametrize("budget, match", [("5", "above full"), ("1.5", "at most 1.0"), ("0", "below the sparsest"),
+                                           ("0.05", "below 1 owner layer"), ("1MiB", "needs a context")])
+def test_cli_search_bad_budget(tmp_path, capsys, budget, match):
+    folder = make_model_dir(tmp_path / "m", layers=4)
+    corpus = write_corpus(tmp_path / "corpus", docs=2, length=50)
+    assert main(["plan", "search", str(folder), "--budget", budget, "--data", str(corpus)]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_search_needs_weights(capsys):
+    assert main(["plan", "search", "smollm2-135m", "--budget", "0.5", "--data", "x.txt"]) == 2
+    assert "needs a checkpoint" in capsys.readouterr().err
