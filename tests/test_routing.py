@@ -131,8 +131,13 @@ def test_stale_cache_after_set_plan_raises():
         kvroute.set_plan(model, "full")
         with pytest.raises(ValueError, match="built for plan 'every:2'.*'full'"):
             model(ids[:, :1], cache=cache)
+        with pytest.raises(ValueError, match="built for plan 'every:2'.*'full'"):
+            model(ids[:, :1], cache=dyn)  # laid out in place for every:2
+        foreign = DynamicCache(config=model.config)
+        foreign.layers[1] = DummyLayer()  # a cache laid out elsewhere, e.g. by another model
+        foreign.layers[0].update(torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8))
         with pytest.raises(ValueError, match="holds no KV for some owners of plan 'full'"):
-            model(ids[:, :1], cache=dyn)
+            model(ids[:, :1], cache=foreign)
 
 
 # ------------------------------------------------------------------ generate

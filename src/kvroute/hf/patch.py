@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 import warnings
 from typing import Any
 
@@ -111,7 +112,9 @@ def apply(
                     f"kvroute expected {expected} in each decoder layer, found {type(attn).__name__}"
                 )
             layer.self_attn = RoutedAttention(attn, router)
-        decoder.register_forward_pre_hook(_begin_pass_hook(router), with_kwargs=True)
+        decoder.register_forward_pre_hook(
+            _begin_pass_hook(router, KVShape.from_config(model.config)), with_kwargs=True
+        )
     _write_config(model, router)
     return model
 
@@ -142,7 +145,9 @@ def _write_config(model: nn.Module, router: Router) -> None:
     setattr(model.config, CONFIG_KEY, routing_config(model) if is_routed(model) else None)
 
 
-def _begin_pass_hook(router: Router):
+def _begin_pass_hook(router: Router, shape: KVShape):
+    laid_out: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> plan it was laid out for
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs[PASS_KWARG] = router.begin_pass(module.training)
         if module.training:
@@ -151,26 +156,30 @@ def _begin_pass_hook(router: Router):
             return args, kwargs
         name = "past_key_values" if "past_key_values" in kwargs else "cache"
         cache = kwargs.get(name)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", False)
-        shape = KVShape.from_config(module.config)
-        if cache is None and use_cache:
-            kwargs[name] = SharedKVCache(router.plan, shape)
-        elif type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
+        plan = router.plan
+        if cache is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache if use_cache is not None else getattr(module.config, "use_cache", False):
+                kwargs[name] = SharedKVCache(plan, shape)
+            return args, kwargs
+        known = cache.plan if isinstance(cache, SharedKVCache) else laid_out.get(cache)
+        if known is plan:  # the decode fast path: nothing to check
+            return args, kwargs
+        if type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
             # an empty cache from generate() or the caller: give it the shared layout in place,
             # so the caller's reference still holds the KV on the next call
-            cache.layers[:] = shared_layers(router.plan, shape)
-        elif isinstance(cache, SharedKVCache) and cache.plan.source != router.plan.source:
+            cache.layers[:] = shared_layers(plan, shape)
+            laid_out[cache] = plan
+        elif known is not None and known.source != plan.source:
             raise ValueError(
-                f"this SharedKVCache was built for plan {cache.plan.spec!r} but the model runs plan "
-                f"{router.plan.spec!r}; build a new cache after set_plan()"
+                f"this cache was built for plan {known.spec!r} but the model runs plan "
+                f"{plan.spec!r}; build a new cache after set_plan()"
             )
-        elif cache is not None and any(
-            o < len(cache.layers) and isinstance(cache.layers[o], DummyLayer) for o in router.plan.owners
+        elif known is None and any(
+            o < len(cache.layers) and isinstance(cache.layers[o], DummyLayer) for o in plan.owners
         ):
             raise ValueError(
-                f"this cache holds no KV for some owners of plan {router.plan.spec!r}; "
+                f"this cache holds no KV for some owners of plan {plan.spec!r}; "
                 "build a new cache after set_plan()"
             )
         return args, kwargs
