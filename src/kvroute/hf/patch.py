@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import weakref
-import warnings
 from typing import Any
 
 from torch import nn
@@ -201,8 +200,3 @@ def _check_checkpointing(decoder: nn.Module) -> None:
                 "routed layers send to the layers whose KV they read; use "
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
             )
-
-
-def warn_if_unrouted_checkpoint(config: Any) -> None:
-    if getattr(config, CONFIG_KEY, None) is None:
-        warnings.warn("checkpoint has no kvroute routing config; serving it with the 'full' plan", stacklevel=2)
