@@ -1,0 +1,275 @@
+"""Shared setup of the from-scratch experiments (pretrain.py, ablation.py).
+
+- the data split: training text = State of the Union 1790-2006 + Moby Dick minus the
+  held-out chapters; held-out text = State of the Union 2007+ and Moby Dick chapters
+  15, 30, ..., 135 (neither the tokenizer nor any model trains on them);
+- a byte-level BPE tokenizer (4,096 tokens) trained on the training split only;
+- the model shape (a Qwen3-style preset registered in ``kvroute.presets.PRESETS``);
+- training through ``kvroute.train.train(TrainConfig(...))``, evaluation through
+  ``kvroute.evaluate.evaluate(EvalConfig(...))``, each run skipped when finished.
+
+CPU: the machine has 2 cores shared with other work, so every run uses one torch
+thread and ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting OpenMP threads slow down
+badly under contention).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+THREADS = 1
+torch.set_num_threads(THREADS)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "experiments"
+DATA = RUNS / "data"
+TRAIN_DIR = DATA / "train"
+HELDOUT = {"sotu_2007plus": DATA / "heldout_sotu", "moby_heldout": DATA / "heldout_moby"}
+TOKENIZER = RUNS / "tokenizer_bpe4096"
+RESULTS = ROOT / "experiments" / "results"
+IMG = ROOT / "docs" / "img"
+
+SOTU = ROOT / "assets" / "text" / "sotu" / "data"
+MOBY = ROOT / "assets" / "text" / "moby" / "data"
+HELDOUT_SOTU_FROM = 2007
+HELDOUT_MOBY_CHAPTERS = set(range(15, 136, 15))  # 15, 30, ..., 135
+VOCAB = 4096
+
+#: the model: Qwen3-style, 8 layers, hidden 128, GQA 4 query / 2 KV heads of 32 dims.
+PRESET = "exp-h128"
+PRESET_FIELDS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
+LAYERS = 8
+
+#: the training budget shared by every compared run (equal tokens: 250 x 8 x 256 = 512,000).
+#: sized on this machine: 1,500-3,000 tok/s for the 8-layer model on one contended thread (3-5 min a run).
+TRAIN = dict(seq_len=256, batch_size=8, max_steps=int(os.environ.get("KVR_STEPS", "250")), lr=6e-3,
+             weight_decay=0.1, betas=(0.9, 0.99), grad_clip=1.0, warmup=0.05, schedule="cosine",
+             min_lr_ratio=0.1, seed=0, val_fraction=0.02, eval_every=0, eval_batches=4)
+
+#: held-out LM evaluation: sliding windows as long as the training context.
+#: KVR_DEVICE=cuda runs the same scripts on a GPU (default: cpu, as measured here).
+DEVICE = os.environ.get("KVR_DEVICE", "cpu")
+
+EVAL = dict(window=256, stride=128, max_tokens=int(os.environ.get("KVR_EVAL_TOKENS", "20000")))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def register_preset() -> None:
+    """Add the experiment's shape to kvroute's preset table (public dict; no source change)."""
+    from kvroute.presets import PRESETS
+
+    PRESETS.setdefault(PRESET, dict(PRESET_FIELDS))
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "device": DEVICE,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- data + tokenizer
+def _year(path: Path) -> int:
+    return int(path.name.split("_", 1)[0])
+
+
+def _chapter(path: Path) -> int:
+    return int(path.stem.split("_", 1)[1])
+
+
+def prepare_data() -> dict:
+    """Copy the text files into train/ and held-out folders (once); returns the split summary."""
+    manifest = DATA / "split.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    if not SOTU.is_dir() or not MOBY.is_dir():
+        raise FileNotFoundError("assets/text/{sotu,moby}/data missing: run scripts/fetch_assets.py")
+    tmp = DATA.with_name("data.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    split: dict[str, list[str]] = {"train": [], "sotu_2007plus": [], "moby_heldout": []}
+    for folder in ("train", "heldout_sotu", "heldout_moby"):
+        (tmp / folder).mkdir(parents=True)
+    for f in sorted(SOTU.glob("*.txt")):
+        held = _year(f) >= HELDOUT_SOTU_FROM
+        shutil.copy(f, tmp / ("heldout_sotu" if held else "train") / f"sotu_{f.name}")
+        split["sotu_2007plus" if held else "train"].append(f"sotu/{f.name}")
+    for f in sorted(MOBY.glob("chapter_*.txt"), key=_chapter):
+        held = _chapter(f) in HELDOUT_MOBY_CHAPTERS
+        shutil.copy(f, tmp / ("heldout_moby" if held else "train") / f"moby_{f.name}")
+        split["moby_heldout" if held else "train"].append(f"moby/{f.name}")
+    summary = {k: {"files": len(v), "chars": sum(p.stat().st_size for p in (tmp / d).glob("*.txt"))}
+               for k, v, d in [("train", split["train"], "train"),
+                               ("sotu_2007plus", split["sotu_2007plus"], "heldout_sotu"),
+                               ("moby_heldout", split["moby_heldout"], "heldout_moby")]}
+    summary["heldout_files"] = {"sotu_2007plus": split["sotu_2007plus"], "moby_heldout": split["moby_heldout"]}
+    (tmp / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(DATA, ignore_errors=True)
+    tmp.rename(DATA)
+    return summary
+
+
+def train_tokenizer() -> Path:
+    """Byte-level BPE with VOCAB tokens on the training split; saved as a PreTrainedTokenizerFast folder.
+
+    ``<|endoftext|>`` is EOS, PAD and BOS; the post-processor puts it before every
+    encoded text (as training sees a document after the previous one's EOS); training
+    tokenizes with ``add_special_tokens=False`` and separates documents with EOS.
+    """
+    if (TOKENIZER / "tokenizer.json").is_file():
+        return TOKENIZER
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[eos], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    files = sorted(str(p) for p in TRAIN_DIR.glob("*.txt"))
+    tok.train(files, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, tok.token_to_id(eos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos,
+                                   model_max_length=PRESET_FIELDS["max_position_embeddings"])
+    tmp = TOKENIZER.with_name(TOKENIZER.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(tmp)
+    tmp.rename(TOKENIZER)
+    return TOKENIZER
+
+
+def setup() -> dict:
+    """Data split + tokenizer + preset; returns the split summary."""
+    summary = prepare_data()
+    train_tokenizer()
+    register_preset()
+    return summary
+
+
+# ----------------------------------------------------------------------------- train + eval
+def train_run(name: str, routing: str, p: float | None = None, layers: int = LAYERS, **overrides) -> dict:
+    """Train one model (skipped when its ``final/`` exists); returns its summary (wall time etc.)."""
+    from kvroute.train import TrainConfig, train
+
+    out = RUNS / name
+    summary_file = out / "summary.json"
+    if (out / "final" / "config.json").is_file() and summary_file.is_file():
+        log(f"{name}: done already ({out / 'final'})")
+        return json.loads(summary_file.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(data=[str(TRAIN_DIR)], output_dir=str(out), preset=PRESET, layers=layers,
+                      tokenizer=str(TOKENIZER), routing=routing, p=p, device=DEVICE, tensorboard=False,
+                      quiet=True, log_every=10, eval_plans=overrides.pop("eval_plans", "full,every:2,every:4"),
+                      **{**TRAIN, **overrides})
+    log(f"{name}: training routing={routing} p={p} layers={layers} steps={cfg.max_steps} "
+        f"tokens={cfg.max_steps * cfg.batch_size * cfg.seq_len}")
+    start = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - start
+    summary = {"name": name, "routing": cfg.policy.spec, "p": p, "layers": layers, "seed": cfg.seed,
+               "steps": result.steps,
+               "tokens": result.steps * cfg.batch_size * cfg.seq_len, "wall_s": round(wall, 1),
+               "final_train_loss_mean_last10": sum(result.losses[-10:]) / max(1, len(result.losses[-10:])),
+               "val_loss_in_training": result.eval_loss, "checkpoint": str(result.final_checkpoint)}
+    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"{name}: done in {wall:.0f}s, in-training val loss {result.eval_loss}")
+    return summary
+
+
+def eval_run(name: str, plans: list[str]) -> list[dict]:
+    """Held-out LM loss of one run under ``plans`` (cached in the run folder); returns result rows."""
+    from kvroute.evaluate import EvalConfig, evaluate
+
+    out = RUNS / name / "heldout_eval"
+    key = {"plans": plans, **EVAL, "text": [str(p) for p in HELDOUT.values()]}
+    done = out / "results.json"
+    if done.is_file() and (out / "key.json").is_file() and json.loads((out / "key.json").read_text()) == key:
+        return json.loads(done.read_text())["rows"]
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"{name}: held-out eval under {','.join(plans)}")
+    start = time.perf_counter()
+    writer = evaluate(EvalConfig(checkpoints=[str(RUNS / name / "final")], plans=plans,
+                                 text=[str(p) for p in HELDOUT.values()], out=str(out), device=DEVICE,
+                                 **EVAL), progress=False)
+    if writer.errors:
+        raise RuntimeError(f"{name}: eval errors {writer.errors}")
+    (out / "key.json").write_text(json.dumps(key) + "\n")
+    log(f"{name}: eval done in {time.perf_counter() - start:.0f}s")
+    return json.loads(done.read_text())["rows"]
+
+
+def loss_table(rows: list[dict]) -> dict:
+    """plan -> {dataset name -> loss, 'mean' -> token-weighted mean over datasets, 'kv_kib_per_token'}."""
+    names = {str(p): n for n, p in HELDOUT.items()}
+    table: dict[str, dict] = {}
+    for r in rows:
+        if r["metric"] != "loss":
+            continue
+        entry = table.setdefault(r["plan"], {"kv_kib_per_token": r["kv_kib_per_token"], "owners": r["owners"],
+                                             "_w": 0.0, "_sum": 0.0})
+        entry[names.get(str(r["data"]), str(r["data"]))] = r["value"]
+        entry["_w"] += r["tokens_scored"]
+        entry["_sum"] += r["value"] * r["tokens_scored"]
+    for entry in table.values():
+        entry["mean"] = entry.pop("_sum") / entry.pop("_w")
+    return table
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def plot_lines(lines: list[dict], out: Path, title: str) -> Path:
+    """Held-out loss against KV KiB/token: one panel per dataset (+ the token-weighted mean).
+
+    ``lines``: ``{"label", "table" (from :func:`loss_table`), "style" (matplotlib fmt), "plans"}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    panels = ["mean", *HELDOUT]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for line in lines:
+            pts = sorted(((v["kv_kib_per_token"], v[panel], plan) for plan, v in line["table"].items()
+                          if plan in line.get("plans", line["table"])), key=lambda t: t[0])
+            if not pts:
+                continue
+            (h,) = ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], line.get("style", "o-"),
+                           label=line["label"])
+            for x, y, plan in pts:
+                if line.get("annotate", True):
+                    ax.annotate(plan, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                                color=h.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV cache, KiB per token (fp32)")
+        ax.set_ylabel("held-out loss (nats/token, lower is better)")
+        ax.set_title(f"{title}: {panel}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

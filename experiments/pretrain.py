@@ -1,0 +1,81 @@
+"""Pre-training from scratch with R-CLA (issue 9, section 3; the paper's Table 1 / Figure 5).
+
+A Qwen3-style model (8 layers, hidden 128, 2 KV heads of 32 dims; see common.py) is
+trained from scratch on State of the Union 1790-2006 + most of Moby Dick with
+p in {1.0 (standard, routing none), 0.75, 0.5, 0.25}, and standard models of 4 and 2
+layers (the same cache as the 8-layer model under every:2 / every:4) on the same
+tokens. Every model is scored on held-out text (State of the Union 2007+, Moby Dick
+chapters 15, 30, ..., 135): the 8-layer models under full, every:2, every:4, every:8,
+the shallow ones under full.
+
+Writes experiments/results/pretrain.json and docs/img/pretrain_loss_vs_cache.png.
+Rerunnable: finished runs and evaluations are skipped (outputs in runs/experiments/).
+
+    .venv/bin/python experiments/pretrain.py    # 250 steps of 8 x 256 tokens (KVR_STEPS to change)
+
+KVR_NO_SEED_CHECK=1 skips the second-seed run of the standard model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as c  # noqa: E402
+
+DEEP_PLANS = ["full", "every:2", "every:4", "every:8"]
+#: name -> (routing, p, layers)
+RUNS = {
+    "pt_p1.00": ("none", None, 8),
+    "pt_p0.75": ("rcla", 0.75, 8),
+    "pt_p0.50": ("rcla", 0.5, 8),
+    "pt_p0.25": ("rcla", 0.25, 8),
+    "pt_std_L4": ("none", None, 4),
+    "pt_std_L2": ("none", None, 2),
+}
+#: a second seed of the standard model: the run-to-run noise of this setup (last, if time allows)
+SEED_RUNS = {"pt_p1.00_seed1": ("none", None, 8, 1)}
+
+
+def main() -> None:
+    start = time.time()
+    split = c.setup()
+    results = {"experiment": "pretrain", "machine": c.machine(), "model": {"preset": c.PRESET_FIELDS},
+               "train": {**c.TRAIN, "betas": list(c.TRAIN["betas"])}, "eval": c.EVAL, "split": split,
+               "tokenizer": {"type": "byte-level BPE", "vocab": c.VOCAB, "trained_on": "train split only"},
+               "runs": {}}
+    todo = {**{n: (*v, 0) for n, v in RUNS.items()}, **({} if os.environ.get("KVR_NO_SEED_CHECK") else SEED_RUNS)}
+    for name, (routing, p, layers, seed) in todo.items():
+        summary = c.train_run(name, routing, p, layers, seed=seed)
+        plans = DEEP_PLANS if layers == c.LAYERS else ["full"]
+        table = c.loss_table(c.eval_run(name, plans))
+        results["runs"][name] = {**summary, "loss": table}
+        results["script_wall_s"] = round(time.time() - start, 1)
+        c.write_json(c.RESULTS / "pretrain.json", results)
+        plot(results)
+    c.log(f"pretrain: all done in {time.time() - start:.0f}s")
+
+
+def plot(results: dict) -> None:
+    runs = results["runs"]
+    lines = [{"label": f"R-CLA p={runs[n]['p']}" if runs[n]["p"] is not None else "p=1.0 (standard, 8 layers), seed 0",
+              "table": runs[n]["loss"], "style": "o-"}
+             for n in ("pt_p1.00", "pt_p0.75", "pt_p0.50", "pt_p0.25") if n in runs]
+    if "pt_p1.00_seed1" in runs:
+        lines.append({"label": "p=1.0 (standard, 8 layers), seed 1", "table": runs["pt_p1.00_seed1"]["loss"],
+                      "style": "x:", "annotate": False})
+    shallow = {}
+    for n, layers in (("pt_std_L2", 2), ("pt_std_L4", 4), ("pt_p1.00", 8)):
+        if n in runs and "full" in runs[n]["loss"]:
+            shallow[f"{layers} layers"] = runs[n]["loss"]["full"]
+    if shallow:
+        lines.append({"label": "standard, fewer layers (2/4/8), full cache", "table": shallow, "style": "ks--"})
+    c.plot_lines(lines, c.IMG / "pretrain_loss_vs_cache.png",
+                 f"from scratch, {c.TRAIN['max_steps'] * c.TRAIN['batch_size'] * c.TRAIN['seq_len']:,} tokens")
+
+
+if __name__ == "__main__":
+    main()
