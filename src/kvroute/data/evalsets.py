@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvroute.data.jsonl import iter_jsonl
+
 QA_FIELDS = ("context", "question", "answer")
 MC_FIELDS = ("context", "choices", "answer")
 
@@ -79,23 +81,14 @@ def _read_jsonl(path: str | Path, fields: tuple[str, ...], kind: str) -> list[tu
     if not p.is_file():
         raise FileNotFoundError(f"{kind} data not found: {p}")
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{p}:{lineno}: expected a JSON object with fields {', '.join(fields)}")
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise ValueError(
-                    f"{p}:{lineno}: missing field(s) {', '.join(map(repr, missing))}; "
-                    f"a {kind} record needs {', '.join(fields)}"
-                )
-            rows.append((lineno, row))
+    for lineno, row in iter_jsonl(p, f"a JSON object with fields {', '.join(fields)}"):
+        missing = [k for k in fields if k not in row]
+        if missing:
+            raise ValueError(
+                f"{p}:{lineno}: missing field(s) {', '.join(map(repr, missing))}; "
+                f"a {kind} record needs {', '.join(fields)}"
+            )
+        rows.append((lineno, row))
     if not rows:
         raise ValueError(f"{p}: empty dataset (no {kind} records)")
     return rows

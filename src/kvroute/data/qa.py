@@ -13,14 +13,13 @@ Prompt layout (the answer is followed by EOS)::
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvroute.data.jsonl import iter_jsonl
 from kvroute.data.text import HF_PREFIX, load_hf_records, resolve_files
 
 IGNORE_INDEX = -100
@@ -58,16 +57,7 @@ def read_qa(sources: list[str]) -> list[QARecord]:
     """
     records: list[QARecord] = []
     for path in resolve_files(sources, suffixes=(".jsonl",)):
-        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            records.append(_record(row, f"{path}:{lineno}"))
+        records.extend(_record(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path))
     for source in (s for s in sources if s.startswith(HF_PREFIX)):
         records.extend(_record(row, source) for row in load_hf_records(source))
     if not records:
