@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", default="assets", type=Path)
     args = parser.parse_args()
-    dest: Path = args.dest
+    dest: Path = args.dest.resolve()  # absolute: pip and npm run with cwd inside it
     dest.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(dest).free / 2**30
     if free_gb < NEEDED_FREE_GB and not (dest / "smollm2-135m").is_dir():

@@ -69,8 +69,30 @@ def test_rcla_nearest_favours_near_layers():
     assert abs(counts[6] / len(routes) - 0.5) < 0.04  # P(nearest) ~ 1/2
 
 
+def test_rcla_plan_sources_draw_deployable_plans():
+    # every route is a sharing plan: owners read themselves, the rest the nearest earlier owner
+    routes = _routes(RCLA(0.4, sources="plan"), 8, n=3000)
+    for route in routes:
+        owners = sorted(set(route))
+        assert SharingPlan.from_spec("layers:" + ",".join(map(str, owners)), 8).source == route
+    for layer in range(1, 8):  # each layer owns with probability p
+        assert abs(sum(r[layer] == layer for r in routes) / len(routes) - 0.4) < 0.035
+    # a non-owner reads the nearest earlier owner: P(source = l - d) = 0.4 * 0.6^(d-1) * 0.6
+    counts = Counter(r[7] for r in routes)
+    assert abs(counts[6] / len(routes) - 0.6 * 0.4) < 0.035
+    assert abs(counts[5] / len(routes) - 0.6 * 0.6 * 0.4) < 0.03
+    assert len(set(routes)) > 50  # many different plans, not a few fixed ones
+
+
+def test_typed_rcla_plan_sources_stay_in_type():
+    for route in _routes(RCLA(0.0, sources="plan"), len(TYPES), TYPES, n=50):
+        # p = 0: only the first layer of each type owns
+        assert route == SharingPlan.from_spec("layers:0,2", len(TYPES), TYPES).source
+
+
 @pytest.mark.parametrize(
-    "policy", [RCLA(0.3), RCLA(0.0, sources="nearest"), CLA(2), CLA(3), RDCLA(2, 0.5), NoRouting()]
+    "policy", [RCLA(0.3), RCLA(0.0, sources="nearest"), RCLA(0.5, sources="plan"), CLA(2), CLA(3), RDCLA(2, 0.5),
+               NoRouting()]
 )
 def test_routes_are_valid_and_never_cross_types(policy):
     for types in (None, TYPES):
@@ -90,7 +112,7 @@ def test_typed_rcla_reaches_every_same_type_layer():
 
 
 def test_same_seed_same_routes():
-    for policy in (RCLA(0.5), RCLA(0.5, sources="nearest"), RDCLA(2, 0.5)):
+    for policy in (RCLA(0.5), RCLA(0.5, sources="nearest"), RCLA(0.5, sources="plan"), RDCLA(2, 0.5)):
         assert _routes(policy, 8, n=50, seed=7) == _routes(policy, 8, n=50, seed=7)
         assert _routes(policy, 8, n=50, seed=7) != _routes(policy, 8, n=50, seed=8)
 

@@ -146,6 +146,46 @@ def test_qa_data_trains_on_answers(assets, tmp_path):
     assert len(result.losses) == 2 and set(result.eval_loss) == {"full", "every:2", "every:4"}
 
 
+def test_text_and_qa_train_as_a_mixture(assets, tmp_path):
+    from kvroute.data.mix import Mixture
+    from kvroute.data.qa import IGNORE_INDEX
+    from kvroute.models import load_tokenizer
+    from kvroute.train import _load_data
+
+    cfg = config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(assets["qa"])], seq_len=48)
+    assert cfg.data_kind == "mix"
+    train_ds, val_ds, collate = _load_data(cfg, load_tokenizer(cfg.model))
+    assert isinstance(train_ds, Mixture) and len(train_ds.sizes) == 2 and all(train_ds.sizes)
+    text_item, qa_item = train_ds[0], train_ds[len(train_ds) - 1]
+    assert torch.equal(text_item["labels"], text_item["input_ids"]) and len(text_item["input_ids"]) == 48
+    assert (qa_item["labels"] == IGNORE_INDEX).any() and (qa_item["labels"] != IGNORE_INDEX).any()
+    batch = collate([text_item, qa_item])  # padded to one width, the mask marks the real tokens
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int(batch["attention_mask"][1].sum()) == len(qa_item["input_ids"])
+    result = train(config(assets, tmp_path / "run", data=cfg.data, seq_len=48, max_steps=3, eval_every=3))
+    assert len(result.losses) == 3 and all(loss == loss for loss in result.losses)  # finite, not NaN
+
+
+def test_mixture_set_epoch_reaches_qa_order():
+    from kvroute.data.mix import Mixture
+
+    class Part(list):
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    a, b = Part([1, 2]), Part([3])
+    mix = Mixture([a, [], b])
+    assert [mix[i] for i in range(len(mix))] == [1, 2, 3] and mix.sizes == [2, 1]
+    mix.set_epoch(4)
+    assert a.epoch == b.epoch == 4
+    with pytest.raises(IndexError):
+        mix[3]
+    with pytest.raises(ValueError, match="at least one non-empty part"):
+        Mixture([[]])
+
+
 def test_pretrain_preset_with_layer_override(assets, tmp_path):
     result = train(config(assets, tmp_path / "run", model=None, preset="tiny", layers=2,
                           tokenizer=str(assets["tokenizer"]), max_steps=2, eval_plans="full,every:2"))
@@ -198,6 +238,8 @@ BAD_CONFIGS = [
     (dict(warmup=1.5), ValueError, r"--warmup must be in"),
     (dict(schedule="step"), ValueError, r"--schedule must be one of"),
     (dict(data=[]), ValueError, r"--data"),
+    (dict(data_format="mix"), ValueError, r"--data-format mix needs both"),
+    (dict(data_format="tsv"), ValueError, r"--data-format must be one of"),
 ]
 
 

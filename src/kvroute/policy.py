@@ -9,6 +9,9 @@ reproduces its routes step by step.
 - ``rcla(p)``: the paper's R-CLA: each layer l >= 1 keeps its own KV with
   probability p, else reads a layer drawn from the earlier layers of its type
   (``uniform``, as in the paper, or ``nearest``: distance ~ geometric(1/2));
+  ``sources=plan`` instead draws a random sharing plan: each layer is an owner
+  with probability p and the others read the nearest earlier owner, so every
+  training route is one a deployed plan could use;
 - ``cla(k)``: fixed groups of k layers, the first layer of each group owns;
 - ``rdcla(k, p)``: each layer flips a coin (p) between its CLA@k source and itself.
 """
@@ -23,6 +26,9 @@ import torch
 from kvroute.plan import SharingPlan
 
 Route = tuple[int, ...]
+
+#: the source draws of :class:`RCLA`.
+SOURCES = ("uniform", "nearest", "plan")
 
 
 def _earlier_same_type(layer: int, layer_types: tuple[str, ...] | None) -> list[int]:
@@ -80,7 +86,8 @@ class RCLA(RoutingPolicy):
 
     Args:
         p: probability that a layer uses its own KV.
-        sources: ``uniform`` (the paper) or ``nearest`` (distance ~ geometric(1/2)).
+        sources: ``uniform`` (the paper), ``nearest`` (distance ~ geometric(1/2)) or
+            ``plan`` (a random owner set, non-owners read the nearest earlier owner).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -95,8 +102,8 @@ class RCLA(RoutingPolicy):
 
     def __post_init__(self) -> None:
         _check_p(self.p)
-        if self.sources not in ("uniform", "nearest"):
-            raise ValueError(f"rcla sources must be 'uniform' or 'nearest', got {self.sources!r}")
+        if self.sources not in SOURCES:
+            raise ValueError(f"rcla sources must be one of {', '.join(map(repr, SOURCES))}, got {self.sources!r}")
 
     def sample(self, num_layers, layer_types, generator) -> Route:
         coins = torch.rand(num_layers, generator=generator).tolist()
@@ -107,7 +114,9 @@ class RCLA(RoutingPolicy):
             if not earlier or coins[layer] < self.p:
                 route.append(layer)
                 continue
-            if self.sources == "uniform":
+            if self.sources == "plan":  # the owner the previous same-type layer reads (itself if it owns)
+                route.append(route[earlier[-1]])
+            elif self.sources == "uniform":
                 route.append(earlier[min(int(picks[layer] * len(earlier)), len(earlier) - 1)])
             else:  # nearest: P(d-th nearest) proportional to 2^-d
                 weights = [0.5 ** (d + 1) for d in range(len(earlier))]

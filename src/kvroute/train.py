@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from kvroute.data.qa import IGNORE_INDEX, QACollator, load_qa
-from kvroute.data.text import collate_blocks, load_text, resolve_files
+from kvroute.data.mix import Mixture
+from kvroute.data.text import TEXT_SUFFIXES, collate_blocks, load_text, resolve_files
 from kvroute.hf.patch import apply, get_router, set_plan
 from kvroute.plan import SharingPlan, parse_plan_list
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_spec
@@ -37,6 +38,7 @@ from kvroute.presets import PRESETS, preset_config
 from kvroute.trainlog import MetricsLog, latest_checkpoint, load_training_state, save_training_state
 
 SCHEDULES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("auto", "text", "qa", "mix")
 
 
 @dataclass
@@ -44,16 +46,17 @@ class TrainConfig:
     """Everything a training run needs; validated on construction (errors name the CLI flag).
 
     Args:
-        data: text files, folders, globs, ``hf:NAME`` datasets, or JSONL QA files.
+        data: text files, folders, globs, ``hf:NAME`` datasets, or JSONL QA files (both: a mixture).
         output_dir: checkpoints, metrics and the final model go here.
         model: hub id, folder or ``.gguf`` file to fine-tune (exclusive with ``preset``).
         preset: a :data:`kvroute.presets.PRESETS` name to pre-train from scratch (CLI ``--config``).
         layers: depth override for ``preset``.
         tokenizer: tokenizer source; default: ``model`` (required with ``preset``).
-        data_format: ``text``, ``qa`` or ``auto`` (QA when every file is ``.jsonl``).
+        data_format: ``text``, ``qa``, ``mix`` or ``auto`` (QA when every source is a ``.jsonl`` file,
+            a mix when some are: ``.jsonl`` sources are QA, the others text).
         routing: ``rcla``, ``cla:K``, ``rdcla:K`` or ``none``.
         p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
-        sources: rcla source draw, ``uniform`` (paper) or ``nearest``.
+        sources: rcla source draw, ``uniform`` (paper), ``nearest`` or ``plan``.
         plan: default inference plan saved with the checkpoints.
         eval_plans: comma-separated plans the eval loss is measured under.
         distill: weight of KL(teacher || routed student) on routed passes (0: off).
@@ -131,7 +134,9 @@ class TrainConfig:
             self.policy  # noqa: B018 - parse to validate
         except ValueError as err:
             raise ValueError(f"--routing: {err}") from None
-        _choice("data_format", self.data_format, ("auto", "text", "qa"))
+        _choice("data_format", self.data_format, DATA_FORMATS)
+        if self.data_kind == "mix" and not 0 < len(self._qa_sources) < len(self.data):
+            raise ValueError("--data-format mix needs both .jsonl QA files and text sources in --data")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, ("fp32", "bf16"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -160,6 +165,23 @@ class TrainConfig:
     @property
     def policy(self) -> RoutingPolicy:
         return policy_from_spec(self.routing, p=self.p, sources=self.sources)
+
+    @property
+    def _qa_sources(self) -> list[str]:
+        return [s for s in self.data if s.endswith(".jsonl")]
+
+    @property
+    def data_kind(self) -> str:
+        """``text``, ``qa`` or ``mix``: what ``--data`` holds, ``data_format`` resolved.
+
+        ``auto``: QA when every file source is ``.jsonl`` (``hf:`` datasets then count as QA),
+        text when none is, a mix otherwise (``hf:`` datasets then count as text).
+        """
+        if self.data_format != "auto":
+            return self.data_format
+        files = [s for s in self.data if not s.startswith("hf:")]
+        qa = len(self._qa_sources)
+        return "text" if qa == 0 else "qa" if qa == len(files) else "mix"
 
 
 @dataclass
@@ -252,7 +274,9 @@ def _check_inputs(config: TrainConfig):
     """Every check that needs files but not the weights: returns the model config (or None)."""
     from kvroute.models import load_config
 
-    resolve_files(config.data, suffixes=(".jsonl",) if _is_qa(config) else (".txt", ".md", ".text"))
+    qa, text = _split_sources(config)
+    for sources, suffixes in ((qa, (".jsonl",)), (text, TEXT_SUFFIXES)):
+        resolve_files(sources, suffixes=suffixes)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
@@ -269,21 +293,30 @@ def _check_inputs(config: TrainConfig):
     return model_config
 
 
-def _is_qa(config: TrainConfig) -> bool:
-    if config.data_format != "auto":
-        return config.data_format == "qa"
-    files = [s for s in config.data if not s.startswith("hf:")]
-    return bool(files) and all(s.endswith(".jsonl") for s in files)
+def _split_sources(config: TrainConfig) -> tuple[list[str], list[str]]:
+    """``--data`` as (QA sources, text sources)."""
+    kind = config.data_kind
+    if kind == "mix":
+        qa = config._qa_sources
+        return qa, [s for s in config.data if s not in qa]
+    return (config.data, []) if kind == "qa" else ([], config.data)
 
 
 def _load_data(config: TrainConfig, tokenizer: Any):
-    if _is_qa(config):
-        train_ds, val_ds = load_qa(config.data, tokenizer, config.seq_len, config.val_fraction, config.seed)
+    """(train, val, collate): packed text, QA examples, or a :class:`Mixture` of both."""
+    qa_sources, text_sources = _split_sources(config)
+    parts: list[tuple[Any, Any]] = []
+    if text_sources:
+        parts.append(load_text(text_sources, tokenizer, config.seq_len, config.val_fraction, config.cache_dir))
+    if qa_sources:
+        train_ds, val_ds = load_qa(qa_sources, tokenizer, config.seq_len, config.val_fraction, config.seed)
         for ds in (train_ds, val_ds):
             ds.question_first_p = config.question_first_p
-        return train_ds, val_ds, QACollator(tokenizer.pad_token_id)
-    train_ds, val_ds = load_text(config.data, tokenizer, config.seq_len, config.val_fraction, config.cache_dir)
-    return train_ds, val_ds, collate_blocks
+        parts.append((train_ds, val_ds))
+    if len(parts) == 1:
+        train_ds, val_ds = parts[0]
+        return train_ds, val_ds, collate_blocks if text_sources else QACollator(tokenizer.pad_token_id)
+    return (Mixture([p[0] for p in parts]), Mixture([p[1] for p in parts]), QACollator(tokenizer.pad_token_id))
 
 
 def _starting_model(config: TrainConfig, tokenizer: Any) -> torch.nn.Module:

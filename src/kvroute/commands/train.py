@@ -9,6 +9,7 @@ HELP = "Fine-tune a model (hub id, folder, .gguf) or pre-train a preset with sto
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from kvroute.policy import SOURCES
     from kvroute.presets import PRESETS
 
     p.add_argument("model", nargs="?", help="hub id, model folder or .gguf file to fine-tune")
@@ -16,14 +17,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="depth override for --config")
     p.add_argument("--tokenizer", help="tokenizer source (default: the model; required with --config)")
     p.add_argument("--data", nargs="+", required=True,
-                   help="text files, folders, globs, hf:NAME[:CONFIG][@SPLIT], or .jsonl QA files")
-    p.add_argument("--data-format", default="auto", choices=["auto", "text", "qa"])
+                   help="text files, folders, globs, hf:NAME[:CONFIG][@SPLIT], or .jsonl QA files; "
+                        "text and .jsonl together train on the mixture")
+    p.add_argument("--data-format", default="auto", choices=["auto", "text", "qa", "mix"],
+                   help="auto: qa if every source is .jsonl, mix if some are, else text")
     p.add_argument("--output", "-o", dest="output_dir", default="runs/kvroute", help="run folder")
 
     r = p.add_argument_group("routing")
     r.add_argument("--routing", default="rcla", help="rcla | cla:K | rdcla:K | none (default rcla)")
     r.add_argument("--p", type=float, help="probability a layer keeps its own KV (rcla, rdcla; default 0.6)")
-    r.add_argument("--sources", choices=["uniform", "nearest"], help="rcla source draw (default uniform)")
+    r.add_argument("--sources", choices=list(SOURCES),
+                   help="rcla source draw: uniform (paper, default), nearest (geometric distance) or plan "
+                        "(a random owner set; non-owners read the nearest earlier owner)")
     r.add_argument("--plan", default="full", help="default inference plan saved with the checkpoints")
     r.add_argument("--eval-plans", default="full,every:2,every:4", help="plans the eval loss is measured under")
     r.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the unrouted output (0: off)")
