@@ -62,6 +62,9 @@ RUNS: dict[str, tuple[str, dict]] = {
     "rcla_lora_qo": ("LoRA q,o only (r=32, lr 1e-3)",
                      dict(lora_r=32, lora_alpha=64.0, lora_targets="q_proj,o_proj", lr=1e-3)),
     "rcla_2x": ("2x steps", dict(steps_factor=2)),
+    # combinations of the knobs that helped most per step in the runs above
+    "rcla_plan_lr4e-4": ("plan sources + lr 4e-4", dict(sources="plan", lr=4e-4)),
+    "rcla_plan_lr8e-4": ("plan sources + lr 8e-4", dict(sources="plan", lr=8e-4)),
 }
 
 
@@ -245,6 +248,31 @@ def targets(runs: dict) -> list[str]:
         collapse = std["every:4"]["ppl"] / std["full"]["ppl"]
         out.append(f"- the standard fine-tune collapses under every:4 (here: perplexity over 100x its full cache): "
                    f"{verdict(collapse > 100)} ({std['every:4']['ppl']:,.0f} vs {std['full']['ppl']:.1f})")
+    out += extrapolation(runs)
+    return out
+
+
+def extrapolation(runs: dict) -> list[str]:
+    """Steps to reach the targets if the gap log(ppl_plan / ppl_full) falls as a power of the steps.
+
+    Fitted through two points only (the reference run and the same run at 2x steps): a rough guide.
+    """
+    if "rcla" not in runs or "rcla_2x" not in runs:
+        return []
+    out = ["", "Rough extrapolation (a power law through the reference run and its 2x-steps run, "
+               "gap = loss(plan) - loss(full) = a * steps^-b):", ""]
+    (s1, f1), (s2, f2) = ((runs[n]["steps"], runs[n]["final"]) for n in ("rcla", "rcla_2x"))
+    for plan, limit in (("every:2", 1.10), ("every:4", 1.30)):
+        g1, g2 = (f[plan]["loss"] - f["full"]["loss"] for f in (f1, f2))
+        if g1 <= 0 or g2 <= 0 or g2 >= g1:
+            out.append(f"- {plan}: the gap did not shrink from {s1} to {s2} steps ({g1:.3f} -> {g2:.3f} nats); "
+                       "no extrapolation")
+            continue
+        b = math.log(g1 / g2) / math.log(s2 / s1)
+        need = s2 * (g2 / math.log(limit)) ** (1 / b)
+        out.append(f"- {plan}: gap {g1:.3f} -> {g2:.3f} nats from {s1} to {s2} steps (b = {b:.2f}); "
+                   f"{limit:.2f}x would take about {need:,.0f} steps of 4 x 256 tokens "
+                   f"({need * 1024 / 1e6:,.1f}M tokens)")
     return out
 
 
