@@ -65,6 +65,8 @@ RUNS: dict[str, tuple[str, dict]] = {
     # combinations of the knobs that helped most per step in the runs above
     "rcla_plan_lr4e-4": ("plan sources + lr 4e-4", dict(sources="plan", lr=4e-4)),
     "rcla_plan_lr8e-4": ("plan sources + lr 8e-4", dict(sources="plan", lr=8e-4)),
+    "rcla_plan_lr4e-4_distill": ("plan sources + lr 4e-4 + self-distillation",
+                                 dict(sources="plan", lr=4e-4, distill=1.0, distill_from="base")),
 }
 
 
@@ -186,12 +188,12 @@ def plot(runs: dict) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for name, r in runs.items():
+    colors = plt.cm.tab20.colors
+    for i, (name, r) in enumerate(runs.items()):
         xs = [c["step"] * r["tokens"] / r["steps"] / 1e3 for c in r["curve"]]
-        style = "k--" if name == "standard" else "-o"
-        for ax, plan in zip(axes[:2], ("every:2", "every:4")):
-            ax.plot(xs, [_ppl(c[plan]) for c in r["curve"]], style, ms=3, label=r["label"])
-        axes[2].plot(xs, [_ppl(c["full"]) for c in r["curve"]], style, ms=3, label=r["label"])
+        style = dict(color="black", ls="--") if name == "standard" else dict(color=colors[(2 * i) % 20 + (i >= 10)])
+        for ax, plan in zip(axes, ("every:2", "every:4", "full")):
+            ax.plot(xs, [_ppl(c[plan]) for c in r["curve"]], marker="o", ms=3, label=r["label"], **style)
     for ax, title in zip(axes, ("every:2 (50% KV)", "every:4 (27% KV)", "full cache")):
         ax.set_yscale("log")
         ax.set_xlabel("training tokens (thousands; 4 x 256 per step)")
