@@ -10,13 +10,12 @@ scored on the held-out text under full, every:2, every:4 and every:8.
 Writes experiments/results/ablation.json and docs/img/ablation.png.
 Rerunnable: finished runs and evaluations are skipped (outputs in runs/experiments/).
 
-    .venv/bin/python experiments/ablation.py
+    .venv/bin/python experiments/ablation.py --jobs 2   # after pretrain.py (it reuses 3 of its runs)
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,7 +23,7 @@ import common as c  # noqa: E402
 from pretrain import DEEP_PLANS, RUNS as PRETRAIN_RUNS  # noqa: E402
 
 RD_P = 0.6
-#: name -> (routing, p, layers); the pt_* runs are shared with pretrain.py
+#: name -> (routing, p, layers[, TrainConfig overrides]); the pt_* runs are shared with pretrain.py
 RUNS = {
     "abl_cla2": ("cla:2", None, 8),
     "abl_cla4": ("cla:4", None, 8),
@@ -39,20 +38,24 @@ LABELS = {"abl_cla2": "CLA@2", "abl_cla4": "CLA@4", "abl_rdcla2": f"RD-CLA@2 (p=
           "pt_p1.00": "standard (p=1.0)"}
 
 
-def main() -> None:
-    start = time.time()
-    split = c.setup()
+def run_one(name: str) -> dict:
+    """Train (cached) and score (cached) one run; returns its result entry."""
+    routing, p, layers, *extra = RUNS[name]
+    summary = c.train_run(name, routing, p, layers, **(extra[0] if extra else {}))
+    return {**summary, "label": LABELS[name], "loss": c.loss_table(c.eval_run(name, DEEP_PLANS))}
+
+
+def collect(runs: dict[str, dict]) -> None:
     results = {"experiment": "ablation", "machine": c.machine(), "model": {"preset": c.PRESET_FIELDS},
-               "train": {**c.TRAIN, "betas": list(c.TRAIN["betas"])}, "eval": c.EVAL, "split": split,
-               "plans": DEEP_PLANS, "runs": {}}
-    for name, (routing, p, layers) in RUNS.items():
-        summary = c.train_run(name, routing, p, layers)
-        table = c.loss_table(c.eval_run(name, DEEP_PLANS))
-        results["runs"][name] = {**summary, "label": LABELS[name], "loss": table}
-        results["script_wall_s"] = round(time.time() - start, 1)
-        c.write_json(c.RESULTS / "ablation.json", results)
-        plot(results)
-    c.log(f"ablation: all done in {time.time() - start:.0f}s")
+               "train": {**c.TRAIN, "betas": list(c.TRAIN["betas"])}, "eval": c.EVAL, "split": c.setup(),
+               "plans": DEEP_PLANS, "train_wall_s_total": round(sum(r["wall_s"] for r in runs.values()), 1),
+               "runs": runs}
+    c.write_json(c.RESULTS / "ablation.json", results)
+    plot(results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    c.run_experiment(__file__, list(RUNS), run_one, collect, argv)
 
 
 def plot(results: dict) -> None:

@@ -30,10 +30,12 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jobs import log, run_parallel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -68,10 +70,6 @@ RUNS: dict[str, tuple[str, dict]] = {
     "rcla_plan_lr4e-4_distill": ("plan sources + lr 4e-4 + self-distillation",
                                  dict(sources="plan", lr=4e-4, distill=1.0, distill_from="base")),
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -302,26 +300,13 @@ def main() -> None:
         return
     prepare_data()
     todo = [n for n in names if not (OUT / n / "summary.json").is_file()]
-    pending, active, failed = list(todo), {}, []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    while pending or active:
-        while pending and len(active) < args.jobs:
-            name = pending.pop(0)
-            (OUT / name).mkdir(parents=True, exist_ok=True)
-            logf = (OUT / name / "run.log").open("a")
-            cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--eval-every",
-                   str(args.eval_every), "--threads", str(args.threads), "--device", args.device]
-            active[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-            log(f"started {name} (log: {OUT / name / 'run.log'})")
-        time.sleep(5)
-        for name, proc in list(active.items()):
-            if proc.poll() is None:
-                continue
-            del active[name]
-            if proc.returncode:
-                failed.append(name)
-            log(f"{name}: {'FAILED, see its run.log' if proc.returncode else 'finished'}")
-            report([n for n in names if (OUT / n / "summary.json").is_file()])
+
+    def worker(name: str) -> list[str]:
+        return [__file__, "--one", name, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                "--threads", str(args.threads), "--device", args.device]
+
+    failed = run_parallel(todo, worker, lambda name: OUT / name, args.jobs, args.threads,
+                          on_done=lambda _: report([n for n in names if (OUT / n / "summary.json").is_file()]))
     if not todo:
         report(names)
     if failed:

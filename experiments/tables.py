@@ -28,6 +28,48 @@ def table(results: dict, key: str, label=lambda n, r: n, ref: str | None = None)
     return "\n".join(lines)
 
 
+def same_cache(results: dict, key: str = "mean") -> str:
+    """The 8-layer models under shared plans against the shallow standard models, by KV size."""
+    runs = results["runs"]
+    shallow = [n for n in ("pt_std_L4", "pt_std_L4_seed1", "pt_std_L2") if n in runs]
+    deep = [n for n in ("pt_p0.75", "pt_p0.75_seed1", "pt_p0.50", "pt_p0.25", "pt_p1.00", "pt_p1.00_seed1")
+            if n in runs]
+
+    def seed(n: str) -> str:
+        return f", seed {runs[n]['seed']}" if runs[n].get("seed") else ""
+
+    heads = [f"standard {runs[n]['layers']} layers{seed(n)}" for n in shallow]
+    heads += [(f"R-CLA p={runs[n]['p']}" if runs[n]["p"] is not None else "standard 8 layers, shared") + seed(n)
+              for n in deep]
+    lines = ["| KV KiB/token | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for plan in PLANS[1:]:
+        kib = next((runs[n]["loss"][plan]["kv_kib_per_token"] for n in deep if plan in runs[n]["loss"]), None)
+        if kib is None:
+            continue
+        cells = [f"{runs[n]['loss']['full'][key]:.3f}" if runs[n]["loss"]["full"]["kv_kib_per_token"] == kib else ""
+                 for n in shallow]
+        cells += [_cell(runs[n]["loss"], plan, key) for n in deep]
+        lines.append(f"| {kib:g} ({plan}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budgets(key: str = "mean") -> str:
+    """Each run at the measured budgets side by side (``<exp>_512k.json`` is the earlier, smaller one)."""
+    lines = ["| experiment | run | budget | full | every:2 | every:4 | every:8 |", "|---|---|---|---|---|---|---|"]
+    for exp in ("pretrain", "ablation"):
+        for suffix in ("_512k", ""):
+            path = c.RESULTS / f"{exp}{suffix}.json"
+            if not path.is_file():
+                continue
+            results = json.loads(path.read_text())
+            for name, r in results["runs"].items():
+                if exp == "ablation" and name.startswith("pt_"):
+                    continue  # shown under pretrain
+                cells = [_cell(r["loss"], p, key) for p in PLANS]
+                lines.append(f"| {exp} | {name} | {r['tokens']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for exp in ("pretrain", "ablation"):
         path = c.RESULTS / f"{exp}.json"
@@ -50,6 +92,11 @@ def main() -> None:
                         print(f"  {n} {p} ({r['loss'][p]['kv_kib_per_token']} KiB/tok): "
                               f"{100 * (r['loss'][p]['mean'] / base - 1):+.2f}%")
             print()
+            print("same cache: the 8-layer models shared against shallow standard models (mean):\n")
+            print(same_cache(results))
+            print()
+    print("## every run at every measured budget (mean)\n")
+    print(budgets())
 
 
 if __name__ == "__main__":

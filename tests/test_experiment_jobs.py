@@ -1,0 +1,50 @@
+"""The experiments' worker scheduler (experiments/jobs.py): logs, failures, callbacks, limits."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+# loaded from its file: putting experiments/ on sys.path would expose its generic module names
+_SPEC = importlib.util.spec_from_file_location(
+    "kvroute_experiment_jobs", Path(__file__).resolve().parents[1] / "experiments" / "jobs.py")
+_JOBS = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_JOBS)
+run_parallel = _JOBS.run_parallel
+
+SCRIPT = {
+    "ok1": "print('hello from ok1')",
+    "ok2": "import os; print('threads', os.environ['OMP_NUM_THREADS'])",
+    "bad": "import sys; print('boom'); sys.exit(3)",
+}
+
+
+def test_runs_every_worker_logs_output_and_reports_failures(tmp_path):
+    done = []
+    failed = run_parallel(list(SCRIPT), lambda n: ["-c", SCRIPT[n]], lambda n: tmp_path / n, jobs=2, threads=3,
+                          on_done=done.append, poll_s=0.05)
+    assert failed == ["bad"]
+    assert sorted(done) == ["ok1", "ok2"]  # on_done only for the workers that succeeded
+    assert (tmp_path / "ok1" / "run.log").read_text().strip() == "hello from ok1"
+    assert (tmp_path / "ok2" / "run.log").read_text().strip() == "threads 3"
+    assert (tmp_path / "bad" / "run.log").read_text().strip() == "boom"
+
+
+def test_at_most_jobs_workers_at_once(tmp_path):
+    # each worker records how many siblings are alive next to it through marker files
+    code = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+            "time.sleep(0.3); print(len(list(d.glob('w*')))); (d / sys.argv[2]).unlink()")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    names = [f"w{i}" for i in range(4)]
+    assert run_parallel(names, lambda n: ["-c", code, str(marks), n], lambda n: tmp_path / n, jobs=2,
+                        poll_s=0.02) == []
+    seen = [int((tmp_path / n / "run.log").read_text()) for n in names]
+    assert max(seen) <= 2
+
+
+def test_rejects_zero_jobs(tmp_path):
+    with pytest.raises(ValueError, match="--jobs"):
+        run_parallel(["a"], lambda n: ["-c", "pass"], lambda n: tmp_path / n, jobs=0)
