@@ -23,7 +23,7 @@ import common as c  # noqa: E402
 from pretrain import DEEP_PLANS, RUNS as PRETRAIN_RUNS  # noqa: E402
 
 RD_P = 0.6
-#: name -> (routing, p, layers[, TrainConfig overrides]); the pt_* runs are shared with pretrain.py
+#: name -> (routing, p, layers); the pt_* runs are shared with pretrain.py
 RUNS = {
     "abl_cla2": ("cla:2", None, 8),
     "abl_cla4": ("cla:4", None, 8),
@@ -40,8 +40,7 @@ LABELS = {"abl_cla2": "CLA@2", "abl_cla4": "CLA@4", "abl_rdcla2": f"RD-CLA@2 (p=
 
 def run_one(name: str) -> dict:
     """Train (cached) and score (cached) one run; returns its result entry."""
-    routing, p, layers, *extra = RUNS[name]
-    summary = c.train_run(name, routing, p, layers, **(extra[0] if extra else {}))
+    summary = c.train_run(name, *RUNS[name])
     return {**summary, "label": LABELS[name], "loss": c.loss_table(c.eval_run(name, DEEP_PLANS))}
 
 

@@ -32,7 +32,7 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from jobs import run_parallel  # noqa: E402
+from jobs import log, run_parallel  # noqa: E402
 
 THREADS = 1
 torch.set_num_threads(THREADS)
@@ -70,10 +70,6 @@ TRAIN = dict(seq_len=256, batch_size=8, max_steps=int(os.environ.get("KVR_STEPS"
 DEVICE = os.environ.get("KVR_DEVICE", "cpu")
 
 EVAL = dict(window=256, stride=128, max_tokens=int(os.environ.get("KVR_EVAL_TOKENS", "20000")))
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def register_preset() -> None:
@@ -262,8 +258,9 @@ def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict]
         if name not in failed:
             results[name] = run_one(name)
             if args.jobs == 1:
-                collect(results)
-    collect(results)
+                collect(results)  # after each run: a crash loses nothing
+    if args.jobs > 1:
+        collect(results)
     log(f"{Path(script).stem}: {len(results)} runs done in {time.time() - start:.0f}s")
     if failed:
         raise SystemExit(f"{Path(script).stem}: failed runs {failed}")
