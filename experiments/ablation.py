@@ -54,7 +54,8 @@ def collect(runs: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    c.run_experiment(__file__, list(RUNS), run_one, collect, argv)
+    c.run_experiment(__file__, list(RUNS), run_one, collect, argv, results_file=c.RESULTS / "ablation.json",
+                     key_of=lambda n: c.run_key(*RUNS[n]))
 
 
 def plot(results: dict) -> None:

@@ -23,6 +23,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -166,14 +167,19 @@ def setup() -> dict:
 
 
 # ----------------------------------------------------------------------------- train + eval
+def run_key(routing: str, p: float | None = None, layers: int = LAYERS, **overrides) -> dict:
+    """Every setting a training run depends on: a finished run (or result entry) is reused only if its key matches."""
+    return {"routing": routing, "p": p, "layers": layers, "device": DEVICE, **TRAIN, **overrides,
+            "betas": list(overrides.get("betas", TRAIN["betas"]))}
+
+
 def train_run(name: str, routing: str, p: float | None = None, layers: int = LAYERS, **overrides) -> dict:
     """Train one model (skipped when its ``final/`` exists); returns its summary (wall time etc.)."""
     from kvroute.train import TrainConfig, train
 
     out = RUNS / name
     summary_file = out / "summary.json"
-    key = {"routing": routing, "p": p, "layers": layers, "device": DEVICE, **TRAIN, **overrides,
-           "betas": list(overrides.get("betas", TRAIN["betas"]))}
+    key = run_key(routing, p, layers, **overrides)
     if (out / "final" / "config.json").is_file() and summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         if summary.get("key") == key:
@@ -200,6 +206,21 @@ def train_run(name: str, routing: str, p: float | None = None, layers: int = LAY
     return summary
 
 
+def loss_milestones(name: str, thresholds: tuple[float, ...] = (6.0, 5.5, 5.0), window: int = 5) -> dict | None:
+    """First logged training step at which the mean of the last ``window`` logged train losses is below each
+    threshold (``None``: never), from ``runs/experiments/NAME/train.csv``; ``None`` without that file."""
+    path = RUNS / name / "train.csv"
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    out = {}
+    for t in thresholds:
+        out[f"{t:g}"] = next((rows[i][0] for i in range(window - 1, len(rows))
+                              if sum(v for _, v in rows[i - window + 1:i + 1]) / window < t), None)
+    return out
+
+
 def eval_run(name: str, plans: list[str]) -> list[dict]:
     """Held-out LM loss of one run under ``plans`` (cached in the run folder); returns result rows."""
     from kvroute.evaluate import EvalConfig, evaluate
@@ -222,8 +243,20 @@ def eval_run(name: str, plans: list[str]) -> list[dict]:
     return json.loads(done.read_text())["rows"]
 
 
+def carried_entries(results_file: Path, names: list[str], key_of: Callable[[str], dict]) -> dict[str, dict]:
+    """The entries of ``results_file`` (a committed result JSON) still valid now: same run key, same eval settings."""
+    if not results_file.is_file():
+        return {}
+    previous = json.loads(results_file.read_text())
+    if previous.get("eval") != EVAL:
+        return {}
+    runs = previous.get("runs", {})
+    return {n: runs[n] for n in names if n in runs and runs[n].get("key") == key_of(n)}
+
+
 def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict],
-                   collect: Callable[[dict[str, dict]], None], argv: list[str] | None = None) -> None:
+                   collect: Callable[[dict[str, dict]], None], argv: list[str] | None = None,
+                   results_file: Path | None = None, key_of: Callable[[str], dict] | None = None) -> None:
     """The experiments' command line: run ``names`` (``--jobs N`` at a time), then ``collect`` their results.
 
     ``run_one(name)`` trains and scores one run (both cached, so calling it again for a
@@ -232,6 +265,12 @@ def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict]
     worker process (``--one NAME``, log in ``runs/experiments/NAME/run.log``) and the
     results are collected once the workers are done. A failed run is reported and the
     script exits non-zero after collecting the others.
+
+    With ``--runs`` (a subset), the other runs' entries are carried over from
+    ``results_file`` where ``key_of(name)`` still matches their training settings and
+    the eval settings are unchanged, so adding runs (new seeds) to a committed result
+    needs neither the old run folders nor retraining. Without ``--runs`` every run is
+    trained or read from its folder.
     """
     parser = argparse.ArgumentParser(description=Path(script).name)
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (default 1)")
@@ -253,14 +292,25 @@ def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict]
     failed: list[str] = []
     if args.jobs > 1:
         failed = run_parallel(chosen, lambda n: [script, "--one", n], lambda n: RUNS / n, args.jobs, THREADS)
+    carried: dict[str, dict] = {}
+    if results_file is not None and key_of is not None and set(chosen) != set(names):
+        carried = carried_entries(results_file, [n for n in names if n not in chosen], key_of)
+        if carried:
+            log(f"{Path(script).stem}: carrying {len(carried)} finished runs over from {results_file.name}: "
+                f"{', '.join(carried)}")
     results: dict[str, dict] = {}
+
+    def ordered() -> dict[str, dict]:
+        merged = {**carried, **results}
+        return {n: merged[n] for n in names if n in merged}
+
     for name in chosen:
         if name not in failed:
             results[name] = run_one(name)
             if args.jobs == 1:
-                collect(results)  # after each run: a crash loses nothing
+                collect(ordered())  # after each run: a crash loses nothing
     if args.jobs > 1:
-        collect(results)
+        collect(ordered())
     log(f"{Path(script).stem}: {len(results)} runs done in {time.time() - start:.0f}s")
     if failed:
         raise SystemExit(f"{Path(script).stem}: failed runs {failed}")
@@ -291,7 +341,8 @@ def write_json(path: Path, data: dict) -> None:
 def plot_lines(lines: list[dict], out: Path, title: str) -> Path:
     """Held-out loss against KV KiB/token: one panel per dataset (+ the token-weighted mean).
 
-    ``lines``: ``{"label", "table" (from :func:`loss_table`), "style" (matplotlib fmt), "plans"}``.
+    ``lines``: ``{"label" (None: not in the legend), "table" (from :func:`loss_table`), "style" (matplotlib
+    fmt), "color", "plans", "annotate"}``.
     """
     import matplotlib
 
@@ -307,7 +358,7 @@ def plot_lines(lines: list[dict], out: Path, title: str) -> Path:
             if not pts:
                 continue
             (h,) = ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], line.get("style", "o-"),
-                           label=line["label"])
+                           label=line["label"], **({"color": line["color"]} if "color" in line else {}))
             for x, y, plan in pts:
                 if line.get("annotate", True):
                     ax.annotate(plan, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,

@@ -48,3 +48,35 @@ def test_at_most_jobs_workers_at_once(tmp_path):
 def test_rejects_zero_jobs(tmp_path):
     with pytest.raises(ValueError, match="--jobs"):
         run_parallel(["a"], lambda n: ["-c", "pass"], lambda n: tmp_path / n, jobs=0)
+
+
+# experiments/common.py sets torch's thread count on import, so it is exercised in a child process
+CARRY = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import common as c
+key_of = lambda n: c.run_key("rcla", 0.75, 8, seed=int(n[-1]))
+runs = {"s0": {"key": key_of("s0"), "loss": 1.0}, "s1": {"key": c.run_key("rcla", 0.5, 8, seed=1), "loss": 2.0},
+        "s2": {"key": key_of("s2"), "loss": 3.0}}
+path = c.Path(sys.argv[2])
+out = {}
+for name, eval_settings in (("same", c.EVAL), ("other_eval", {**c.EVAL, "window": 1})):
+    path.write_text(json.dumps({"eval": eval_settings, "runs": runs}))
+    out[name] = c.carried_entries(path, ["s0", "s1", "s2", "s3"], key_of)
+out["missing"] = c.carried_entries(path.with_name("none.json"), ["s0"], key_of)
+print(json.dumps(out))
+"""
+
+
+def test_carried_entries_keep_only_runs_whose_settings_still_match(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    proc = subprocess.run([sys.executable, "-c", CARRY, str(experiments), str(tmp_path / "r.json")],
+                          capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(out["same"]) == ["s0", "s2"]  # s1 was trained with another p; s3 is not in the file
+    assert out["same"]["s2"]["loss"] == 3.0
+    assert out["other_eval"] == {} and out["missing"] == {}
