@@ -42,8 +42,9 @@ SEED_RUNS = {**{f"pt_p0.75_seed{s}": ("rcla", 0.75, 8, s) for s in SEEDS},
              **{f"pt_std_L4_seed{s}": ("none", None, 4, s) for s in SEEDS},
              "pt_p1.00_seed1": ("none", None, 8, 1)}
 #: R-CLA with plan-shaped sources (``--sources plan``: each layer owns with probability p, the others read
-#: the nearest earlier owner), the fine-tuning sweep's best source draw, from scratch (seeds 0 and 1)
-PLAN_SOURCE_RUNS = {"pt_p0.75_plan": ("rcla", 0.75, 8, 0, "plan"), "pt_p0.75_plan_seed1": ("rcla", 0.75, 8, 1, "plan")}
+#: the nearest earlier owner), the fine-tuning sweep's best source draw, from scratch (seeds 0-3)
+PLAN_SOURCE_RUNS = {"pt_p0.75_plan": ("rcla", 0.75, 8, 0, "plan"),
+                    **{f"pt_p0.75_plan_seed{s}": ("rcla", 0.75, 8, s, "plan") for s in range(1, 4)}}
 
 
 #: every run of this script: name -> (routing, p, layers, seed[, sources]); the extra seeds last
