@@ -4,11 +4,12 @@ A Qwen3-style model (8 layers, hidden 128, 2 KV heads of 32 dims; see common.py)
 trained from scratch on State of the Union 1790-2006 + most of Moby Dick with
 p in {1.0 (standard, routing none), 0.75, 0.5, 0.25}, and standard models of 4 and 2
 layers (the same cache as the 8-layer model under every:2 / every:4) on the same
-tokens. Every model is scored on held-out text (State of the Union 2007+, Moby Dick
-chapters 15, 30, ..., 135): the 8-layer models under full, every:2, every:4, every:8,
-the shallow ones under full.
+tokens, and R-CLA p=0.75 with plan-shaped sources (``--sources plan``). Every model is
+scored on held-out text (State of the Union 2007+, Moby Dick chapters 15, 30, ..., 135):
+the 8-layer models under full, every:2, every:4, every:8, the shallow ones under full.
 
-Writes experiments/results/pretrain.json and docs/img/pretrain_loss_vs_cache.png.
+Writes experiments/results/pretrain.json, docs/img/pretrain_loss_vs_cache.png and
+docs/img/pretrain_half_cache_seeds.png.
 Rerunnable: finished runs and evaluations are skipped (outputs in runs/experiments/).
 
     .venv/bin/python experiments/pretrain.py --jobs 2   # 1,500 steps of 8 x 256 tokens (KVR_STEPS to change)
@@ -19,6 +20,7 @@ KVR_NO_SEED_CHECK=1 skips the extra seeds (R-CLA p=0.75 and standard 4 layers: s
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,6 +60,12 @@ def train_args(name: str) -> tuple[tuple, dict]:
     return (routing, p, layers), {"seed": seed, **({"sources": sources[0]} if sources else {})}
 
 
+def run_key(name: str) -> dict:
+    """The settings key :func:`common.train_run` gives run ``name`` (for carrying committed entries over)."""
+    args, overrides = train_args(name)
+    return c.run_key(*args, **overrides)
+
+
 def run_one(name: str) -> dict:
     """Train (cached) and score (cached) one run; returns its result entry."""
     args, overrides = train_args(name)
@@ -91,8 +99,8 @@ def seed_stats(runs: dict[str, dict]) -> dict:
         values = [runs[n]["loss"][plan]["mean"] for n in names if plan in runs[n]["loss"]]
         if not values:
             continue
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        mean = statistics.mean(values)
+        std = statistics.stdev(values) if len(values) > 1 else None
         models[stem] = {"label": label, "plan": plan,
                         "kv_kib_per_token": runs[names[0]]["loss"][plan]["kv_kib_per_token"],
                         "seeds": [runs[n]["seed"] for n in names], "values": values,
@@ -123,7 +131,7 @@ def collect(runs: dict[str, dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     c.run_experiment(__file__, list(ALL_RUNS), run_one, collect, argv, results_file=c.RESULTS / "pretrain.json",
-                     key_of=lambda n: c.run_key(*train_args(n)[0], **train_args(n)[1]))
+                     key_of=run_key)
 
 
 def plot(results: dict) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,10 +72,6 @@ print(json.dumps(out))
 
 
 def test_carried_entries_keep_only_runs_whose_settings_still_match(tmp_path):
-    import json
-    import subprocess
-    import sys
-
     experiments = Path(__file__).resolve().parents[1] / "experiments"
     proc = subprocess.run([sys.executable, "-c", CARRY, str(experiments), str(tmp_path / "r.json")],
                           capture_output=True, text=True, check=True)
