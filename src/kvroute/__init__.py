@@ -7,6 +7,7 @@ Three calls::
     model.generate(ids, max_new_tokens=32)                 # caches only every 2nd layer
 """
 
+from kvroute.calibrate import CalibrationConfig, calibrate, is_calibrated, remove_calibration
 from kvroute.hf.cache import SharedKVCache
 from kvroute.models import convert, load, load_model, load_tokenizer, save_checkpoint
 from kvroute.hf.patch import SUPPORTED_FAMILIES, apply, get_router, is_routed, routing_config, set_plan
@@ -20,6 +21,10 @@ __all__ = [
     "RCLA",
     "RDCLA",
     "SUPPORTED_FAMILIES",
+    "CalibrationConfig",
+    "calibrate",
+    "is_calibrated",
+    "remove_calibration",
     "KVShape",
     "NoRouting",
     "RoutingPolicy",

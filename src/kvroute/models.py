@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvroute.hf.patch import CONFIG_KEY, apply, check_supported
+from kvroute.hf.patch import CONFIG_KEY, apply, check_supported, is_routed
 from kvroute.plan import SharingPlan
 from kvroute.policy import RoutingPolicy
 
@@ -139,12 +139,18 @@ def load(
     Example:
         >>> model = kvroute.load("runs/rcla/final", plan="every:4")  # doctest: +SKIP
     """
+    from kvroute.calibrate import load_calibration
+
     model = load_model(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    return apply(model, policy=policy, plan=plan, seed=seed).eval()
+    model = apply(model, policy=policy, plan=plan, seed=seed).eval()
+    folder, _ = _split_gguf(source)
+    if Path(folder).is_dir():
+        load_calibration(model, folder)
+    return model
 
 
 def save_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write model (safetensors + config with the routing setup) and tokenizer atomically.
+    """Write model (safetensors + config with the routing setup), its calibrations and tokenizer atomically.
 
     The checkpoint is written to a temporary folder beside ``out_dir`` and renamed
     into place, so a half-written checkpoint never looks complete.
@@ -155,6 +161,10 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
     tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if is_routed(model):
+            from kvroute.calibrate import save_calibration
+
+            save_calibration(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

@@ -11,6 +11,11 @@ from kvroute.plan import SharingPlan
 from kvroute.policy import NoRouting, Route, RoutingPolicy
 
 
+def route_key(route: Route) -> str:
+    """The name under which a route's calibration maps are stored (a valid module name)."""
+    return "r" + "_".join(map(str, route))
+
+
 @dataclass
 class RoutingPass:
     """The routing of one forward pass, handed explicitly to every routed layer.
@@ -19,11 +24,13 @@ class RoutingPass:
         route: ``route[l]`` is the layer whose KV layer ``l`` reads in this pass.
         producers: layers whose own K/V some layer reads; the others skip their K/V projections.
         kv: filled during the pass: ``kv[j] = (keys, values)`` of producer ``j``, each ``(B, H_kv, T, D)``.
+        key: the name of the route's calibration maps, if the layers hold any (``route_key``).
     """
 
     route: Route
     producers: frozenset[int]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    key: str = ""
 
 
 class Router:
@@ -51,6 +58,8 @@ class Router:
         self.layer_types = layer_types
         self.generator = torch.Generator().manual_seed(seed)
         self.last_route: Route = plan.source
+        #: route_key -> what was fitted for that plan (kvroute.calibrate); the maps live on the layers
+        self.calibration_info: dict[str, dict[str, Any]] = {}
 
     @property
     def num_layers(self) -> int:
@@ -63,7 +72,7 @@ class Router:
         else:
             route = self.plan.source
         self.last_route = route
-        return RoutingPass(route, frozenset(route))
+        return RoutingPass(route, frozenset(route), key=route_key(route))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to draw the same routes."""

@@ -2,7 +2,9 @@
 
 It keeps the original's parameters under the same names (so checkpoints load and
 save unchanged) and reads the KV of the layer its route names. A layer whose own
-K/V nobody reads in this pass skips its K/V projections.
+K/V nobody reads in this pass skips its K/V projections. A layer that reads
+another layer's KV under a calibrated route applies that route's maps
+(:class:`LayerMaps`, fitted by :mod:`kvroute.calibrate`) at run time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """RoPE as the supported families apply it. x: (B, H, T, D); cos, sin: (B, T, D)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+class LayerMaps(nn.Module):
+    """The calibration maps of one non-owner layer under one route.
+
+    Both maps are exact to fold into the layer's weights (vLLM does), and here are
+    applied at run time so that switching plans never copies a weight:
+
+    - ``query``: ``(H, D/2, 2)``, one complex scalar per query head and RoPE frequency
+      pair (dims ``i`` and ``i + D/2``), multiplied into the query before RoPE (after
+      ``q_norm``). It commutes with RoPE, so it maps the owner's keys towards the layer's own.
+    - ``value``: ``(H, D, D)``, one matrix per query head applied to that head's attention
+      output before ``o_proj`` (attention output is linear in V, so this maps the owner's
+      values towards the layer's own).
+
+    Held as non-persistent buffers: they follow ``.to()`` and copies of the model, and
+    never enter its ``state_dict`` (a calibration is saved in a file of its own).
+    """
+
+    def __init__(self, query: torch.Tensor | None, value: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("query", query, persistent=False)
+        self.register_buffer("value", value, persistent=False)
+
+    def map_query(self, query: torch.Tensor) -> torch.Tensor:
+        """query: (B, H, T, D) before RoPE."""
+        if self.query is None:
+            return query
+        a = self.query.to(query.dtype)
+        re, im = a[..., 0].unsqueeze(1), a[..., 1].unsqueeze(1)  # (H, 1, D/2)
+        q1, q2 = query.chunk(2, dim=-1)
+        return torch.cat((re * q1 - im * q2, re * q2 + im * q1), dim=-1)
+
+    def map_output(self, out: torch.Tensor) -> torch.Tensor:
+        """out: (B, T, H, D), each head's attention output."""
+        if self.value is None:
+            return out
+        return torch.einsum("bthd,hde->bthe", out, self.value.to(out.dtype))
 
 
 class RoutedAttention(nn.Module):
@@ -58,6 +98,7 @@ class RoutedAttention(nn.Module):
         self.q_norm = getattr(original, "q_norm", None)
         self.k_norm = getattr(original, "k_norm", None)
         self._eager: Callable = sys.modules[type(original).__module__].eager_attention_forward
+        self.calibration = nn.ModuleDict()  # route_key(route) -> LayerMaps of this layer
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
     def _project(self, proj: nn.Module, norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -83,8 +124,12 @@ class RoutedAttention(nn.Module):
             )
         cache = cache if cache is not None else past_key_values
         cos, sin = position_embeddings
-        query = apply_rope(self._project(self.q_proj, self.q_norm, hidden_states), cos, sin)
         idx = self.layer_idx
+        maps = self.calibration[routing.key] if routing.key in self.calibration else None
+        query = self._project(self.q_proj, self.q_norm, hidden_states)  # (B, H, T, D)
+        if maps is not None:
+            query = maps.map_query(query)
+        query = apply_rope(query, cos, sin)
         if idx in routing.producers:
             key = apply_rope(self._project(self.k_proj, self.k_norm, hidden_states), cos, sin)
             value = self._project(self.v_proj, None, hidden_states)
@@ -107,5 +152,7 @@ class RoutedAttention(nn.Module):
             **extra,
             **kwargs,
         )
+        if maps is not None:
+            attn_output = maps.map_output(attn_output)  # (B, T, H, D)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights

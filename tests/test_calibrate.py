@@ -1,0 +1,228 @@
+"""Per-plan calibration: exact on a model built to be calibratable, never touches `full`,
+persists with the checkpoint, works through the shared cache, and rejects bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from textkit import make_tokenizer, write_corpus
+
+import kvroute
+from kvroute.calibrate import (
+    CALIBRATION_FILE,
+    CalibrationConfig,
+    calibrate,
+    calibrated_sources,
+    is_calibrated,
+    load_calibration,
+    refine,
+    save_calibration,
+)
+from kvroute.cli import main
+from kvroute.hf.attention import LayerMaps
+from kvroute.models import save_checkpoint
+
+FAST = CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25, batch_size=8)
+
+
+def chunks(n: int = 24, t: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 97, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids: torch.Tensor, plan: str) -> torch.Tensor:
+    kvroute.set_plan(model, plan)
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def calibratable(family: str) -> torch.nn.Module:
+    """every:2 is exactly calibratable: odd layers see the same input as the even layer before them
+    (even layers add nothing to the residual), read the same keys, and their values are a linear
+    image (per head) of their owner's."""
+    model = tiny_model(family, layers=4, seed=1)
+    layers = model.model.layers
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for owner in (0, 2):
+            a, b = layers[owner], layers[owner + 1]
+            a.self_attn.o_proj.weight.zero_()
+            a.mlp.down_proj.weight.zero_()
+            b.input_layernorm.weight.copy_(a.input_layernorm.weight)
+            b.self_attn.k_proj.weight.copy_(a.self_attn.k_proj.weight)
+            if getattr(b.self_attn, "k_norm", None) is not None:
+                b.self_attn.k_norm.weight.copy_(a.self_attn.k_norm.weight)
+            d = a.self_attn.head_dim
+            w = a.self_attn.v_proj.weight.view(-1, d, a.self_attn.v_proj.weight.shape[-1])  # (H_kv, D, hidden)
+            m = torch.randn(w.shape[0], d, d, generator=g) / d**0.5
+            b.self_attn.v_proj.weight.copy_(torch.einsum("hdi,hde->hei", w, m).reshape_as(b.self_attn.v_proj.weight))
+    return kvroute.apply(model)
+
+
+@pytest.mark.parametrize("family_", ["llama", "qwen3"])
+def test_exactly_calibratable_model_matches_full(family_):
+    model = calibratable(family_)
+    ids = chunks(4, seed=9)
+    full = logits(model, ids, "full")
+    plain = logits(model, ids, "every:2")
+    assert (plain - full).abs().max() > 1e-2  # the plan alone is wrong: the values differ
+    calibrate(model, "every:2", chunks(), FAST, progress=False)
+    assert is_calibrated(model, "every:2")
+    torch.testing.assert_close(logits(model, ids, "every:2"), full, atol=1e-5, rtol=1e-5)
+
+
+def kl_to_full(model, ids: torch.Tensor, plan: str) -> float:
+    full = logits(model, ids, "full").log_softmax(-1)
+    shared = logits(model, ids, plan).log_softmax(-1)
+    return torch.nn.functional.kl_div(shared.flatten(0, 1), full.flatten(0, 1), log_target=True,
+                                      reduction="batchmean").item()
+
+
+def test_calibration_never_changes_full_and_helps_on_held_out_chunks():
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    ids = chunks(8, seed=9)  # not calibration chunks
+    before = logits(model, ids, "full")
+    plain = kl_to_full(model, ids, "every:2")
+    results = calibrate(model, ["full", "every:2"], chunks(), FAST, progress=False)
+    assert [r.plan for r in results] == ["every:2"]  # full has nothing to fit
+    assert not is_calibrated(model, "full")
+    assert torch.equal(logits(model, ids, "full"), before)
+    assert kl_to_full(model, ids, "every:2") < 0.5 * plain
+    r = results[0]
+    assert r.layers == 2 and set(r.ridges) == {1, 3}
+
+
+def test_set_plan_switches_between_calibrated_plans():
+    model = kvroute.apply(tiny_model("qwen2", layers=6))
+    ids = chunks(2, seed=5)
+    plain = {p: logits(model, ids, p) for p in ("every:2", "every:3")}
+    calibrate(model, "every:2,every:3", chunks(), FAST, progress=False)
+    assert calibrated_sources(model) == sorted([(0, 0, 2, 2, 4, 4), (0, 0, 0, 3, 3, 3)])
+    cal = {p: logits(model, ids, p) for p in ("every:2", "every:3")}
+    for p in cal:
+        assert not torch.allclose(cal[p], plain[p])
+    assert torch.equal(logits(model, ids, "every:2"), cal["every:2"])  # back and forth
+    assert torch.equal(logits(model, ids, "every:4"), logits(model, ids, "every:4"))
+    assert not is_calibrated(model, "every:4")
+
+
+def test_save_load_round_trip_and_copies(tmp_path):
+    model = kvroute.apply(tiny_model("gemma3_text", layers=6))
+    ids = chunks(2, seed=3)
+    calibrate(model, "every:2", chunks(), FAST, progress=False)
+    expected = logits(model, ids, "every:2")
+    out = save_checkpoint(model, tmp_path / "ckpt")
+    assert (out / CALIBRATION_FILE).is_file()
+    loaded = kvroute.load(out)
+    assert is_calibrated(loaded, "every:2")
+    torch.testing.assert_close(logits(loaded, ids, "every:2"), expected)
+    assert not any("calibration" in k for k in loaded.state_dict())  # weights file stays plain HF
+    import copy
+
+    twin = copy.deepcopy(model)
+    assert is_calibrated(twin, "every:2")
+
+
+def test_decode_through_the_shared_cache_equals_full_forward_under_a_calibrated_plan():
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    calibrate(model, "every:2", chunks(), FAST, progress=False)
+    ids = chunks(1, t=20, seed=4)
+    full_forward = logits(model, ids, "every:2")
+    cache = kvroute.SharedKVCache.for_model(model)
+    steps = [model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True).logits]
+    for t in range(12, 20):
+        steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full_forward, atol=1e-5, rtol=1e-4)
+
+
+def test_refinement_lowers_the_training_kl():
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    data = chunks()
+    calibrate(model, "every:2", data, CalibrationConfig(**{**FAST.__dict__, "query": False}), progress=False)
+    plan = kvroute.set_plan(model, "every:2")
+
+    def kl() -> float:
+        return kl_to_full(model, data, "every:2")
+
+    before = kl()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    refine(model, plan, data, CalibrationConfig(**{**FAST.__dict__, "steps": 30, "lr": 3e-3}), progress=False)
+    assert kl() < 0.9 * before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # only the maps moved
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_layer_maps_commute_with_rope():
+    from kvroute.hf.attention import apply_rope
+
+    h, d, t = 2, 8, 5
+    a = torch.randn(h, d // 2, 2)
+    q, k = torch.randn(1, h, t, d), torch.randn(1, h, t, d)
+    pos = torch.arange(t).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.cat([pos[:, None] * inv] * 2, dim=-1)[None]
+    cos, sin = ang.cos(), ang.sin()
+    maps = LayerMaps(a, None)
+    torch.testing.assert_close(apply_rope(maps.map_query(q), cos, sin), maps.map_query(apply_rope(q, cos, sin)))
+
+
+# ------------------------------------------------------------------------- errors
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="too few to calibrate"):
+        CalibrationConfig(tokens=100)
+    with pytest.raises(ValueError, match="value-maps"):
+        CalibrationConfig(value_maps="all")
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    with pytest.raises(ValueError, match="unknown plan|plan 'every:x'|every:x"):
+        calibrate(model, "every:x", chunks(), FAST, progress=False)
+    with pytest.raises(ValueError, match="N >= 2"):
+        calibrate(model, "every:2", chunks(1), FAST, progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        calibrate(model, "every:2", ["some/folder"], FAST, progress=False)
+
+
+def test_a_calibration_for_another_model_is_refused(tmp_path):
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    calibrate(model, "every:2", chunks(), FAST, progress=False)
+    save_calibration(model, tmp_path)
+    other = kvroute.apply(tiny_model("llama", layers=4, seed=7))  # same shape, other weights
+    with pytest.raises(ValueError, match="other weights"):
+        load_calibration(other, tmp_path)
+    deeper = kvroute.apply(tiny_model("llama", layers=6))
+    with pytest.raises(ValueError, match="num_layers"):
+        load_calibration(deeper, tmp_path)
+    assert calibrated_sources(other) == [] and calibrated_sources(deeper) == []
+
+
+# ---------------------------------------------------------------------------- CLI
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    tok = make_tokenizer(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    return save_checkpoint(model, tmp_path / "ckpt", AutoTokenizer.from_pretrained(tok))
+
+
+def test_cli_calibrates_in_place_and_to_a_new_folder(tmp_path, checkpoint, capsys):
+    corpus = write_corpus(tmp_path / "text", docs=30, length=80)
+    args = ["calibrate", str(checkpoint), "--plans", "every:2", "--data", str(corpus), "--tokens", "1024",
+            "--chunk-tokens", "32", "--quiet"]
+    assert main(args) == 0
+    assert "every:2: held-out calibration ppl" in capsys.readouterr().out
+    assert is_calibrated(kvroute.load(checkpoint), "every:2")
+    assert main(args[:2] + ["--plans", "every:3", "--out", str(tmp_path / "new")] + args[4:]) == 0
+    new = kvroute.load(tmp_path / "new")
+    assert is_calibrated(new, "every:2") and is_calibrated(new, "every:3")  # the old plan is kept
+
+
+def test_cli_errors_leave_nothing_written(tmp_path, checkpoint, capsys):
+    corpus = write_corpus(tmp_path / "text", docs=30, length=80)
+    base = ["calibrate", str(checkpoint), "--data", str(corpus), "--chunk-tokens", "32", "--quiet"]
+    assert main(base + ["--plans", "every:2,every:zz", "--tokens", "1024"]) == 2
+    assert main(base + ["--plans", "every:2", "--tokens", "64"]) == 2
+    assert main(base + ["--plans", "every:2", "--tokens", "100000"]) == 2
+    assert main(["calibrate", str(checkpoint), "--plans", "every:2", "--data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "every:zz" in err and "too few to calibrate" in err and "fewer than half" in err and "nope" in err
+    assert not (checkpoint / CALIBRATION_FILE).exists()
