@@ -649,6 +649,35 @@ def save_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> Path 
     return path
 
 
+def read_calibration(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[int, ...], dict[int, LayerMaps]]]:
+    """Read ``folder/kvroute_calibration.safetensors`` without a model (vLLM folds it at load).
+
+    Returns:
+        ``(meta, maps)``: the file's metadata (``model`` fingerprint, ``plans`` info) and, per plan
+        source map, the :class:`LayerMaps` (float32, CPU) of each non-owner layer. Both empty when
+        the folder has no calibration.
+    """
+    from safetensors import safe_open
+
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported calibration format {meta.get('version')!r} (expected {FORMAT_VERSION})")
+    maps: dict[tuple[int, ...], dict[int, LayerMaps]] = {}
+    for key, plan_info in meta["plans"].items():
+        source = tuple(int(x) for x in plan_info["source"])
+        maps[source] = {
+            l: LayerMaps(tensors.get(f"{key}.{l}.query"), tensors.get(f"{key}.{l}.value"))
+            for l in range(len(source))
+            if f"{key}.{l}.value" in tensors or f"{key}.{l}.query" in tensors
+        }
+    return meta, maps
+
+
 def load_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> list[tuple[int, ...]]:
     """Attach the calibrations saved in ``folder`` (if any) to a routed model.
 
@@ -658,75 +687,19 @@ def load_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> list[
     Raises:
         ValueError: when the file was fitted for another model (shape or weights differ).
     """
-    from safetensors import safe_open
-
-    path = Path(folder) / CALIBRATION_FILE
-    if not path.is_file():
+    meta, plans = read_calibration(folder)
+    if not plans:
         return []
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported calibration format {meta.get('version')!r} (expected {FORMAT_VERSION})")
+    path = Path(folder) / CALIBRATION_FILE
     saved, mine = meta["model"], _fingerprint(model)
     for key in ("model_type", "num_layers", "kv_heads", "head_dim", "heads"):
         if saved.get(key) != mine[key]:
             raise ValueError(f"{path} was fitted for another model: {key} {saved.get(key)!r} != {mine[key]!r}")
     if not all(math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-7) for a, b in zip(saved["digest"], mine["digest"])):
         raise ValueError(f"{path} was fitted for a model with other weights; calibrate this checkpoint again")
-    loaded = []
-    for key, plan_info in meta["plans"].items():
-        source = tuple(plan_info["source"])
+    dtype = next(model.parameters()).dtype
+    for source, maps in plans.items():
         SharingPlan.for_model("source:" + ",".join(map(str, source)), model.config)  # checks the layers
-        maps = {}
-        for l in range(len(source)):
-            if f"{key}.{l}.value" in tensors or f"{key}.{l}.query" in tensors:
-                maps[l] = LayerMaps(tensors.get(f"{key}.{l}.query"), tensors.get(f"{key}.{l}.value"))
-        dtype = next(model.parameters()).dtype
         _attach(model, source, {l: m.to(dtype) for l, m in maps.items()})
-        loaded.append(source)
     get_router(model).calibration_info.update(meta["plans"])
-    return loaded
-
-
-def calibrate_checkpoint(
-    checkpoint: str | os.PathLike,
-    plans: str | list[str],
-    data: list[str],
-    config: CalibrationConfig | None = None,
-    out: str | os.PathLike | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    progress: bool = True,
-) -> tuple[Path, list[PlanCalibration]]:
-    """Load a checkpoint, calibrate it for ``plans`` and save the result (what ``kvroute calibrate`` does).
-
-    Args:
-        out: a new checkpoint folder (weights, tokenizer, calibration); default: write only the
-            calibration file into ``checkpoint`` itself, which must then be a local folder.
-
-    Returns:
-        The folder written and one :class:`PlanCalibration` per plan.
-    """
-    from kvroute.models import check_source, load, load_config, load_tokenizer, save_checkpoint
-    from kvroute.plan import parse_plan_list
-
-    config = config or CalibrationConfig()
-    check_source(checkpoint)
-    folder = Path(str(checkpoint))
-    if out is None and not (folder.is_dir() and (folder / "config.json").is_file()):
-        raise ValueError(f"{checkpoint} is not a local checkpoint folder; give --out to write a new one")
-    specs = parse_plan_list(plans) if isinstance(plans, str) else list(plans)
-    model_config = load_config(checkpoint)
-    for spec in specs:  # every plan checked before any work
-        SharingPlan.for_model(spec, model_config)
-    from kvroute.search import read_texts
-
-    read_texts(data)  # missing files fail now, not after the model is loaded
-    tokenizer = load_tokenizer(checkpoint)
-    model = load(checkpoint, dtype=dtype, device=device)
-    results = calibrate(model, specs, data, config, tokenizer=tokenizer, progress=progress)
-    if out is not None:
-        return save_checkpoint(model, out, tokenizer), results
-    save_calibration(model, folder)
-    return folder, results
+    return list(plans)
