@@ -703,3 +703,46 @@ def load_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> list[
         _attach(model, source, {l: m.to(dtype) for l, m in maps.items()})
     get_router(model).calibration_info.update(meta["plans"])
     return list(plans)
+
+
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike,
+    plans: str | list[str],
+    data: list[str],
+    config: CalibrationConfig | None = None,
+    out: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[Path, list[PlanCalibration]]:
+    """Load a checkpoint, calibrate it for ``plans`` and save the result (what ``kvroute calibrate`` does).
+
+    Args:
+        out: a new checkpoint folder (weights, tokenizer, calibration); default: write only the
+            calibration file into ``checkpoint`` itself, which must then be a local folder.
+
+    Returns:
+        The folder written and one :class:`PlanCalibration` per plan.
+    """
+    from kvroute.models import check_source, load, load_config, load_tokenizer, save_checkpoint
+    from kvroute.plan import parse_plan_list
+
+    config = config or CalibrationConfig()
+    check_source(checkpoint)
+    folder = Path(str(checkpoint))
+    if out is None and not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise ValueError(f"{checkpoint} is not a local checkpoint folder; give --out to write a new one")
+    specs = parse_plan_list(plans) if isinstance(plans, str) else list(plans)
+    model_config = load_config(checkpoint)
+    for spec in specs:  # every plan checked before any work
+        SharingPlan.for_model(spec, model_config)
+    from kvroute.search import read_texts
+
+    read_texts(data)  # missing files fail now, not after the model is loaded
+    tokenizer = load_tokenizer(checkpoint)
+    model = load(checkpoint, dtype=dtype, device=device)
+    results = calibrate(model, specs, data, config, tokenizer=tokenizer, progress=progress)
+    if out is not None:
+        return save_checkpoint(model, out, tokenizer), results
+    save_calibration(model, folder)
+    return folder, results
