@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 import kvroute
 from conftest import tiny_model
+from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.models import saved_routing
-from kvroute.policy import RCLA, RDCLA, NoRouting
+from kvroute.policy import RCLA, RDCLA, FixedPlan, NoRouting
 
 
 def tokens(batch: int, length: int) -> torch.Tensor:
@@ -121,3 +123,84 @@ def test_bad_saved_plan_is_reported(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'every:0'"):
         kvroute.load(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def no_plan_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanMismatchWarning)
+        yield
+
+
+def test_plan_policy_defaults_to_its_plan_and_warns_off_it(no_plan_warning):
+    model = kvroute.apply(tiny_model("llama", layers=6), policy="plan:every:2")
+    router = kvroute.get_router(model)
+    assert router.policy == FixedPlan("every:2")
+    assert router.plan.spec == "every:2" and model.config.kvroute["plan"] == "every:2"
+    model.train()
+    model(tokens(1, 5))
+    assert router.last_route == (0, 0, 2, 2, 4, 4)  # training routes as the plan does
+    model.eval()
+    for plan in ("full", "every:3", "layers:0,3"):
+        with pytest.warns(UserWarning, match=rf"fine-tuned for plan 'every:2' only .*under plan '{plan}' it may be "
+                                             r"much worse.*full included"):
+            assert kvroute.set_plan(model, plan).spec == plan
+    assert router.plan.spec == "layers:0,3"  # the warning does not refuse the plan
+    kvroute.set_plan(model, "every:2")  # the trained plan, by any spec: silent
+    kvroute.set_plan(model, "source:0,0,2,2,4,4")
+    kvroute.set_plan(model, "groups:2,2,2")
+
+
+def test_other_policies_serve_any_plan_silently(no_plan_warning):
+    for policy in ("none", "rcla", "cla:2", "rdcla:2"):
+        model = kvroute.apply(tiny_model("llama"), policy=policy, plan="full")
+        for plan in ("every:2", "every:4", "full"):
+            kvroute.set_plan(model, plan)
+
+
+def test_apply_warns_on_an_explicit_other_plan():
+    with pytest.warns(PlanMismatchWarning, match=r"'every:2' only .*plan 'full'"):
+        model = kvroute.apply(tiny_model("qwen3"), policy="plan:every:2", plan="full")
+    assert kvroute.get_router(model).plan.is_full
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanMismatchWarning)
+        kvroute.apply(model, policy="plan:layers:0,3")  # a new plan policy brings its own plan
+    assert kvroute.get_router(model).plan.spec == "layers:0,3"
+    with pytest.warns(PlanMismatchWarning, match=r"'layers:0,3' only .*plan 'every:2'"):
+        kvroute.apply(model, plan="every:2")  # the saved policy, another plan
+
+
+def test_plan_policy_checkpoint_restores_silently_and_warns_off_plan(tmp_path, no_plan_warning):
+    # Gemma3: the first layer of each type owns, so layers:0,2,4 and every:2 are one plan
+    model = kvroute.apply(tiny_model("gemma3_text", layers=6), policy="plan:layers:0,2,4")
+    assert kvroute.get_router(model).plan.source == (0, 0, 2, 0, 4, 2)
+    kvroute.set_plan(model, "every:2")
+    kvroute.save_checkpoint(model, tmp_path / "ckpt")
+    assert saved_routing(tmp_path / "ckpt")["policy"] == {"name": "plan", "plan": "layers:0,2,4"}
+
+    loaded = kvroute.load(tmp_path / "ckpt")
+    router = kvroute.get_router(loaded)
+    assert router.policy == FixedPlan("layers:0,2,4") and router.plan.spec == "every:2"
+    kvroute.load(tmp_path / "ckpt", plan="layers:0,2,4")
+    with pytest.warns(PlanMismatchWarning, match=r"'layers:0,2,4' only .*plan 'full'"):
+        kvroute.load(tmp_path / "ckpt", plan="full")
+    with pytest.warns(PlanMismatchWarning, match=r"plan 'every:3'"):
+        kvroute.set_plan(loaded, "every:3")
+    kvroute.load(tmp_path / "ckpt", plan="full", policy="rcla")  # another policy: any plan
+
+
+def test_saved_off_plan_warns_on_load(tmp_path):
+    with pytest.warns(PlanMismatchWarning):
+        model = kvroute.apply(tiny_model("llama"), policy="plan:every:2", plan="every:4")
+    kvroute.save_checkpoint(model, tmp_path / "ckpt")
+    with pytest.warns(PlanMismatchWarning, match=r"'every:2' only .*plan 'every:4'"):
+        loaded = kvroute.load(tmp_path / "ckpt")
+    assert kvroute.get_router(loaded).plan.spec == "every:4"  # the saved plan, as chosen
+
+
+def test_plan_policy_that_does_not_fit_the_model():
+    with pytest.raises(ValueError, match=r"routing 'plan:groups:2,3,3' does not fit a 4-layer model: .*add up to 8"):
+        kvroute.apply(tiny_model("llama", layers=4), policy="plan:groups:2,3,3")
+    model = kvroute.apply(tiny_model("gemma3_text", layers=6), policy="none")
+    with pytest.raises(ValueError, match=r"routing 'plan:layers:0,3' does not fit .*first 'full_attention' layer"):
+        kvroute.apply(model, policy="plan:layers:0,3")

@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from kvroute.plan import SharingPlan
-from kvroute.policy import CLA, RCLA, RDCLA, NoRouting, policy_from_dict, policy_from_spec
+from conftest import tiny_config
+from kvroute.plan import SharingPlan, layer_types_of
+from kvroute.policy import CLA, RCLA, RDCLA, FixedPlan, NoRouting, policy_from_dict, policy_from_spec
 from kvroute.router import Router
 
 S, F = "sliding_attention", "full_attention"
@@ -92,7 +93,7 @@ def test_typed_rcla_plan_sources_stay_in_type():
 
 @pytest.mark.parametrize(
     "policy", [RCLA(0.3), RCLA(0.0, sources="nearest"), RCLA(0.5, sources="plan"), CLA(2), CLA(3), RDCLA(2, 0.5),
-               NoRouting()]
+               NoRouting(), FixedPlan("every:3"), FixedPlan("layers:0,2,4,7")]
 )
 def test_routes_are_valid_and_never_cross_types(policy):
     for types in (None, TYPES):
@@ -159,6 +160,11 @@ def test_cla_and_rdcla():
         ("rdcla:4", RDCLA(4)),
         ("rdcla:2,p=0.5", RDCLA(2, 0.5)),
         (" RCLA:p=0.75 ", RCLA(0.75)),
+        ("plan:every:2", FixedPlan("every:2")),
+        ("plan:layers:0,3,7", FixedPlan("layers:0,3,7")),  # ',' and ':' belong to the plan spec
+        (" Plan: groups:2,3,3 ", FixedPlan("groups:2,3,3")),
+        ("plan:source:0,0,2,1", FixedPlan("source:0,0,2,1")),
+        ("plan:full", FixedPlan("full")),
     ],
 )
 def test_policy_specs(spec, policy):
@@ -172,6 +178,7 @@ def test_policy_spec_overrides():
     assert policy_from_spec("rcla", p=0.3, sources="nearest") == RCLA(0.3, "nearest")
     assert policy_from_spec("rdcla:2", p=0.1) == RDCLA(2, 0.1)
     assert policy_from_spec("cla:2", p=0.1) == CLA(2)
+    assert policy_from_spec("plan:every:2", p=0.1, sources="plan") == FixedPlan("every:2")
 
 
 @pytest.mark.parametrize(
@@ -187,6 +194,15 @@ def test_policy_spec_overrides():
         ("rcla:sources=far", "sources must be"),
         ("cla:2,p=0.5", "takes no option"),
         ("none:3", "takes no option"),
+        ("plan", r"routing 'plan:': give the plan to train for"),
+        ("plan: ", r"routing 'plan:': give the plan to train for"),
+        ("plan:every:0", r"routing 'plan:every:0': plan 'every:0': K must be a positive integer"),
+        ("plan:layers:3,5", r"routing 'plan:layers:3,5': .*layer 0 must keep its cache"),
+        ("plan:groups:2,x", r"routing 'plan:groups:2,x': .*comma-separated list of group sizes"),
+        ("plan:source:0,2,1", r"routing 'plan:source:0,2,1': .*layer 1 reads layer 2"),
+        ("plan:keep:1.5", r"routing 'plan:keep:1.5': .*F must be in"),
+        ("plan:wide:2", r"routing 'plan:wide:2': .*unknown kind 'wide'"),
+        ("plan:p=0.5", r"routing 'plan:p=0.5': .*unknown kind 'p=0.5'"),
     ],
 )
 def test_bad_policy_spec(spec, match):
@@ -197,3 +213,54 @@ def test_bad_policy_spec(spec, match):
 def test_unknown_policy_in_config():
     with pytest.raises(ValueError, match="unknown routing policy 'xyz'"):
         policy_from_dict({"name": "xyz"})
+
+
+@pytest.mark.parametrize("spec, route", [
+    ("every:2", (0, 0, 2, 2, 4, 4, 6, 6)),
+    ("layers:0,3,7", (0, 0, 0, 3, 3, 3, 3, 7)),
+    ("groups:2,3,3", (0, 0, 2, 2, 2, 5, 5, 5)),
+    ("source:0,0,2,1,4,4,6,6", (0, 0, 2, 0, 4, 4, 6, 6)),  # chains resolve to their owner
+    ("keep:0.25", (0, 0, 0, 0, 4, 4, 4, 4)),
+    ("full", tuple(range(8))),
+])
+def test_plan_policy_routes_every_pass_as_its_plan(spec, route):
+    policy = policy_from_spec(f"plan:{spec}")
+    assert policy.serves_only() == spec
+    assert policy.served_plan(8, None).source == route
+    assert set(_routes(policy, 8, n=20)) == {route}  # the same route every pass
+    router = Router(SharingPlan.from_spec("full", 8), policy, seed=1)
+    assert router.begin_pass(training=True).route == route
+
+
+def test_plan_policy_keeps_attention_types():
+    config = tiny_config("gemma3_text", layers=6)  # sliding, sliding, full, sliding, sliding, full
+    types = layer_types_of(config)
+    g = torch.Generator()
+    # the first layer of each type owns; a layer reads the nearest earlier owner of its type
+    assert FixedPlan("every:2").sample(6, types, g) == (0, 0, 2, 0, 4, 2)
+    assert FixedPlan("layers:0,2,3").sample(6, types, g) == (0, 0, 2, 3, 3, 2)
+    assert FixedPlan("layers:0,3").sample(6, None, g) == (0, 0, 0, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"routing 'plan:layers:0,3' does not fit a 6-layer model: "
+                                         r".*layer 2 is the first 'full_attention' layer"):
+        FixedPlan("layers:0,3").sample(6, types, g)
+    assert FixedPlan("every:2").sample(6, types, g) == SharingPlan.for_model("every:2", config).source
+    with pytest.raises(ValueError, match=r"routing 'plan:source:0,0,1,2,3,4' does not fit a 6-layer model: "
+                                         r".*same attention type"):
+        FixedPlan("source:0,0,1,2,3,4").sample(6, types, g)  # fine without types: checked only for the model
+
+
+def test_plan_policy_checks_the_depth_when_it_meets_a_model():
+    policy = FixedPlan("groups:2,3,3")  # fits 8 layers only
+    assert policy.sample(8, None, torch.Generator()) == (0, 0, 2, 2, 2, 5, 5, 5)
+    with pytest.raises(ValueError, match=r"routing 'plan:groups:2,3,3' does not fit a 4-layer model: "
+                                         r".*add up to 8"):
+        policy.sample(4, None, torch.Generator())
+    with pytest.raises(ValueError, match=r"'plan:layers:0,9' does not fit a 4-layer model: .*out of range"):
+        FixedPlan("layers:0,9").served_plan(4, None)
+
+
+def test_only_the_plan_policy_serves_one_plan():
+    for policy in (NoRouting(), RCLA(0.5), RCLA(0.5, sources="plan"), CLA(2), RDCLA(2, 0.5)):
+        assert policy.serves_only() is None and policy.served_plan(4, None) is None
+    assert FixedPlan(SharingPlan.from_spec("every:2", 4)) == FixedPlan("every:2")  # a plan is kept as its spec
+    assert FixedPlan("every:2").to_dict() == {"name": "plan", "plan": "every:2"}

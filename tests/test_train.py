@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 import kvroute
 from kvroute.cli import main as cli_main
-from kvroute.policy import RCLA
+from kvroute.hf.patch import PlanMismatchWarning
+from kvroute.policy import RCLA, FixedPlan
 from kvroute.train import StepInfo, TrainConfig, distill_kl, train
 from kvroute.trainlog import latest_checkpoint, read_metrics
 from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
@@ -107,6 +109,25 @@ def test_each_policy_reaches_the_model(assets, tmp_path, routing, p, check):
     train(config(assets, tmp_path / "run", max_steps=3, grad_accum=2, routing=routing, p=p),
           callbacks=[lambda info: seen.extend(info.routes)])
     assert len(seen) == 6 and all(check(r) for r in seen), seen
+
+
+def test_plan_routing_trains_for_its_plan_only(assets, tmp_path):
+    seen: list[tuple[int, ...]] = []
+    with warnings.catch_warnings():  # measuring other plans is asked for: no warning
+        warnings.simplefilter("error", PlanMismatchWarning)
+        result = train(config(assets, tmp_path / "run", max_steps=2, grad_accum=2, routing="plan:layers:0,3",
+                              eval_every=2), callbacks=[lambda info: seen.extend(info.routes)])
+    assert seen == [(0, 0, 0, 3)] * 4
+    assert set(result.eval_loss) == {"full", "every:2", "every:4"}
+    assert kvroute.get_router(kvroute.load(result.final_checkpoint)).plan.spec == "layers:0,3"
+    with pytest.warns(PlanMismatchWarning, match=r"fine-tuned for plan 'every:2' only"):
+        train(config(assets, tmp_path / "full", max_steps=1, routing="plan:every:2", plan="full"))
+
+
+def test_default_plan_follows_plan_routing(assets, tmp_path):
+    assert config(assets, tmp_path, routing="plan:groups:1,3").plan == "groups:1,3"
+    assert config(assets, tmp_path, routing="plan:every:2", plan="every:4").plan == "every:4"
+    assert config(assets, tmp_path, routing="cla:2").plan == "full"
 
 
 def test_rcla_draws_varied_routes(assets, tmp_path):
@@ -218,6 +239,25 @@ def test_cli_trains(assets, tmp_path, capsys):
     assert json.loads((out / "run_config.json").read_text())["routing"] == "rdcla:2"
 
 
+def test_cli_trains_for_one_plan(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanMismatchWarning)
+        rc = cli_main(["train", str(assets["model"]), "--data", str(assets["corpus"]), "--output", str(out),
+                       "--seq-len", "32", "--device", "cpu", "--max-steps", "2", "--routing", "plan:every:2",
+                       "--quiet", "--no-tensorboard", "--cache-dir", str(assets["cache"])])
+        assert rc == 0, capsys.readouterr().err
+        model = kvroute.load(out / "final")
+    router = kvroute.get_router(model)
+    assert router.policy == FixedPlan("every:2")
+    assert router.plan.spec == "every:2" and router.plan.source == (0, 0, 2, 2)
+    saved = json.loads((out / "final" / "config.json").read_text())["kvroute"]
+    assert saved["policy"] == {"name": "plan", "plan": "every:2"} and saved["plan"] == "every:2"
+    assert json.loads((out / "run_config.json").read_text())["plan"] == "every:2"
+    with pytest.warns(PlanMismatchWarning, match=r"'every:2' only .*plan 'full'"):
+        kvroute.set_plan(model, "full")
+
+
 def test_cli_reports_bad_input(assets, tmp_path, capsys):
     rc = cli_main(["train", str(assets["model"]), "--data", str(assets["corpus"]), "--p", "1.5"])
     assert rc == 2 and "--p must be in [0, 1]" in capsys.readouterr().err
@@ -229,6 +269,8 @@ BAD_CONFIGS = [
     (dict(routing="rcla2"), ValueError, r"--routing: .*unknown policy"),
     (dict(routing="cla:x"), ValueError, r"--routing: .*bad value"),
     (dict(routing="cla"), ValueError, r"--routing: .*needs a group size"),
+    (dict(routing="plan:every:0"), ValueError, r"--routing: routing 'plan:every:0': .*K must be a positive"),
+    (dict(routing="plan"), ValueError, r"--routing: routing 'plan:': give the plan to train for"),
     (dict(model=None), ValueError, r"exactly one"),
     (dict(preset="huge"), ValueError, r"exactly one"),
     (dict(model=None, preset="huge"), ValueError, r"--config: unknown preset"),
@@ -257,7 +299,7 @@ def _unsupported_model(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing data", "missing model", "empty data", "seq len", "family",
-                                  "bad plan", "tiny data", "missing resume"])
+                                  "bad plan", "routing plan", "tiny data", "missing resume"])
 def test_bad_input_fails_before_work(assets, tmp_path, case):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -269,6 +311,8 @@ def test_bad_input_fails_before_work(assets, tmp_path, case):
         "seq len": (dict(seq_len=512), r"--seq-len 512 is above the model's maximum of 256"),
         "family": (dict(model=str(_unsupported_model(tmp_path))), "does not support model_type 'gpt2'"),
         "bad plan": (dict(eval_plans="full,every:0"), "K must be a positive"),
+        "routing plan": (dict(routing="plan:groups:2,3,3"),
+                         r"--routing: routing 'plan:groups:2,3,3' does not fit a 4-layer model: .*add up to 8"),
         "tiny data": (dict(seq_len=200, batch_size=64), "fewer than one batch"),
         "missing resume": (dict(resume=str(tmp_path / "ckpt")), "--resume: checkpoint not found"),
     }[case]

@@ -70,7 +70,9 @@ class CalibrationConfig:
         query: fit the logit-aware query map.
         value_maps: ``"head"`` (one value map per query head) or ``"group"`` (one per KV head).
         steps: end-to-end refinement steps (0: closed form only).
-        lr: refinement learning rate (Adam).
+        lr: refinement learning rate (Adam, cosine decay).
+        precision: ``"bf16"`` runs the refinement's forward passes under bfloat16 autocast
+            (about 2x faster on CPUs with AMX and on GPUs; the maps stay float32), ``"fp32"`` does not.
         batch_size: chunks per forward pass.
         seed: order of the refinement batches.
     """
@@ -82,6 +84,7 @@ class CalibrationConfig:
     value_maps: str = "head"
     steps: int = 0
     lr: float = 1e-3
+    precision: str = "bf16"
     batch_size: int = 4
     seed: int = 0
 
@@ -99,6 +102,8 @@ class CalibrationConfig:
             raise ValueError(f"--value-maps must be 'head' or 'group', got {self.value_maps!r}")
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"--precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.batch_size <= 0:
@@ -507,9 +512,10 @@ def refine(
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.no_grad(), _running(model, full):
+            autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
+            with torch.no_grad(), _running(model, full), autocast:
                 teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
-            with _running(model, plan):
+            with _running(model, plan), autocast:
                 student = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
             loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
             optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,9 @@ reproduces its routes step by step.
   with probability p and the others read the nearest earlier owner, so every
   training route is one a deployed plan could use;
 - ``cla(k)``: fixed groups of k layers, the first layer of each group owns;
-- ``rdcla(k, p)``: each layer flips a coin (p) between its CLA@k source and itself.
+- ``rdcla(k, p)``: each layer flips a coin (p) between its CLA@k source and itself;
+- ``plan:SPEC``: every pass routes as one deployment plan does (any plan spec:
+  ``plan:every:2``, ``plan:layers:0,3,7``...); the model then serves that plan only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ Route = tuple[int, ...]
 
 #: the source draws of :class:`RCLA`.
 SOURCES = ("uniform", "nearest", "plan")
+
+#: deeper than any model: the most layers a plan spec is checked against before a model is known.
+_MAX_CHECK_LAYERS = 4096
 
 
 def _earlier_same_type(layer: int, layer_types: tuple[str, ...] | None) -> list[int]:
@@ -60,6 +65,24 @@ class RoutingPolicy:
             ``source[l]`` for every layer, with ``source[l] <= l`` and of the same type.
         """
         raise NotImplementedError
+
+    def serves_only(self) -> str | None:
+        """The plan spec a model trained with this policy is fit for, or None when it serves any plan."""
+        return None
+
+    def served_plan(self, num_layers: int, layer_types: tuple[str, ...] | None) -> SharingPlan | None:
+        """:meth:`serves_only` resolved for a model.
+
+        Raises:
+            ValueError: naming the routing and the plan spec when the plan does not fit the model.
+        """
+        spec = self.serves_only()
+        if spec is None:
+            return None
+        try:
+            return SharingPlan.from_spec(spec, num_layers, layer_types)
+        except ValueError as err:
+            raise ValueError(f"routing {self.spec!r} does not fit a {num_layers}-layer model: {err}") from None
 
     @property
     def spec(self) -> str:
@@ -176,17 +199,74 @@ class RDCLA(RoutingPolicy):
         return f"rdcla:{self.k},p={self.p:g}"
 
 
-_POLICIES: dict[str, type[RoutingPolicy]] = {c.name: c for c in (NoRouting, RCLA, CLA, RDCLA)}
+@dataclass(frozen=True)
+class FixedPlan(RoutingPolicy):
+    """Train for one deployment plan: every pass routes as ``plan`` does.
+
+    Any plan spec works (``every:2``, ``layers:0,3,7``, ``groups:2,3,3``, ``source:...``),
+    where ``cla:K`` only covers ``every:K``. The model is then fit for that plan only:
+    :func:`kvroute.set_plan` warns on any other plan, ``full`` included.
+
+    Args:
+        plan: the plan spec (or a :class:`SharingPlan`, kept as its spec). Checked here as far
+            as it goes without a depth; against the model when the policy meets one.
+
+    Example:
+        >>> FixedPlan("layers:0,3").sample(5, None, torch.Generator())
+        (0, 0, 0, 3, 3)
+    """
+
+    name: ClassVar[str] = "plan"
+    plan: str = "full"
+
+    def __post_init__(self) -> None:
+        spec = str(self.plan).strip()
+        object.__setattr__(self, "plan", spec)
+        if not spec:
+            raise ValueError("routing 'plan:': give the plan to train for, e.g. plan:every:2 or plan:layers:0,3,7")
+        depth = _depth_of(spec)
+        if depth <= _MAX_CHECK_LAYERS:
+            try:
+                SharingPlan.from_spec(spec, depth)
+            except ValueError as err:
+                raise ValueError(f"routing {self.spec!r}: {err}") from None
+
+    def serves_only(self) -> str:
+        return self.plan
+
+    def sample(self, num_layers, layer_types, generator) -> Route:
+        return self.served_plan(num_layers, layer_types).source
+
+    @property
+    def spec(self) -> str:
+        return f"plan:{self.plan}"
+
+
+def _depth_of(spec: str) -> int:
+    """The depth a list spec fixes (``source``: its length, ``groups``: their sum, ``layers``: past the
+    last owner); 1 for the others or when the list does not parse, so the plan's own error shows."""
+    kind, _, arg = spec.partition(":")
+    try:
+        values = [int(x) for x in arg.split(",") if x.strip()]
+    except ValueError:
+        return 1
+    kind = kind.strip().lower()
+    depth = {"source": len(values), "groups": sum(values), "layers": max(values, default=0) + 1}.get(kind, 1)
+    return max(1, depth)
+
+
+_POLICIES: dict[str, type[RoutingPolicy]] = {c.name: c for c in (NoRouting, RCLA, CLA, RDCLA, FixedPlan)}
 
 
 def policy_from_spec(spec: str | RoutingPolicy, p: float | None = None, sources: str | None = None) -> RoutingPolicy:
-    """Parse ``none``, ``rcla``, ``cla:K`` or ``rdcla:K``.
+    """Parse ``none``, ``rcla``, ``cla:K``, ``rdcla:K`` or ``plan:SPEC``.
 
     Options may follow the spec (``rcla:p=0.6,sources=nearest``, ``rdcla:2,p=0.5``);
-    ``p`` and ``sources`` given here override them.
+    ``p`` and ``sources`` given here override them. After ``plan:`` the rest is the
+    plan spec, verbatim (``plan:layers:0,3,7``).
 
     Raises:
-        ValueError: for an unknown policy, a bad K, or p outside [0, 1].
+        ValueError: for an unknown policy, a bad K, p outside [0, 1], or a bad plan spec.
     """
     if isinstance(spec, RoutingPolicy):
         return spec
@@ -194,7 +274,11 @@ def policy_from_spec(spec: str | RoutingPolicy, p: float | None = None, sources:
     name, _, rest = text.partition(":")
     name = name.strip().lower()
     if name not in _POLICIES:
-        raise ValueError(f"routing {text!r}: unknown policy {name!r}; expected one of none, rcla, cla:K, rdcla:K")
+        raise ValueError(
+            f"routing {text!r}: unknown policy {name!r}; expected one of none, rcla, cla:K, rdcla:K, plan:SPEC"
+        )
+    if name == FixedPlan.name:  # the plan spec has its own ',' and ':'
+        return FixedPlan(rest)
     kwargs: dict[str, Any] = {}
     for item in (x.strip() for x in rest.split(",") if x.strip()):
         key, eq, value = item.partition("=")

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from kvroute.data.qa import IGNORE_INDEX, QACollator, load_qa
 from kvroute.data.mix import Mixture
 from kvroute.data.text import TEXT_SUFFIXES, collate_blocks, load_text, resolve_files
-from kvroute.hf.patch import apply, get_router, set_plan
-from kvroute.plan import SharingPlan, parse_plan_list
+from kvroute.hf.patch import PlanMismatchWarning, apply, get_router, set_plan
+from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_spec
 from kvroute.presets import PRESETS, preset_config
 from kvroute.trainlog import MetricsLog, latest_checkpoint, load_training_state, save_training_state
@@ -54,10 +55,11 @@ class TrainConfig:
         tokenizer: tokenizer source; default: ``model`` (required with ``preset``).
         data_format: ``text``, ``qa``, ``mix`` or ``auto`` (QA when every source is a ``.jsonl`` file,
             a mix when some are: ``.jsonl`` sources are QA, the others text).
-        routing: ``rcla``, ``cla:K``, ``rdcla:K`` or ``none``.
+        routing: ``rcla``, ``cla:K``, ``rdcla:K``, ``none`` or ``plan:SPEC`` (train for that one plan).
         p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
         sources: rcla source draw, ``uniform`` (paper), ``nearest`` or ``plan``.
-        plan: default inference plan saved with the checkpoints.
+        plan: default inference plan saved with the checkpoints; None: SPEC for ``plan:SPEC``
+            routing, else ``full``.
         eval_plans: comma-separated plans the eval loss is measured under.
         distill: weight of KL(teacher || routed student) on routed passes (0: off).
         distill_from: teacher: ``self`` (the same model, unrouted) or ``base`` (frozen start).
@@ -75,7 +77,7 @@ class TrainConfig:
     routing: str = "rcla"
     p: float | None = None
     sources: str | None = None
-    plan: str = "full"
+    plan: str | None = None
     eval_plans: str = "full,every:2,every:4"
     seq_len: int = 256
     batch_size: int = 4
@@ -131,9 +133,11 @@ class TrainConfig:
         if self.p is not None and not 0.0 <= float(self.p) <= 1.0:
             raise ValueError(f"--p must be in [0, 1] (probability a layer keeps its own KV), got {self.p}")
         try:
-            self.policy  # noqa: B018 - parse to validate
+            policy = self.policy
         except ValueError as err:
             raise ValueError(f"--routing: {err}") from None
+        if self.plan is None:
+            self.plan = policy.serves_only() or "full"
         _choice("data_format", self.data_format, DATA_FORMATS)
         if self.data_kind == "mix" and not 0 < len(self._qa_sources) < len(self.data):
             raise ValueError("--data-format mix needs both .jsonl QA files and text sources in --data")
@@ -288,9 +292,19 @@ def _check_inputs(config: TrainConfig):
     limit = getattr(text_config, "max_position_embeddings", None)
     if limit is not None and config.seq_len > limit:
         raise ValueError(f"--seq-len {config.seq_len} is above the model's maximum of {limit} positions")
-    for spec in [config.plan, *parse_plan_list(config.eval_plans)]:
-        SharingPlan.for_model(spec, text_config)
+    _check_routing(config, text_config)
     return model_config
+
+
+def _check_routing(config: TrainConfig, model_config: Any) -> None:
+    """The policy, the default plan and the eval plans fit the model."""
+    shape = KVShape.from_config(model_config)
+    try:
+        config.policy.served_plan(shape.num_layers, shape.layer_types)
+    except ValueError as err:
+        raise ValueError(f"--routing: {err}") from None
+    for spec in [config.plan, *parse_plan_list(config.eval_plans)]:
+        SharingPlan.for_model(spec, model_config)
 
 
 def _split_sources(config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -331,8 +345,7 @@ def _starting_model(config: TrainConfig, tokenizer: Any) -> torch.nn.Module:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    for spec in [config.plan, *parse_plan_list(config.eval_plans)]:
-        SharingPlan.for_model(spec, model_config)
+    _check_routing(config, model_config)
     torch.manual_seed(config.seed)
     return AutoModelForCausalLM.from_config(model_config, attn_implementation="sdpa")
 
@@ -398,26 +411,29 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
         plans: plan specs, e.g. ``["full", "every:2"]``.
 
     Every process evaluates all ``val_batches`` (a few), so wrapped models see the
-    same forward calls on every rank.
+    same forward calls on every rank. A model trained for one plan (``plan:SPEC``) is
+    measured under the others without a warning: they were asked for.
     """
     train_plan = get_router(plain).plan
     device = next(plain.parameters()).device
     model.eval()
     out: dict[str, float] = {}
-    try:
-        for spec in plans:
-            set_plan(plain, spec)
-            total = torch.zeros(2, dtype=torch.float64)  # summed token loss, tokens
-            for batch in val_batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-                with autocast():
-                    logits = _forward_logits(model, batch)
-                total += torch.stack([causal_lm_loss(logits, batch["labels"]).double() * n, n.double()]).cpu()
-            out[spec] = float(total[0] / total[1].clamp(min=1))
-    finally:
-        set_plan(plain, train_plan)
-        model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanMismatchWarning)
+        try:
+            for spec in plans:
+                set_plan(plain, spec)
+                total = torch.zeros(2, dtype=torch.float64)  # summed token loss, tokens
+                for batch in val_batches:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                    with autocast():
+                        logits = _forward_logits(model, batch)
+                    total += torch.stack([causal_lm_loss(logits, batch["labels"]).double() * n, n.double()]).cpu()
+                out[spec] = float(total[0] / total[1].clamp(min=1))
+        finally:
+            set_plan(plain, train_plan)
+            model.train()
     return out
 
 

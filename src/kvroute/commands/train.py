@@ -24,12 +24,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", dest="output_dir", default="runs/kvroute", help="run folder")
 
     r = p.add_argument_group("routing")
-    r.add_argument("--routing", default="rcla", help="rcla | cla:K | rdcla:K | none (default rcla)")
+    r.add_argument("--routing", default="rcla",
+                   help="rcla | cla:K | rdcla:K | none | plan:SPEC (default rcla); plan:SPEC trains for that one "
+                        "plan, any spec (plan:every:2, plan:layers:0,3,7), and the model then serves it only")
     r.add_argument("--p", type=float, help="probability a layer keeps its own KV (rcla, rdcla; default 0.6)")
     r.add_argument("--sources", choices=list(SOURCES),
                    help="rcla source draw: uniform (paper, default), nearest (geometric distance) or plan "
                         "(a random owner set; non-owners read the nearest earlier owner)")
-    r.add_argument("--plan", default="full", help="default inference plan saved with the checkpoints")
+    r.add_argument("--plan", help="default inference plan saved with the checkpoints "
+                                   "(default: SPEC with --routing plan:SPEC, else full)")
     r.add_argument("--eval-plans", default="full,every:2,every:4", help="plans the eval loss is measured under")
     r.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the unrouted output (0: off)")
     r.add_argument("--distill-from", default="self", choices=["self", "base"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from typing import Any
 
@@ -25,6 +26,10 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 CONFIG_KEY = "kvroute"
 CONFIG_VERSION = 1
+
+
+class PlanMismatchWarning(UserWarning):
+    """A model trained for one plan only (``plan:SPEC`` routing) is set to run another plan."""
 
 
 def check_supported(config: Any) -> None:
@@ -78,11 +83,15 @@ def apply(
         model: a loaded model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma3 text).
         policy: training policy (``"rcla"``, ``"cla:2"``, a :class:`RoutingPolicy`...);
             default: the one saved in the model's config, else ``none``.
-        plan: inference plan spec or :class:`SharingPlan`; default: the saved one, else ``full``.
+        plan: inference plan spec or :class:`SharingPlan`; default: the saved one (when ``policy``
+            is the saved one or serves any plan), else the policy's own plan (``plan:SPEC``), else ``full``.
         seed: seed of the generator that draws training routes.
 
     Returns:
         The same model, routed.
+
+    Warns:
+        PlanMismatchWarning: when ``policy`` trains for one plan only (``plan:SPEC``) and ``plan`` is another.
 
     Example:
         >>> model = kvroute.apply(model, policy="rcla", plan="every:2")  # doctest: +SKIP
@@ -91,10 +100,14 @@ def apply(
     saved = getattr(model.config, CONFIG_KEY, None) or {}
     if policy is None:
         policy = policy_from_dict(saved["policy"]) if "policy" in saved else "none"
-    if plan is None:
-        plan = saved.get("plan", "full")
     policy = policy_from_spec(policy)
+    shape = KVShape.from_config(model.config)
+    served = policy.served_plan(shape.num_layers, shape.layer_types)  # also: does the policy fit the model
+    if plan is None:
+        restoring = "plan" in saved and (served is None or saved.get("policy") == policy.to_dict())
+        plan = saved["plan"] if restoring else served or "full"
     plan = SharingPlan.for_model(plan, model.config)
+    _check_served(policy, served, plan)
 
     if is_routed(model):
         router = get_router(model)
@@ -122,11 +135,29 @@ def set_plan(model: nn.Module, plan: SharingPlan | str) -> SharingPlan:
     """Change the inference plan of a routed model without reloading it.
 
     Also becomes the default plan saved with the model.
+
+    Warns:
+        PlanMismatchWarning: when the model was trained for one plan only (``plan:SPEC``
+            routing) and ``plan`` is another, ``full`` included.
     """
     router = get_router(model)
     router.plan = SharingPlan.for_model(plan, model.config)
+    shape = KVShape.from_config(model.config)
+    _check_served(router.policy, router.policy.served_plan(shape.num_layers, shape.layer_types), router.plan)
     _write_config(model, router)
     return router.plan
+
+
+def _check_served(policy: RoutingPolicy, served: SharingPlan | None, plan: SharingPlan) -> None:
+    """Warn when a model fit for one plan only is set to run another."""
+    if served is not None and served.source != plan.source:
+        warnings.warn(
+            f"kvroute: this model was fine-tuned for plan {served.spec!r} only (routing {policy.spec!r}); "
+            f"under plan {plan.spec!r} it may be much worse, as under any other plan, full included. "
+            f"set_plan(model, {served.spec!r}) runs the plan it was trained for",
+            PlanMismatchWarning,
+            stacklevel=3,
+        )
 
 
 def routing_config(model: nn.Module) -> dict[str, Any]:
