@@ -10,8 +10,10 @@ from conftest import tiny_model
 
 import kvroute
 from kvroute.bench import BASELINE, BenchConfig, cache_nbytes, run_bench, write_report
+from kvroute.calibrate import CalibrationConfig, calibrate
 from kvroute.cli import main
 from kvroute.hf.cache import SharedKVCache
+from kvroute.models import save_checkpoint
 from kvroute.plan import KVShape
 
 LAYERS = 4
@@ -65,6 +67,7 @@ def test_bench_rows_and_ratios(report):
     assert rows[(16, 1, "every:2")]["max_batch"] == 6
     assert rows[(16, 1, "every:4")]["max_batch"] == 12
     assert rows[(16, 1, "every:4")]["peak_mb"] > 0
+    assert not any(r["calibrated"] for r in report.rows)  # a model passed in carries no calibration
 
 
 def test_bench_meta_records_the_setup(report):
@@ -110,6 +113,23 @@ def test_bad_config(kwargs, match):
 def test_bad_plan_for_the_model():
     with pytest.raises(ValueError, match="layer 9 is out of range"):
         run_bench(BenchConfig(plans=["layers:0,9"], contexts=[4]), model=tiny_model("llama"), progress=False)
+
+
+def test_a_checkpoint_folder_runs_its_calibrated_plans_calibrated(tmp_path):
+    model = kvroute.apply(tiny_model("llama", layers=LAYERS))
+    data = torch.randint(3, 97, (24, 32), generator=torch.Generator().manual_seed(0))
+    calibrate(model, "every:2", data, CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25),
+              progress=False)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    config = BenchConfig(model=str(ckpt), plans="full,every:2,every:4", contexts=[8], new_tokens=2, repeats=1,
+                         warmup=0)
+    report = run_bench(config, progress=False)
+    assert {r["plan"]: r["calibrated"] for r in report.rows} == {
+        BASELINE: False, "full": False, "every:2": True, "every:4": False}
+    assert "| 8 | 1 | every:2 (cal) | 2 |" in report.table() and "| 8 | 1 | every:4 | 1 |" in report.table()
+    # random weights of the same config: the calibration does not apply
+    report = run_bench(BenchConfig(**{**config.__dict__, "random_weights": True}), progress=False)
+    assert not any(r["calibrated"] for r in report.rows)
 
 
 def test_cli_on_a_checkpoint_folder(tmp_path, capsys):

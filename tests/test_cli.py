@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from textkit import make_model_dir, write_corpus, write_qa
+import torch
+from conftest import tiny_model
+from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
 
+import kvroute
+from kvroute.calibrate import CalibrationConfig, calibrate
 from kvroute.cli import build_parser, main
+from kvroute.models import save_checkpoint
 
-COMMANDS = ["bench", "convert", "data", "eval", "generate", "plan", "serve", "train"]
+COMMANDS = ["bench", "calibrate", "convert", "data", "eval", "generate", "plan", "serve", "train"]
 
 
 def test_every_command_is_registered():
@@ -59,7 +64,25 @@ def test_train_eval_generate_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(final), "w3 w4 w5", "--plan", "every:4", "--max-new-tokens", "5"]) == 0
     err = capsys.readouterr().err
-    assert "plan every:4" in err and "under full" in err
+    assert "plan every:4" in err and "under full" in err and "distinct-2 " in err
+    assert "calibrated" not in err  # this checkpoint has no calibration
+
+
+def test_generate_says_when_its_plan_is_calibrated(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    data = torch.randint(3, 97, (24, 32), generator=torch.Generator().manual_seed(0))
+    calibrate(model, "every:2", data, CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25),
+              progress=False)
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok"))
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tok)
+    for plan, calibrated in (("every:2", True), ("every:4", False), ("full", False)):
+        capsys.readouterr()
+        assert main(["generate", str(ckpt), "w3 w4 w5", "--plan", plan, "--max-new-tokens", "4"]) == 0
+        summary = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"plan {plan}:" in summary and "distinct-2 " in summary
+        assert summary.endswith(", calibrated") is calibrated, summary
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

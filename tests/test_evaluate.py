@@ -11,9 +11,11 @@ import torch
 from eval_helpers import save_tiny_checkpoint, tiny_lm, tiny_tokenizer
 
 import kvroute
+from kvroute.calibrate import CalibrationConfig, calibrate, save_calibration
 from kvroute.cli import main
 from kvroute.data.evalsets import MCExample, QAExample, load_mc, load_qa, load_text
 from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_prompt_ids, qa_score
+from kvroute.models import save_checkpoint
 from kvroute.results import format_table, merge_results
 
 TEXT = "The lighthouse keeper of Stusasol counted ships every night and wrote their names in a book.\n"
@@ -227,6 +229,59 @@ def test_eval_cli_writes_self_describing_results(eval_inputs, tmp_path, capsys):
     assert [key(r) for r in single] == [key(r) for r in rows]
 
 
+def test_eval_says_which_plans_ran_calibrated(eval_inputs, tmp_path, capsys):
+    root, _, qa, _ = eval_inputs
+    model = kvroute.apply(tiny_lm(layers=4, seed=4))
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", tiny_tokenizer())
+    args = [str(ckpt), "--plans", "full,every:2,every:4", "--text", str(root / "text"), "--qa", str(qa),
+            "--window", "32", "--stride", "16", "--max-new-tokens", "4"]
+    assert main(["eval", *args, "--out", str(tmp_path / "before")]) == 0
+    data = torch.randint(4, 100, (24, 32), generator=torch.Generator().manual_seed(0))
+    calibrate(model, "every:2", data, CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25),
+              progress=False)
+    save_calibration(model, ckpt)  # in place, as `kvroute calibrate CKPT` does
+    capsys.readouterr()
+    assert main(["eval", *args, "--out", str(tmp_path / "after")]) == 0
+    table = capsys.readouterr().out
+    assert "every:2 (cal)" in table and "(cal): calibrated plan" in table
+    assert "every:4 (cal)" not in table and "full (cal)" not in table
+
+    before = json.loads((tmp_path / "before" / "results.json").read_text())["rows"]
+    after = json.loads((tmp_path / "after" / "results.json").read_text())["rows"]
+    assert {(r["plan"], r["calibrated"]) for r in before} == {("full", False), ("every:2", False), ("every:4", False)}
+    assert {(r["plan"], r["calibrated"]) for r in after} == {("full", False), ("every:2", True), ("every:4", False)}
+
+    def loss(rows, plan):
+        return next(r["value"] for r in rows if r["plan"] == plan and r["metric"] == "loss")
+
+    assert loss(after, "every:2") != pytest.approx(loss(before, "every:2"), rel=1e-4)  # the maps ran
+    assert loss(after, "every:4") == pytest.approx(loss(before, "every:4"), rel=1e-6)
+    assert loss(after, "full") == pytest.approx(loss(before, "full"), rel=1e-6)
+    with (tmp_path / "after" / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[reader.fieldnames.index("plan") + 1] == "calibrated"
+        assert {(r["plan"], r["calibrated"]) for r in reader} == {("full", "False"), ("every:2", "True"),
+                                                                  ("every:4", "False")}
+    predictions = [json.loads(line) for line in (tmp_path / "after" / "predictions.jsonl").read_text().splitlines()]
+    assert {(p["plan"], p["calibrated"]) for p in predictions} == {(r["plan"], r["calibrated"]) for r in after}
+
+    # --compare keeps a plan run before and after calibration apart; a file from before the field = uncalibrated
+    old = json.loads((tmp_path / "before" / "results.json").read_text())
+    for r in old["rows"]:
+        del r["calibrated"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    for first in ("before", "old.json"):
+        assert main(["eval", "--compare", str(tmp_path / first), str(tmp_path / "after"),
+                     "--out", str(tmp_path / "merged")]) == 0
+        merged = json.loads((tmp_path / "merged" / "results.json").read_text())["rows"]
+        kept = sorted((r["plan"], bool(r.get("calibrated"))) for r in merged if r["metric"] == "loss")
+        assert kept == [("every:2", False), ("every:2", True), ("every:4", False), ("full", False)], first
+        assert {r["source_file"] for r in merged if r["plan"] == "full"} == {str(tmp_path / "after")}
+        table = capsys.readouterr().out
+        assert "every:2 (cal)" in table and "  every:2  " in table
+    assert (tmp_path / "merged" / "pareto.png").is_file()
+
+
 def test_a_failing_plan_leaves_the_other_results_on_disk(eval_inputs, tmp_path, monkeypatch):
     import kvroute.evaluate as ev
 
@@ -270,6 +325,27 @@ def test_pareto_plot_needs_a_plottable_metric(tmp_path):
     with pytest.raises(ValueError, match="nothing to plot"):
         pareto_plot([row], tmp_path / "p.png")
     assert pareto_plot([row], tmp_path / "p.png", metrics={"qa": "rouge_l"}).is_file()
+
+
+def test_pareto_plot_marks_calibrated_plans(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from kvroute.plots import pareto_plot
+
+    rows = [{"checkpoint": "c", "plan": plan, "calibrated": cal, "task": "lm", "data": "d", "metric": "loss",
+             "value": value, "kv_kib_per_token": kib, "retention": kib / 4}
+            for plan, cal, value, kib in (("full", False, 3.0, 4.0), ("every:2", True, 3.5, 2.0),
+                                          ("every:4", False, 5.0, 1.0))]
+    labels, markers = [], []
+    real_annotate, real_plot = matplotlib.axes.Axes.annotate, matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(text) or real_annotate(self, text, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: markers.append((k.get("marker"), len(a[0]) if a else 0))
+                        or real_plot(self, *a, **k))
+    pareto_plot(rows, tmp_path / "p.png")
+    assert sorted(labels) == ["every:2 (cal)", "every:4", "full"]
+    assert ("*", 1) in markers  # the one calibrated point, drawn as a star
 
 
 def test_window_longer_than_the_model_context_is_refused(eval_inputs, tmp_path):

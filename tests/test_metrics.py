@@ -1,10 +1,10 @@
-"""SQuAD F1 / exact match and ROUGE-L on known cases."""
+"""SQuAD F1 / exact match, ROUGE-L and distinct-n on known cases."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvroute.metrics import exact_match, f1_score, normalize_answer, qa_metrics, rouge_l
+from kvroute.metrics import distinct_n, exact_match, f1_score, normalize_answer, qa_metrics, rouge_l
 
 
 def test_normalize_answer_follows_squad():
@@ -61,3 +61,21 @@ def test_qa_metrics_means_and_errors():
         qa_metrics([], [])
     with pytest.raises(ValueError, match="at least one gold answer"):
         f1_score("a", [])
+
+
+def test_distinct_n_known_values():
+    assert distinct_n([1, 2, 3, 4, 5], 2) == 1.0  # never repeats
+    assert distinct_n([7, 7, 7, 7, 7], 2) == 0.25  # one bigram, four times
+    assert distinct_n([5, 6, 5, 6, 5, 6], 2) == pytest.approx(2 / 5)  # (5,6) (6,5) over 5 bigrams
+    assert distinct_n([5, 6, 5, 6, 5, 6], 1) == pytest.approx(2 / 6)
+    assert distinct_n([1, 2, 1, 2, 3], 3) == pytest.approx(3 / 3)
+    assert distinct_n([1, 2, 1, 2, 1], 3) == pytest.approx(2 / 3)
+
+
+def test_distinct_n_short_outputs_and_tensors():
+    torch = pytest.importorskip("torch")
+    assert distinct_n([], 2) == 0.0 and distinct_n([4], 2) == 0.0  # no bigram at all
+    assert distinct_n([4], 1) == 1.0 and distinct_n([4, 4], 2) == 1.0
+    assert distinct_n(torch.tensor([9, 9, 9, 9, 9]), 2) == 0.25  # tensor elements compared by value
+    with pytest.raises(ValueError, match="n >= 1"):
+        distinct_n([1, 2], 0)

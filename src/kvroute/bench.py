@@ -9,7 +9,9 @@ medians over ``repeats`` after ``warmup`` untimed repeats; the repeats go
 round-robin over the rows, so a change of machine load hits every row alike.
 
 KV bytes are read from the cache tensors after the run; the largest batch for a KV
-budget is ``budget // (kv bytes per sequence)``.
+budget is ``budget // (kv bytes per sequence)``. A checkpoint folder's saved
+calibration (:mod:`kvroute.calibrate`) is loaded, so its calibrated plans are timed
+with their maps; each row says whether it ran ``calibrated``.
 
 Example:
     >>> cfg = BenchConfig(model="smollm2-135m", contexts=[2048], plans=["full", "every:4"])  # doctest: +SKIP
@@ -33,6 +35,7 @@ import torch
 
 from kvroute.budget import format_bytes
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
+from kvroute.results import plan_label
 
 BASELINE = "hf"
 MB = 1e6
@@ -112,7 +115,7 @@ class BenchReport:
             cols.append(f"max batch @ {format_bytes(budget)}")
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:
-            cells = [r["context"], r["batch"], r["plan"], r["owners"], f"{r['kv_mb']:.1f}", _x(r["kv_vs_full"]),
+            cells = [r["context"], r["batch"], plan_label(r), r["owners"], f"{r['kv_mb']:.1f}", _x(r["kv_vs_full"]),
                      f"{r['peak_mb']:.0f}", f"{r['ttft_ms']:.1f}", _x(r["ttft_vs_full"]),
                      f"{r['decode_tok_s']:.2f}", _x(r["decode_vs_full"]), _x(r["decode_vs_hf"])]
             if budget:
@@ -250,11 +253,13 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
     """Measure every (context, batch) x plan, and the unmodified model.
 
     The routed model is a structural copy of the unmodified one that shares its
-    weights (no extra weight memory); repeats go round-robin over the rows.
+    weights (no extra weight memory); repeats go round-robin over the rows. When the
+    weights come from a checkpoint folder, its saved calibration is loaded onto the
+    routed copy.
 
     Args:
         config: what to measure.
-        model: an unrouted model to use instead of loading ``config.model``.
+        model: an unrouted model to use instead of loading ``config.model`` (no calibration).
         progress: print one line per measured row to stderr.
 
     Returns:
@@ -262,10 +267,12 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
     """
     import copy
 
+    from kvroute.calibrate import is_calibrated, load_calibration
     from kvroute.hf.patch import apply, is_routed
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    folder = model is None and not config.random_weights and Path(config.model).is_dir()  # a checkpoint folder
     model = model if model is not None else load_bench_model(config)
     if is_routed(model):
         raise ValueError("run_bench needs an unrouted model; pass one that kvroute.apply has not touched")
@@ -278,6 +285,8 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
     if plans:  # same parameter tensors, routed attention modules
         shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
         routed = apply(copy.deepcopy(model, memo=shared), plan=plans[0]).eval()
+        if folder:  # its calibrated plans run (and are timed) with their maps
+            load_calibration(routed, config.model)
     gen = torch.Generator().manual_seed(config.seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     measured: dict[tuple[int, int, str], dict[str, Any]] = {}
@@ -290,6 +299,7 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
             for v in variants:
                 row = {
                     "context": c, "batch": b, "plan": v.name,
+                    "calibrated": v.plan is not None and is_calibrated(v.model, v.plan),
                     "owners": len(v.plan.owners) if v.plan else shape.num_layers,
                     "retention": v.plan.retention if v.plan else 1.0,
                     "cache": "SharedKVCache" if v.plan else "DynamicCache",
@@ -305,7 +315,7 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
                     row["kv_expected_bytes"] = v.plan.kv_bytes(shape, c + config.new_tokens, b, model.dtype)
                 measured[(c, b, v.name)] = row
                 if progress:
-                    print(f"  ctx {c:>6} batch {b:>3} {v.name:>10}: KV {row['kv_mb']:.1f} MB, "
+                    print(f"  ctx {c:>6} batch {b:>3} {plan_label(row):>10}: KV {row['kv_mb']:.1f} MB, "
                           f"TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
     meta["loadavg_end"] = _loadavg()
     rows = _with_ratios(measured, config, [BASELINE] * config.baseline + [p.spec for p in plans])
@@ -404,7 +414,7 @@ def write_report(report: BenchReport, out_dir: str | os.PathLike, command: str |
     best = ["", "Best repeat (lowest TTFT, highest decode tok/s): less sensitive to other jobs on a shared machine.",
             "", "| context | batch | plan | best TTFT ms | best decode tok/s | all TTFT ms | all decode tok/s |",
             "|---|---|---|---|---|---|---|"]
-    best += [f"| {r['context']} | {r['batch']} | {r['plan']} | {r['ttft_ms_best']:.1f} | {r['decode_tok_s_best']:.2f} "
+    best += [f"| {r['context']} | {r['batch']} | {plan_label(r)} | {r['ttft_ms_best']:.1f} | {r['decode_tok_s_best']:.2f} "
              f"| {r['ttft_ms_all']} | {r['decode_tok_s_all']} |" for r in report.rows]
     paths["md"].write_text("\n".join(header) + "\n\n" + report.table() + "\n" + "\n".join(best) + "\n")
     png = _plot(report, out / "bench.png")

@@ -320,6 +320,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
     Returns:
         The writer holding the rows (``.rows``), the errors (``.errors``) and the file paths.
     """
+    from kvroute.calibrate import is_calibrated
     from kvroute.hf.patch import set_plan
     from kvroute.models import load, load_tokenizer
 
@@ -340,11 +341,13 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
                       "num_layers": shape.num_layers, "dtype": config.dtype}
         for plan in plans:
             set_plan(model, plan)
-            base = {**model_info, "plan": plan.spec, "plan_source": ",".join(map(str, plan.source)),
+            calibrated = is_calibrated(model, plan)
+            base = {**model_info, "plan": plan.spec, "calibrated": calibrated,
+                    "plan_source": ",".join(map(str, plan.source)),
                     "owners": len(plan.owners), "retention": plan.retention,
                     "kv_kib_per_token": kv_kib_per_token(plan, shape, kv_dtype), "kv_dtype": kv_dtype}
             if progress:
-                print(f"[{ckpt}] {plan.describe()}", flush=True)
+                print(f"[{ckpt}] {plan.describe()}{', calibrated' if calibrated else ''}", flush=True)
             try:
                 _score_plan(model, tokenizer, config, data, documents, base, writer, progress)
             except Exception as err:  # keep what other plans produced; report and go on

@@ -8,8 +8,10 @@ from typing import Any, Callable
 
 import torch
 
+from kvroute.calibrate import is_calibrated
 from kvroute.hf.cache import SharedKVCache
 from kvroute.hf.patch import get_router, set_plan
+from kvroute.metrics import distinct_n
 from kvroute.plan import KVShape, SharingPlan
 
 
@@ -24,6 +26,8 @@ class GenerationResult:
         kv_bytes: bytes the shared cache held at the end.
         kv_bytes_full: bytes the ``full`` plan would have held for the same tokens.
         plan: the plan generation ran under.
+        calibrated: whether the plan ran with a calibration (:mod:`kvroute.calibrate`).
+        distinct2: distinct bigrams / all bigrams of the generated tokens (low: a degenerate loop).
     """
 
     text: str
@@ -32,6 +36,8 @@ class GenerationResult:
     kv_bytes: int
     kv_bytes_full: int
     plan: SharingPlan
+    calibrated: bool = False
+    distinct2: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,7 +48,8 @@ class GenerationResult:
         return (
             f"{self.new_tokens} tokens in {self.seconds:.2f} s ({self.tokens_per_second:.1f} tok/s); "
             f"KV cache {self.kv_bytes / 1024:.1f} KiB vs {self.kv_bytes_full / 1024:.1f} KiB under full "
-            f"({100 * saved:.0f}% saved); {self.plan.describe()}"
+            f"({100 * saved:.0f}% saved); distinct-2 {self.distinct2:.2f}; {self.plan.describe()}"
+            f"{', calibrated' if self.calibrated else ''}"
         )
 
 
@@ -71,7 +78,8 @@ def generate(
         on_text: called with each new piece of text as it is generated (streaming).
 
     Returns:
-        The text and the cache's measured size against ``full``.
+        The text, its distinct-2, the cache's measured size against ``full`` and
+        whether the plan ran calibrated.
     """
     from transformers.generation.streamers import BaseStreamer
 
@@ -134,4 +142,6 @@ def generate(
         kv_bytes=cache.used_bytes(),
         kv_bytes_full=full,
         plan=active,
+        calibrated=is_calibrated(model, active),
+        distinct2=distinct_n(new.tolist(), 2),
     )

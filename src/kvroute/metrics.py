@@ -1,17 +1,21 @@
-"""Answer metrics for context-QA: SQuAD F1 and exact match, ROUGE-L.
+"""Answer metrics for context-QA (SQuAD F1 and exact match, ROUGE-L) and distinct-n for generation.
 
 F1 and exact match follow the official SQuAD evaluation script: both strings are
 normalized (lower case, punctuation and the articles a/an/the removed, whitespace
 collapsed) before comparing bags of tokens. ROUGE-L is the F-measure of the
 longest common subsequence of tokens (lower case, split on anything that is not a
 letter or digit, no stemming), as ``rouge_score`` computes it without a stemmer.
-With several gold answers each metric takes the best one.
+With several gold answers each metric takes the best one. Distinct-n measures how
+degenerate a generation is: the share of its token n-grams that are distinct
+(a loop such as "the the the" scores near 0, text that never repeats scores 1).
 
 Example:
     >>> f1_score("The cat sat.", "a cat sat down")
     0.8
     >>> exact_match("The Cat!", "cat")
     1.0
+    >>> distinct_n([5, 6, 5, 6, 5], 2)
+    0.5
 """
 
 from __future__ import annotations
@@ -115,3 +119,25 @@ def qa_metrics(predictions: Iterable[str], golds: Iterable[str | Sequence[str]])
         "exact_match": sum(exact_match(p, g) for p, g in zip(preds, refs)) / n,
         "rouge_l": sum(rouge_l(p, g) for p, g in zip(preds, refs)) / n,
     }
+
+
+def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:
+    """Fraction of distinct n-grams among all n-grams of a token sequence.
+
+    Args:
+        token_ids: the generated continuation's token ids (no prompt); a list or a 1-D tensor.
+        n: n-gram length, at least 1.
+
+    Returns:
+        ``len(set(ngrams)) / len(ngrams)`` in (0, 1]; 0.0 when the sequence has fewer
+        than ``n`` tokens (no n-grams: nothing shows the text is not degenerate).
+
+    Example:
+        >>> distinct_n([7, 7, 7, 7], 2)
+        0.3333333333333333
+    """
+    if n < 1:
+        raise ValueError(f"distinct-n needs n >= 1, got {n}")
+    ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)  # tensors hash by identity
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

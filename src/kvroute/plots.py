@@ -1,5 +1,7 @@
 """Pareto plots: quality against KV KiB per token, one line per checkpoint.
 
+A plan that ran calibrated is drawn as a star and labelled ``every:2 (cal)``.
+
 Rendered with matplotlib's Agg backend (no display needed); matplotlib is the
 ``kvroute[plot]`` extra.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvroute.results import METRICS, PRIMARY
+from kvroute.results import METRICS, PRIMARY, plan_label
 
 
 def pareto_plot(rows: list[dict[str, Any]], out: str | Path, metrics: dict[str, str] | None = None) -> Path:
@@ -51,13 +53,18 @@ def pareto_plot(rows: list[dict[str, Any]], out: str | Path, metrics: dict[str, 
         for r in panel:
             by_ckpt.setdefault(str(r["checkpoint"]), []).append(r)
         for ckpt, points in by_ckpt.items():
-            points.sort(key=lambda r: float(r["kv_kib_per_token"]))
+            points.sort(key=lambda r: (float(r["kv_kib_per_token"]), bool(r.get("calibrated"))))
             xs = [float(r["kv_kib_per_token"]) for r in points]
             ys = [float(r["value"]) for r in points]
             (line,) = ax.plot(xs, ys, marker="o", label=ckpt)
+            cal = [(x, y) for x, y, r in zip(xs, ys, points) if r.get("calibrated")]
+            if cal:
+                ax.plot(*zip(*cal), linestyle="none", marker="*", markersize=12, color=line.get_color())
             for x, y, r in zip(xs, ys, points):
-                ax.annotate(str(r["plan"]), (x, y), textcoords="offset points", xytext=(4, 4),
+                ax.annotate(plan_label(r), (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=7, color=line.get_color())
+        if any(r.get("calibrated") for r in panel):  # a legend entry for the star
+            ax.plot([], [], linestyle="none", marker="*", markersize=10, color="gray", label="calibrated plan")
         better = "higher" if METRICS.get(metric, True) else "lower"
         ax.set_title(f"{task}: {'/'.join(Path(str(data)).parts[-2:])}", fontsize=10)
         ax.margins(x=0.1, y=0.1)

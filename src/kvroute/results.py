@@ -1,7 +1,8 @@
 """Result files of ``kvroute eval``: rows, JSON and CSV, the terminal table, merging.
 
 A row is one metric of one checkpoint under one plan on one dataset, and carries
-everything needed to read it alone: checkpoint and model, plan spec, source map,
+everything needed to read it alone: checkpoint and model, plan spec, whether the
+plan ran with a calibration (``calibrated``, :mod:`kvroute.calibrate`), source map,
 retention, KV KiB per token, task, data, counts, the value, and its change against
 the same checkpoint's ``full`` plan on the same data and metric.
 
@@ -33,11 +34,17 @@ METRICS: dict[str, bool] = {
 #: the metric a plot shows for each task
 PRIMARY = {"lm": "loss", "qa": "f1", "mc": "acc"}
 COLUMNS = [
-    "checkpoint", "model_type", "num_layers", "dtype", "plan", "plan_source", "owners", "retention",
+    "checkpoint", "model_type", "num_layers", "dtype", "plan", "calibrated", "plan_source", "owners", "retention",
     "kv_kib_per_token", "kv_dtype", "task", "data", "metric", "value", "higher_is_better",
     "delta_vs_full", "delta_pct_vs_full", "n", "tokens_scored", "tokens_total", "window", "stride", "seconds",
 ]
-_KEY = ("checkpoint", "plan", "task", "data", "metric")
+_KEY = ("checkpoint", "plan", "calibrated", "task", "data", "metric")
+CALIBRATED_MARK = " (cal)"
+
+
+def plan_label(row: dict[str, Any]) -> str:
+    """The plan as tables and plots show it: ``every:2 (cal)`` when it ran calibrated."""
+    return str(row["plan"]) + (CALIBRATED_MARK if row.get("calibrated") else "")
 
 
 def kv_kib_per_token(plan: SharingPlan, shape: KVShape, dtype: str) -> float:
@@ -107,7 +114,7 @@ class ResultWriter:
             self.rows.append({**info, "metric": name, "value": float(value),
                               "higher_is_better": METRICS.get(name, True)})
         for p in predictions or []:
-            keep = {k: info.get(k) for k in ("checkpoint", "plan", "data")}
+            keep = {k: info.get(k) for k in ("checkpoint", "plan", "calibrated", "data")}
             self._predictions.append(json.dumps({**keep, **p}, ensure_ascii=False))
         self.flush()
 
@@ -141,13 +148,18 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 
 def merge_results(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """Rows of several result files; a later file wins for the same checkpoint, plan, data and metric."""
+    """Rows of several result files; a later file wins for the same checkpoint, plan, data and metric.
+
+    A plan run with and without a calibration gives two rows (before/after ``kvroute calibrate``);
+    rows of files older than the ``calibrated`` field count as uncalibrated.
+    """
     if not paths:
         raise ValueError("--compare needs at least one results.json")
     merged: dict[tuple, dict[str, Any]] = {}
     for path in paths:
         for row in load_results(path)["rows"]:
-            merged[tuple(row.get(k) for k in _KEY)] = {**row, "source_file": str(path)}
+            key = tuple(bool(row.get(k)) if k == "calibrated" else row.get(k) for k in _KEY)
+            merged[key] = {**row, "source_file": str(path)}
     return with_deltas(list(merged.values()))
 
 
@@ -161,21 +173,24 @@ def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One block per dataset; one line per checkpoint and plan.
 
-    Columns: checkpoint, plan, retention, KV KiB/token, then each metric with its
-    change against the same checkpoint's full cache (``d metric``).
+    Columns: checkpoint, plan (``every:2 (cal)`` when it ran calibrated), retention,
+    KV KiB/token, then each metric with its change against the same checkpoint's full
+    cache (``d metric``).
     """
     if not rows:
         return "(no results)"
     blocks: dict[tuple[str, str], dict[tuple[str, str], dict[str, dict[str, Any]]]] = {}
     for r in rows:
         lines_of = blocks.setdefault((r["task"], str(r["data"])), {})
-        lines_of.setdefault((str(r["checkpoint"]), str(r["plan"])), {})[r["metric"]] = r
+        lines_of.setdefault((str(r["checkpoint"]), plan_label(r)), {})[r["metric"]] = r
     out = []
     for (task, data), lines_of in blocks.items():
         metrics = list(dict.fromkeys(m for by_metric in lines_of.values() for m in by_metric))
         higher = [m for m in metrics if METRICS.get(m, True)]
         lower = [m for m in metrics if not METRICS.get(m, True)]
         notes = [f"{', '.join(ms)}: {word} is better" for ms, word in ((higher, "higher"), (lower, "lower")) if ms]
+        if any(label.endswith(CALIBRATED_MARK) for _, label in lines_of):
+            notes.append(f"{CALIBRATED_MARK.strip()}: calibrated plan")
         out.append(f"{task} {data} ({'; '.join(notes)})")
         table = [["checkpoint", "plan", "retention", "KV KiB/tok"] + [h for m in metrics for h in (m, f"d {m}")]]
         order = sorted(lines_of.items(), key=lambda kv: (kv[0][0], -float(next(iter(kv[1].values()))["retention"])))
