@@ -226,3 +226,26 @@ def test_cli_errors_leave_nothing_written(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err
     assert "every:zz" in err and "too few to calibrate" in err and "fewer than half" in err and "nope" in err
     assert not (checkpoint / CALIBRATION_FILE).exists()
+
+
+def test_plan_targeted_fine_tune_trains_with_the_maps_and_saves_them(tmp_path, checkpoint):
+    """calibrate, then `--routing plan:every:2`: the route is the calibrated plan, so the maps act
+    during training; the fine-tuned checkpoint carries them (matched to its new weights)."""
+    from kvroute.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "text", docs=30, length=80)
+    assert main(["calibrate", str(checkpoint), "--plans", "every:2", "--data", str(corpus), "--tokens", "1024",
+                 "--chunk-tokens", "32", "--quiet"]) == 0
+    calibrated = kvroute.load(checkpoint)
+    result = train(TrainConfig(model=str(checkpoint), data=[str(corpus)], output_dir=str(tmp_path / "run"),
+                               seq_len=32, batch_size=4, max_steps=3, lr=1e-2, routing="plan:every:2",
+                               eval_every=0, tensorboard=False, quiet=True, device="cpu",
+                               cache_dir=str(tmp_path / "cache")))
+    tuned = kvroute.load(result.final_checkpoint)  # the digest matches the new weights
+    assert is_calibrated(tuned, "every:2")
+    assert not torch.equal(tuned.model.layers[1].self_attn.q_proj.weight, calibrated.model.layers[1].self_attn.q_proj.weight)
+    before = dict(calibrated.model.layers[1].self_attn.calibration.named_buffers())
+    after = dict(tuned.model.layers[1].self_attn.calibration.named_buffers())
+    assert set(after) == set(before) == {"r0_0_2_2.query", "r0_0_2_2.value"}
+    for name, tensor in after.items():  # the maps stay fixed; the weights learn around them
+        torch.testing.assert_close(tensor, before[name])

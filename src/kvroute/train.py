@@ -333,6 +333,16 @@ def _load_data(config: TrainConfig, tokenizer: Any):
     return (Mixture([p[0] for p in parts]), Mixture([p[1] for p in parts]), QACollator(tokenizer.pad_token_id))
 
 
+def _carry_calibration(model: torch.nn.Module, folder: str | Path) -> None:
+    """Attach the starting checkpoint's calibration (``kvroute calibrate``): a route equal to a
+    calibrated plan (``plan:SPEC`` routing) trains with its maps, which are saved with every
+    checkpoint. The maps themselves stay fixed; the weights learn around them."""
+    from kvroute.calibrate import load_calibration
+
+    if Path(str(folder)).is_dir():
+        load_calibration(model, folder)
+
+
 def _starting_model(config: TrainConfig, tokenizer: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -483,6 +493,7 @@ class _Run:
         if self.resume_dir is not None and c.lora_r == 0:
             model = load_model(self.resume_dir)
         model = apply(model, policy=policy, plan=c.plan, seed=c.seed)
+        _carry_calibration(model, self.resume_dir if self.resume_dir is not None and c.lora_r == 0 else c.model)
         if c.gradient_checkpointing:  # non-reentrant: the reentrant kind drops cross-layer KV gradients
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora_r > 0:
