@@ -6,13 +6,19 @@
    standard (`none`) and R-CLA (p=0.6, plan sources, distillation from the frozen
    starting model), lr 4e-4: the best full-cache recipe of the fine-tuning sweep
    (docs/finetune_sweep.md).
-3. Evaluate the base model and both fine-tunes under full, every:2, every:3, every:4 on
-   held-out State of the Union 2007-2021, Moby Dick and fictional context-QA.
-4. Generate an answer under every:4 and print the KV bytes saved against full.
+3. Calibrate each of the three models for every:2 and every:4 (`kvroute calibrate`: closed-form
+   per-plan maps on State of the Union 1990-2006, then DEMO_CAL_STEPS steps that train only
+   the maps; the weights never change), written as new checkpoints.
+4. Evaluate the three models under full, every:2, every:4, and the calibrated ones under
+   every:2 and every:4, on held-out State of the Union 2007-2021, Moby Dick and fictional
+   context-QA.
+5. Generate 64 greedy tokens under every:2 and every:4 with the calibrated R-CLA model (and
+   the uncalibrated one for contrast); report distinct-2 and the KV bytes saved.
 
 Everything lands in runs/demo/. A rerun reuses finished training runs.
 Size knobs (environment): DEMO_STEPS (default 60), DEMO_EVAL_TOKENS (default 4096),
-DEMO_QA (default 16 questions).
+DEMO_QA (default 16 questions), DEMO_CAL_STEPS (calibration refinement steps, default 30;
+0 = closed form only).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ MOBY = ASSETS / "text" / "moby" / "data"
 STEPS = int(os.environ.get("DEMO_STEPS", "60"))
 EVAL_TOKENS = int(os.environ.get("DEMO_EVAL_TOKENS", "4096"))
 QA_N = int(os.environ.get("DEMO_QA", "16"))
-PLANS = "full,every:2,every:3,every:4"
+CAL_STEPS = int(os.environ.get("DEMO_CAL_STEPS", "30"))
+PLANS = "full,every:2,every:4"
+CALIBRATED_PLANS = "every:2,every:4"
+CALIB_YEARS = (1990, 2006)  # calibration text: part of the training years, never the held-out ones
 LR = 4e-4
 
 RUNS = {
@@ -71,6 +80,20 @@ def finetune(name: str, train_files: list[str]) -> Path:
     return train(config).final_checkpoint
 
 
+def calibrated(name: str, checkpoint: str, calib_files: list[str]) -> Path:
+    from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint
+
+    out = OUT / f"{name}-cal"
+    if (out / "kvroute_calibration.safetensors").is_file():
+        print(f"{name}: reusing {out}")
+        return out
+    config = CalibrationConfig(steps=CAL_STEPS)
+    folder, results = calibrate_checkpoint(checkpoint, CALIBRATED_PLANS, calib_files, config, out=out)
+    for r in results:
+        print(f"{name}: {r.summary()}")
+    return folder
+
+
 def main() -> None:
     import torch
 
@@ -94,32 +117,45 @@ def main() -> None:
         banner(f"fine-tune: {name} ({STEPS} steps of 4 x 256 tokens)")
         checkpoints[name] = str(finetune(name, train_files))
 
-    banner(f"evaluate under {PLANS}")
+    calib_files = [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
+    cal = {}
+    for name in list(checkpoints):
+        banner(f"calibrate {name} for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}, no training)")
+        cal[f"{name}+cal"] = str(calibrated(name, checkpoints[name], calib_files))
+
+    banner(f"evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})")
     held_glob = str(OUT / "data" / "sotu-2007-2021")
     Path(held_glob).mkdir(parents=True, exist_ok=True)
     for f in held_files:
         target = Path(held_glob) / Path(f).name
         if not target.exists():
             target.write_text(Path(f).read_text(encoding="utf-8"), encoding="utf-8")
-    config = EvalConfig(
-        checkpoints=list(checkpoints.values()), plans=PLANS, text=[held_glob, str(MOBY)], qa=[str(qa)],
-        out=str(OUT / "eval"), window=256, stride=256, max_tokens=EVAL_TOKENS, limit=QA_N, max_new_tokens=16,
-    )
-    writer = evaluate(config)
-    names = {v: k for k, v in checkpoints.items()}
-    rows = [{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])} for r in writer.rows]
+    common = dict(text=[held_glob, str(MOBY)], qa=[str(qa)], window=256, stride=256, max_tokens=EVAL_TOKENS,
+                  limit=QA_N, max_new_tokens=16)
+    writers = [
+        evaluate(EvalConfig(checkpoints=list(checkpoints.values()), plans=PLANS, out=str(OUT / "eval"), **common)),
+        evaluate(EvalConfig(checkpoints=list(cal.values()), plans=CALIBRATED_PLANS, out=str(OUT / "eval-cal"),
+                            **common)),
+    ]
+    names = {v: k for k, v in {**checkpoints, **cal}.items()}
+    rows = [{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])} for w in writers for r in w.rows]
     table = format_table(rows)
     print(table)
     plot = pareto_plot(rows, OUT / "pareto.png")
 
-    banner("generate under every:4 with the R-CLA model")
-    model = load(checkpoints["rcla"], plan="every:4")
-    tokenizer = load_tokenizer(checkpoints["rcla"])
     prompt = "In his address to Congress, the President said that"
-    print(prompt, end="", flush=True)
-    result = generate(model, tokenizer, prompt, max_new_tokens=40,
-                      on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    print("\n" + result.summary())
+    samples = []
+    for name, plan in (("rcla+cal", "every:2"), ("rcla+cal", "every:4"), ("rcla", "every:4")):
+        banner(f"generate under {plan} with {name}")
+        source = {**checkpoints, **cal}[name]
+        model = load(source, plan=plan)
+        tokenizer = load_tokenizer(source)
+        print(prompt, end="", flush=True)
+        result = generate(model, tokenizer, prompt, max_new_tokens=64,
+                          on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        print("\n" + result.summary())
+        samples.append((name, plan, result))
+        del model
 
     minutes = (time.time() - start) / 60
     report = OUT / "REPORT.md"
@@ -127,16 +163,21 @@ def main() -> None:
         "# kvroute demo report\n\n"
         f"SmolLM2-135M-Instruct fine-tuned {STEPS} steps (4 x 256 tokens, lr {LR:g}, cosine) on State of the Union "
         "1790-2006, standard vs R-CLA (p=0.6, plan sources, distillation from the frozen base, weight 1). "
+        f"`+cal`: the same model calibrated for {CALIBRATED_PLANS} by `kvroute calibrate` on SOTU "
+        f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]} (8,192 tokens; closed form, then {CAL_STEPS} steps that train only the "
+        "maps, kept only if they lower the loss on held-out calibration chunks; the weights never change). "
         f"Evaluated on held-out SOTU 2007-2021 and Moby Dick ({EVAL_TOKENS} tokens each, 256-token windows) and "
         f"{QA_N} fictional context-QA questions. Wall time {minutes:.1f} min, {torch.get_num_threads()} threads.\n\n"
-        "```\n" + table + "\n```\n\n"
-        f"![pareto](pareto.png)\n\nGeneration under every:4 (R-CLA model): {result.summary()}\n\n"
-        f"> {prompt}{result.text}\n",
+        "```\n" + table + "\n```\n\n![pareto](pareto.png)\n\n## Greedy generation, 64 tokens\n\n"
+        + "".join(f"**{name}, {plan}**: {r.summary()}\n\n> {prompt}{r.text}\n\n" for name, plan, r in samples),
         encoding="utf-8",
     )
-    (OUT / "summary.json").write_text(json.dumps({"checkpoints": checkpoints, "rows": rows}, indent=1))
+    generations = [{"checkpoint": n, "plan": p, "calibrated": r.calibrated, "distinct2": r.distinct2,
+                    "text": r.text} for n, p, r in samples]
+    (OUT / "summary.json").write_text(json.dumps({"checkpoints": {**checkpoints, **cal}, "rows": rows,
+                                                 "generations": generations}, indent=1))
     banner("done")
-    print(f"results: {OUT / 'eval' / 'results.json'}, {OUT / 'eval' / 'results.csv'}")
+    print(f"results: {OUT / 'eval' / 'results.json'}, {OUT / 'eval-cal' / 'results.json'} (and .csv)")
     print(f"plot:    {plot}\nreport:  {report}\ntook {minutes:.1f} min")
 
 
