@@ -120,7 +120,7 @@ def main() -> None:
     calib_files = [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
     cal = {}
     for name in list(checkpoints):
-        banner(f"calibrate {name} for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}, no training)")
+        banner(f"calibrate {name} for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}; weights unchanged)")
         cal[f"{name}+cal"] = str(calibrated(name, checkpoints[name], calib_files))
 
     banner(f"evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})")
