@@ -102,8 +102,18 @@ def test_set_plan_switches_between_calibrated_plans():
     for p in cal:
         assert not torch.allclose(cal[p], plain[p])
     assert torch.equal(logits(model, ids, "every:2"), cal["every:2"])  # back and forth
-    assert torch.equal(logits(model, ids, "every:4"), logits(model, ids, "every:4"))
+    uncalibrated = kvroute.apply(tiny_model("qwen2", layers=6))
+    assert torch.equal(logits(model, ids, "every:4"), logits(uncalibrated, ids, "every:4"))  # no maps for it
     assert not is_calibrated(model, "every:4")
+
+
+def test_one_value_map_per_kv_head_is_shared_by_its_query_heads():
+    model = kvroute.apply(tiny_model("llama", layers=4))  # 4 query heads, 2 KV heads
+    config = CalibrationConfig(**{**FAST.__dict__, "query": False, "value_maps": "group"})
+    calibrate(model, "every:2", chunks(), config, progress=False)
+    value = model.model.layers[1].self_attn.calibration["r0_0_2_2"].value  # (H, D, D)
+    assert model.model.layers[1].self_attn.calibration["r0_0_2_2"].query is None
+    assert torch.equal(value[0], value[1]) and torch.equal(value[2], value[3]) and not torch.equal(value[1], value[2])
 
 
 def test_save_load_round_trip_and_copies(tmp_path):

@@ -29,7 +29,7 @@ reads them back.
 
 Example:
     >>> model = kvroute.load("runs/demo/rcla/final")                      # doctest: +SKIP
-    >>> kvroute.calibrate(model, ["every:2", "every:4"], ["sotu/train"])  # doctest: +SKIP
+    >>> kvroute.calibrate(model, ["every:2", "every:4"], ["sotu/train"], tokenizer=tok)  # doctest: +SKIP
     >>> kvroute.set_plan(model, "every:2")   # calibrated                 # doctest: +SKIP
 """
 
@@ -40,6 +40,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 from kvroute.hf.attention import LayerMaps, RoutedAttention, apply_rope
 from kvroute.hf.patch import get_router, set_plan
 from kvroute.plan import KVShape, SharingPlan
-from kvroute.router import route_key
+from kvroute.router import parse_route_key, route_key
 
 CALIBRATION_FILE = "kvroute_calibration.safetensors"
 FORMAT_VERSION = 1
@@ -73,7 +74,8 @@ class CalibrationConfig:
         lr: refinement learning rate (Adam, cosine decay).
         precision: ``"bf16"`` runs the refinement's forward passes under bfloat16 autocast
             (about 2x faster on CPUs with AMX and on GPUs; the maps stay float32), ``"fp32"`` does not.
-        batch_size: chunks per forward pass.
+        batch_size: chunks per forward pass (captures, losses, refinement; the sequential fit
+            runs all chunks in one pass, so each layer is fitted on all of them).
         seed: order of the refinement batches.
     """
 
@@ -145,7 +147,7 @@ def _attention_layers(model: torch.nn.Module) -> list[RoutedAttention]:
 def calibrated_sources(model: torch.nn.Module) -> list[tuple[int, ...]]:
     """Source maps of the plans this model holds a calibration for."""
     keys = {k for att in _attention_layers(model) for k in att.calibration}
-    return sorted(tuple(int(x) for x in k[1:].split("_")) for k in keys)
+    return sorted(parse_route_key(k) for k in keys)
 
 
 def is_calibrated(model: torch.nn.Module, plan: SharingPlan | str | None = None) -> bool:
@@ -161,6 +163,10 @@ def remove_calibration(model: torch.nn.Module, plan: SharingPlan | str | None = 
         for k in list(att.calibration):
             if key is None or k == key:
                 del att.calibration[k]
+    info = get_router(model).calibration_info
+    for k in list(info):
+        if key is None or k == key:
+            del info[k]
 
 
 def _plan_maps(model: torch.nn.Module, plan: SharingPlan) -> dict[int, LayerMaps]:
@@ -199,15 +205,13 @@ def calibration_data(
     """``(N, chunk_tokens)`` token ids: ``tokens`` tokens evenly spread over the texts of ``data``."""
     from kvroute.search import calibration_chunks, read_texts
 
-    chunks = calibration_chunks(tokenizer, read_texts(data), chunk_tokens)
     wanted = tokens // chunk_tokens
+    chunks = calibration_chunks(tokenizer, read_texts(data), chunk_tokens, max_chunks=wanted)
     if chunks.shape[0] < max(2, wanted // 2):
         raise ValueError(
             f"calibration data has {chunks.numel()} tokens, fewer than half the {tokens} asked for; "
             "give more text or a smaller --tokens"
         )
-    if chunks.shape[0] > wanted:
-        chunks = chunks[[i * chunks.shape[0] // wanted for i in range(wanted)]]
     return chunks
 
 
@@ -283,14 +287,14 @@ def _heads(att: RoutedAttention, x: torch.Tensor, proj: torch.nn.Module, norm: t
     return out.transpose(1, 2).float()
 
 
-def _mask(att: RoutedAttention, T: int) -> torch.Tensor:
+def _mask(att: RoutedAttention, T: int, device: torch.device) -> torch.Tensor:
     """(T, T) additive mask: causal, and the layer's sliding window where it has one."""
-    t = torch.arange(T)
+    t = torch.arange(T, device=device)
     allowed = t[None, :] <= t[:, None]
     window = att.sliding_window if _is_sliding(att) else None
     if window:
         allowed &= (t[:, None] - t[None, :]) < window
-    return torch.zeros(T, T).masked_fill(~allowed, float("-inf"))
+    return torch.zeros(T, T, device=device).masked_fill(~allowed, float("-inf"))
 
 
 def _is_sliding(att: RoutedAttention) -> bool:
@@ -337,7 +341,7 @@ class _LayerFit:
         self.train, self.val = slice(0, n_train), slice(n_train, xf_l.shape[0])
         self.H = att_l.config.num_attention_heads
         self.D = att_l.head_dim
-        self.mask = _mask(att_l, self.xf_l.shape[1])
+        self.mask = _mask(att_l, self.xf_l.shape[1], xp_l.device)
 
     def _batches(self, part: slice) -> Iterator[tuple[torch.Tensor, ...]]:
         """Per batch of chunks: own q, k, v (full cache) and plan q (pre-RoPE), owner k, v (plan)."""
@@ -379,8 +383,8 @@ class _LayerFit:
             sw = weight.sqrt().unsqueeze(-1)
             f = (feats * sw).transpose(0, 1).reshape(H, -1, D)
             t = (tgt.unsqueeze(-1) * sw).transpose(0, 1).reshape(H, -1)
-            gram += (f.transpose(1, 2) @ f).double()  # float32 products, float64 sums over batches
-            rhs += (f.transpose(1, 2) @ t.unsqueeze(-1)).squeeze(-1).double()
+            gram += (f.transpose(1, 2) @ f).double().cpu()  # float32 products, float64 sums over batches
+            rhs += (f.transpose(1, 2) @ t.unsqueeze(-1)).squeeze(-1).double().cpu()
         ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(D, dtype=torch.float64)
         sol = torch.linalg.solve(gram + ridge, rhs).float()  # (H, D): Re parts, then Im parts
         return torch.stack((sol[:, :half], sol[:, half:]), dim=-1)
@@ -401,9 +405,9 @@ class _LayerFit:
                 x = _attend(_logits(self.att_l, q, k_o, self.mask).softmax(-1), v_o)              # (B, H, T, D)
                 x = x.transpose(0, 1).reshape(H // group, -1, D)
                 y = target.transpose(0, 1).reshape(H // group, -1, D)
-                gram += (x.transpose(1, 2) @ x).double()
-                cross += (x.transpose(1, 2) @ y).double()
-                yy += (y * y).sum((1, 2)).double()
+                gram += (x.transpose(1, 2) @ x).double().cpu()
+                cross += (x.transpose(1, 2) @ y).double().cpu()
+                yy += (y * y).sum((1, 2)).double().cpu()
             stats[name] = (gram, cross, yy)
         gram, cross, _ = stats["train"]
         vgram, vcross, vyy = stats["val"]
@@ -455,12 +459,13 @@ def fit_plan(
             if owner == idx:
                 owner_inputs[idx] = hidden
                 return
-            fit = _LayerFit(module, layers[owner], cap_full.inputs[idx].to(hidden.device), hidden,
-                            owner_inputs[owner], cap_full.cos[idx], cap_full.sin[idx], train.shape[0], config)
+            dev = hidden.device
+            fit = _LayerFit(module, layers[owner], cap_full.inputs[idx].to(dev), hidden, owner_inputs[owner],
+                            cap_full.cos[idx].to(dev), cap_full.sin[idx].to(dev), train.shape[0], config)
             query = fit.query_map() if config.query else None
             value, ridges[idx] = fit.value_map(query)
             param = next(module.parameters())
-            module.calibration[key] = LayerMaps(query, value).to(param.device)
+            module.calibration[key] = LayerMaps(query, value).to(param.device)  # the layers after it see it
             bar.update()
         return f
 
@@ -486,7 +491,7 @@ def refine(
 ) -> None:
     """Train the attached maps of ``plan`` so the model under it matches its own full-cache outputs.
 
-    The loss is KL(full-cache next-token distribution || the plan's), summed over positions;
+    The loss is KL(full-cache next-token distribution || the plan's), averaged over positions;
     only the maps train (the model's weights are frozen).
     """
     tensors = [t for m in _plan_maps(model, plan).values() for t in (m.query, m.value) if t is not None]
@@ -583,7 +588,11 @@ def calibrate(
             loss_plain = mean_loss(model, val, config.batch_size)
         if cap_full is None:
             cap_full = _capture(model, full, torch.cat([train, val]), config.batch_size)
-        ridges = fit_plan(model, plan, train, val, config, cap_full, progress)
+        try:
+            ridges = fit_plan(model, plan, train, val, config, cap_full, progress)
+        except BaseException:
+            remove_calibration(model, plan)  # never leave a half-fitted plan behind
+            raise
         maps = _plan_maps(model, plan)
         with _running(model, plan):
             loss_closed = mean_loss(model, val, config.batch_size)
@@ -604,13 +613,13 @@ def calibrate(
         _record(model, plan, result, config)
         if progress:
             print(result.summary(), flush=True)
-    set_plan(model, router.plan)
     return results
 
 
 # ------------------------------------------------------------------------ persistence
 def _fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """What a calibration must match: the model's shape and a digest of its attention weights."""
+    """What a calibration must match: the model's shape and a cheap digest of its weights (mean |W_o| per
+    layer). It catches another checkpoint's calibration, not every change of weights (a LoRA on q/v passes)."""
     shape = KVShape.from_config(model.config)
     digest = []
     for att in _attention_layers(model):
@@ -640,7 +649,7 @@ def save_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> Path 
     info = get_router(model).calibration_info
     for att in _attention_layers(model):
         for key, maps in att.calibration.items():
-            plans.setdefault(key, info.get(key, {"source": [int(x) for x in key[1:].split("_")]}))
+            plans.setdefault(key, info.get(key, {"source": list(parse_route_key(key))}))
             for name in ("query", "value"):
                 t = getattr(maps, name)
                 if t is not None:
@@ -730,7 +739,8 @@ def calibrate_checkpoint(
     Returns:
         The folder written and one :class:`PlanCalibration` per plan.
     """
-    from kvroute.models import check_source, load, load_config, load_tokenizer, save_checkpoint
+    from kvroute.hf.patch import apply
+    from kvroute.models import check_source, load_config, load_model, load_tokenizer, save_checkpoint
     from kvroute.plan import parse_plan_list
 
     config = config or CalibrationConfig()
@@ -746,7 +756,12 @@ def calibrate_checkpoint(
 
     read_texts(data)  # missing files fail now, not after the model is loaded
     tokenizer = load_tokenizer(checkpoint)
-    model = load(checkpoint, dtype=dtype, device=device)
+    model = apply(load_model(checkpoint, dtype=dtype, device=device)).eval()
+    if folder.is_dir():
+        try:
+            load_calibration(model, folder)  # kept: calibrations of other plans
+        except ValueError as err:  # a stale file is what this call replaces
+            warnings.warn(f"kvroute calibrate: dropping the old calibration: {err}", stacklevel=2)
     results = calibrate(model, specs, data, config, tokenizer=tokenizer, progress=progress)
     if out is not None:
         return save_checkpoint(model, out, tokenizer), results

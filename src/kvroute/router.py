@@ -16,6 +16,11 @@ def route_key(route: Route) -> str:
     return "r" + "_".join(map(str, route))
 
 
+def parse_route_key(key: str) -> Route:
+    """The route a :func:`route_key` names."""
+    return tuple(int(x) for x in key[1:].split("_"))
+
+
 @dataclass
 class RoutingPass:
     """The routing of one forward pass, handed explicitly to every routed layer.

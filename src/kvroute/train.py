@@ -334,13 +334,20 @@ def _load_data(config: TrainConfig, tokenizer: Any):
 
 
 def _carry_calibration(model: torch.nn.Module, folder: str | Path) -> None:
-    """Attach the starting checkpoint's calibration (``kvroute calibrate``): a route equal to a
-    calibrated plan (``plan:SPEC`` routing) trains with its maps, which are saved with every
-    checkpoint. The maps themselves stay fixed; the weights learn around them."""
-    from kvroute.calibrate import load_calibration
+    """With ``plan:SPEC`` routing, keep the starting checkpoint's calibration of that plan
+    (``kvroute calibrate``): every step routes as the plan does, so its maps act on every step
+    and are saved with every checkpoint. The maps stay fixed; the weights learn around them.
+    Other calibrations would go stale as the weights change, so they are not carried."""
+    from kvroute.calibrate import load_calibration, remove_calibration
 
-    if Path(str(folder)).is_dir():
-        load_calibration(model, folder)
+    router = get_router(model)
+    shape = KVShape.from_config(model.config)
+    served = router.policy.served_plan(shape.num_layers, shape.layer_types)
+    if served is None or not Path(str(folder)).is_dir():
+        return
+    for source in load_calibration(model, folder):
+        if source != served.source:
+            remove_calibration(model, "source:" + ",".join(map(str, source)))
 
 
 def _starting_model(config: TrainConfig, tokenizer: Any) -> torch.nn.Module:

@@ -35,7 +35,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LayerMaps(nn.Module):
     """The calibration maps of one non-owner layer under one route.
 
-    Both maps are exact to fold into the layer's weights (vLLM does), and here are
+    vLLM folds them into the layer's weights (the query map exactly into ``q_proj`` where
+    there is no ``q_norm``; behind ``q_norm`` it multiplies at run time); here they are
     applied at run time so that switching plans never copies a weight:
 
     - ``query``: ``(H, D/2, 2)``, one complex scalar per query head and RoPE frequency
