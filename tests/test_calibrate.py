@@ -167,7 +167,7 @@ def test_layer_maps_commute_with_rope():
 
     h, d, t = 2, 8, 5
     a = torch.randn(h, d // 2, 2)
-    q, k = torch.randn(1, h, t, d), torch.randn(1, h, t, d)
+    q = torch.randn(1, h, t, d)
     pos = torch.arange(t).float()
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     ang = torch.cat([pos[:, None] * inv] * 2, dim=-1)[None]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvroute.hf.attention import LayerMaps, RoutedAttention, apply_rope
-from kvroute.hf.patch import get_router, set_plan
+from kvroute.hf.patch import get_router
 from kvroute.plan import KVShape, SharingPlan
 from kvroute.router import parse_route_key, route_key
 
@@ -574,7 +574,6 @@ def calibrate(
         chunks = calibration_data(tokenizer, data, config.tokens, config.chunk_tokens)
     train, val = _split(chunks, config.val_fraction)
     full = SharingPlan.for_model("full", model.config)
-    router = get_router(model)
     cap_full = None
     results = []
     for plan in resolved:
