@@ -49,16 +49,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight of distillation from the frozen starting model under the full cache")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    name = f"{Path(args.start).name}/{args.plan}/{args.steps}/{args.lr:g}/{args.precision}"
+    name = f"{Path(args.start).name}/{args.plan}/{args.steps}/{args.lr:g}/{args.precision}" + (
+        f"/distill{args.distill:g}" if args.distill else "")
     out = ROOT / "runs" / "one_plan" / name.replace("/", "_").replace(":", "")
     start = time.perf_counter()
     result = train(TrainConfig(
         model=args.start, data=sotu(1790, 2006), output_dir=str(out), seq_len=256, batch_size=4,
         max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu", eval_every=0,
         save_every=args.steps, routing=f"plan:{args.plan}", precision=args.precision, quiet=True,
+        distill=args.distill, distill_from="base",
     ))
     minutes = (time.perf_counter() - start) / 60
     tok = load_tokenizer(BASE)
@@ -74,6 +78,7 @@ def main() -> None:
             kvroute.set_plan(tuned, args.plan)
         scores[data] = {"base_full": mean_loss(base, chunks), "tuned_plan": mean_loss(tuned, chunks)}
     row = {"start": args.start, "plan": args.plan, "steps": args.steps, "lr": args.lr, "precision": args.precision,
+           "distill": args.distill,
            "calibrated": is_calibrated(tuned, args.plan), "train_minutes": round(minutes, 1),
            "threads": args.threads, "heldout": scores, "checkpoint": str(result.final_checkpoint)}
     done = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
