@@ -41,3 +41,16 @@ def save_tiny_checkpoint(path: Path, family: str = "llama", layers: int = 4, see
     tiny_lm(family, layers, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Greedy continuation by full forwards (no cache): the reference for cached decoding."""
+    import torch
+
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            out.append(int(model(torch.tensor([out]), use_cache=False).logits[0, -1].argmax()))
+            if out[-1] == eos:
+                break
+    return out[len(ids) :]

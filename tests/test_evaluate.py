@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from eval_helpers import save_tiny_checkpoint, tiny_lm, tiny_tokenizer
+from eval_helpers import greedy_without_cache, save_tiny_checkpoint, tiny_lm, tiny_tokenizer
 
 import kvroute
 from kvroute.calibrate import CalibrationConfig, calibrate, save_calibration
@@ -73,16 +73,6 @@ def test_full_plan_equals_unmodified_model_and_plans_differ():
 
 
 # ------------------------------------------------------------------ QA and multiple choice
-def _greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            out.append(int(model(torch.tensor([out]), use_cache=False).logits[0, -1].argmax()))
-            if out[-1] == eos:
-                break
-    return out[len(ids) :]
-
-
 def test_qa_generates_through_the_shared_cache_like_a_full_forward():
     from transformers.cache_utils import DummyLayer
 
@@ -95,7 +85,7 @@ def test_qa_generates_through_the_shared_cache_like_a_full_forward():
     metrics, preds = qa_score(model, tok, [ex], max_new_tokens=6)
     assert len(caches) > 1 and all(c is caches[0] for c in caches)  # prefill, then decode steps on one cache
     assert [isinstance(layer, DummyLayer) for layer in caches[0].layers] == [False, True, False, True]
-    expected = tok.decode(_greedy_without_cache(model, qa_prompt_ids(tok, ex), 6, tok.eos_token_id),
+    expected = tok.decode(greedy_without_cache(model, qa_prompt_ids(tok, ex), 6, tok.eos_token_id),
                           skip_special_tokens=True)
     assert len(preds[0]["prediction"]) >= 4  # a random model, but not a trivial answer
     assert preds[0]["prediction"] == expected.strip().split("\n", 1)[0].strip()

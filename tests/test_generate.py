@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from eval_helpers import greedy_without_cache
 from textkit import make_tokenizer
 
 import kvroute
@@ -23,16 +24,6 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-def _greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            out.append(int(model(torch.tensor([out]), use_cache=False).logits[0, -1].argmax()))
-            if out[-1] == eos:
-                break
-    return out[len(ids) :]
-
-
 def test_distinct2_and_calibrated_per_plan(tokenizer):
     model = kvroute.apply(tiny_model("llama", layers=4, seed=2))
     data = torch.randint(3, 97, (24, 32), generator=torch.Generator().manual_seed(0))
@@ -41,7 +32,7 @@ def test_distinct2_and_calibrated_per_plan(tokenizer):
     for plan, calibrated in (("full", False), ("every:2", True), ("every:4", False)):
         result = generate(model, tokenizer, PROMPT, plan=plan, max_new_tokens=12)
         kvroute.set_plan(model, plan)
-        expected = _greedy_without_cache(model, prompt, 12, tokenizer.eos_token_id)
+        expected = greedy_without_cache(model, prompt, 12, tokenizer.eos_token_id)
         assert result.new_tokens == len(expected) >= 4, plan
         assert result.distinct2 == distinct_n(expected, 2), plan  # the continuation only, not the prompt
         assert result.calibrated is calibrated, plan
