@@ -63,6 +63,7 @@ class Router:
         self.layer_types = layer_types
         self.generator = torch.Generator().manual_seed(seed)
         self.last_route: Route = plan.source
+        self._plan_pass: tuple[SharingPlan, frozenset[int], str] | None = None
         #: route_key -> what was fitted for that plan (kvroute.calibrate); the maps live on the layers
         self.calibration_info: dict[str, dict[str, Any]] = {}
 
@@ -74,10 +75,14 @@ class Router:
         """Route one forward pass: draw from the policy when training, else use the plan."""
         if training:
             route = self.policy.sample(self.num_layers, self.layer_types, self.generator)
-        else:
-            route = self.plan.source
-        self.last_route = route
-        return RoutingPass(route, frozenset(route), key=route_key(route))
+            self.last_route = route
+            return RoutingPass(route, frozenset(route), key=route_key(route))
+        plan = self.plan
+        if self._plan_pass is None or self._plan_pass[0] is not plan:  # once per plan, not per decoded token
+            self._plan_pass = (plan, frozenset(plan.source), route_key(plan.source))
+        _, producers, key = self._plan_pass
+        self.last_route = plan.source
+        return RoutingPass(plan.source, producers, key=key)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to draw the same routes."""
