@@ -259,3 +259,25 @@ def test_plan_targeted_fine_tune_trains_with_the_maps_and_saves_them(tmp_path, c
     assert set(after) == set(before) == {"r0_0_2_2.query", "r0_0_2_2.value"}
     for name, tensor in after.items():  # the maps stay fixed; the weights learn around them
         torch.testing.assert_close(tensor, before[name])
+
+
+def test_an_interrupted_refinement_leaves_the_closed_form(monkeypatch):
+    import importlib
+
+    cal = importlib.import_module("kvroute.calibrate")  # the module (kvroute.calibrate is also the function)
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    calibrate(model, "every:2", chunks(), FAST, progress=False)
+    closed = {k: v.clone() for k, v in model.model.layers[1].self_attn.calibration.named_buffers()}
+
+    def broken(model, plan, train, config, progress=True):
+        for maps in cal._plan_maps(model, plan).values():
+            maps.value.add_(1.0)  # half-trained
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal, "refine", broken)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, "every:2", chunks(), CalibrationConfig(**{**FAST.__dict__, "steps": 5}), progress=False)
+    after = dict(model.model.layers[1].self_attn.calibration.named_buffers())
+    assert set(after) == set(closed)
+    for name, tensor in after.items():
+        torch.testing.assert_close(tensor, closed[name])

@@ -599,13 +599,18 @@ def calibrate(
         if config.steps:
             snapshot = {k: (m.query.clone() if m.query is not None else None, m.value.clone())
                         for k, m in maps.items()}
-            refine(model, plan, train, config, progress)
+            closed_form = lambda: _attach(model, plan.source, {k: LayerMaps(*v) for k, v in snapshot.items()})  # noqa: E731
+            try:
+                refine(model, plan, train, config, progress)
+            except BaseException:  # an interrupted refinement leaves the closed form, not half-trained maps
+                closed_form()
+                raise
             with _running(model, plan):
                 loss_refined = mean_loss(model, val, config.batch_size)
             if loss_refined < loss_closed:
                 loss, refined = loss_refined, True
             else:  # refinement did not generalise: keep the closed form
-                _attach(model, plan.source, {k: LayerMaps(*v) for k, v in snapshot.items()})
+                closed_form()
         result = PlanCalibration(plan.spec, plan.source, len(maps), loss_full, loss_plain, loss_closed, loss,
                                  refined, time.perf_counter() - start, ridges)
         results.append(result)
