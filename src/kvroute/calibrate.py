@@ -621,16 +621,37 @@ def calibrate(
 
 
 # ------------------------------------------------------------------------ persistence
+def model_shape(config: Any) -> dict[str, Any]:
+    """The shape a calibration must match, from a transformers config."""
+    shape = KVShape.from_config(config)
+    return {"model_type": getattr(config, "model_type", None), "num_layers": shape.num_layers,
+            "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "heads": config.num_attention_heads}
+
+
+def weight_digest(o_proj_weight: torch.Tensor) -> float:
+    """One layer's entry of the weights digest: mean ``|W_o|``. Cheap: it catches another
+    checkpoint's calibration, not every change of weights (a LoRA on q/v passes)."""
+    return round(float(o_proj_weight.detach().float().abs().mean()), 8)
+
+
+def check_shape(path: Path, saved: dict[str, Any], config: Any) -> None:
+    """Raise when the calibration in ``path`` (its saved ``model`` entry) was fitted for another shape."""
+    for key, value in model_shape(config).items():
+        if saved.get(key) != value:
+            raise ValueError(f"{path} was fitted for another model: {key} {saved.get(key)!r} != {value!r}")
+
+
+def check_digest(path: Path, saved: list[float], digest: list[float | None]) -> None:
+    """Raise when the weights' digest is not the one the calibration in ``path`` was fitted on."""
+    if len(saved) != len(digest) or any(d is None for d in digest) or not all(
+        math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-7) for a, b in zip(saved, digest)
+    ):
+        raise ValueError(f"{path} was fitted for a model with other weights; calibrate this checkpoint again")
+
+
 def _fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """What a calibration must match: the model's shape and a cheap digest of its weights (mean |W_o| per
-    layer). It catches another checkpoint's calibration, not every change of weights (a LoRA on q/v passes)."""
-    shape = KVShape.from_config(model.config)
-    digest = []
-    for att in _attention_layers(model):
-        w = att.o_proj.weight.detach()
-        digest.append(round(float(w.float().abs().mean()), 8))
-    return {"model_type": model.config.model_type, "num_layers": shape.num_layers, "kv_heads": shape.kv_heads,
-            "head_dim": shape.head_dim, "heads": model.config.num_attention_heads, "digest": digest}
+    """What a calibration must match: the model's shape and its weights digest."""
+    return {**model_shape(model.config), "digest": [weight_digest(att.o_proj.weight) for att in _attention_layers(model)]}
 
 
 def _record(model: torch.nn.Module, plan: SharingPlan, result: PlanCalibration, config: CalibrationConfig) -> None:
@@ -710,12 +731,8 @@ def load_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> list[
     if not plans:
         return []
     path = Path(folder) / CALIBRATION_FILE
-    saved, mine = meta["model"], _fingerprint(model)
-    for key in ("model_type", "num_layers", "kv_heads", "head_dim", "heads"):
-        if saved.get(key) != mine[key]:
-            raise ValueError(f"{path} was fitted for another model: {key} {saved.get(key)!r} != {mine[key]!r}")
-    if not all(math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-7) for a, b in zip(saved["digest"], mine["digest"])):
-        raise ValueError(f"{path} was fitted for a model with other weights; calibrate this checkpoint again")
+    check_shape(path, meta["model"], model.config)
+    check_digest(path, meta["model"]["digest"], _fingerprint(model)["digest"])
     dtype = next(model.parameters()).dtype
     for source, maps in plans.items():
         SharingPlan.for_model("source:" + ",".join(map(str, source)), model.config)  # checks the layers

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import re
 import sys
 import warnings
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvroute.plan import KVShape, SharingPlan
+from kvroute.plan import SharingPlan
 
 if TYPE_CHECKING:
     from kvroute.hf.attention import LayerMaps
@@ -296,6 +295,8 @@ class CalibrationFold:
             ValueError: once the weights are read, when a map found no weight to fold into
                 or the weights are not the ones the calibration was fitted on.
         """
+        from kvroute.calibrate import check_digest, weight_digest
+
         todo = {(l, "o_proj") for l, m in self.maps.items() if m.value is not None}
         if queries:
             todo |= {(l, "q_proj") for l, m in self.maps.items() if m.query is not None}
@@ -306,7 +307,7 @@ class CalibrationFold:
                 layer, part, kind = int(match["layer"]), match["part"], match["kind"]
                 maps = self.maps.get(layer)
                 if part == "o_proj" and kind == "weight":
-                    seen[layer] = float(tensor.detach().float().abs().mean())  # as kvroute.calibrate's digest
+                    seen[layer] = weight_digest(tensor)
                     if maps is not None and maps.value is not None:
                         tensor = fold_value(tensor, maps.value)
                         todo.discard((layer, part))
@@ -317,11 +318,7 @@ class CalibrationFold:
         if todo:
             missing = ", ".join(f"layers.{l}.self_attn.{p}.weight" for l, p in sorted(todo))
             raise ValueError(f"{self.path}: no checkpoint weight to fold the calibration into: {missing}")
-        digest = [seen.get(l) for l in range(len(self.digest))]
-        if any(d is None for d in digest) or not all(  # the tolerance of kvroute.calibrate.load_calibration
-            math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-7) for a, b in zip(self.digest, digest)
-        ):
-            raise ValueError(f"{self.path} was fitted for a model with other weights; calibrate this checkpoint again")
+        check_digest(self.path, list(self.digest), [seen.get(l) for l in range(len(self.digest))])
 
 
 def plan_calibration(checkpoint: str | Path, config: Any, plan: SharingPlan) -> CalibrationFold | None:
@@ -342,24 +339,19 @@ def plan_calibration(checkpoint: str | Path, config: Any, plan: SharingPlan) -> 
     folder = Path(checkpoint).expanduser()
     if not folder.is_dir():
         return None
-    from kvroute.calibrate import CALIBRATION_FILE, read_calibration
+    from kvroute.calibrate import CALIBRATION_FILE, check_shape, read_calibration
 
     meta, plans = read_calibration(folder)
     if not plans:
         return None
     path = folder / CALIBRATION_FILE
     config = _as_config(config)
-    shape = KVShape.from_config(config)
-    mine = {"model_type": getattr(config, "model_type", None), "num_layers": shape.num_layers,
-            "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "heads": config.num_attention_heads}
     saved = meta.get("model", {})
-    for key, value in mine.items():
-        if saved.get(key) != value:
-            raise ValueError(f"{path} was fitted for another model: {key} {saved.get(key)!r} != {value!r}")
+    check_shape(path, saved, config)
     maps = plans.get(plan.source)
     if not maps:
         return None
-    heads, dim = mine["heads"], mine["head_dim"]
+    heads, dim = saved["heads"], saved["head_dim"]
     for layer, m in maps.items():
         if plan.source[layer] == layer:
             raise ValueError(f"{path}: plan {plan.spec} has maps for layer {layer}, which keeps its own KV")
