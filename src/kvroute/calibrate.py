@@ -53,6 +53,7 @@ from kvroute.hf.attention import LayerMaps, RoutedAttention, apply_rope
 from kvroute.hf.patch import get_router
 from kvroute.plan import KVShape, SharingPlan
 from kvroute.router import parse_route_key, route_key
+from kvroute.search import calibration_chunks, mean_loss, read_texts
 
 CALIBRATION_FILE = "kvroute_calibration.safetensors"
 FORMAT_VERSION = 1
@@ -203,8 +204,6 @@ def calibration_data(
     tokenizer: Any, data: Iterable[str | os.PathLike], tokens: int, chunk_tokens: int
 ) -> torch.Tensor:
     """``(N, chunk_tokens)`` token ids: ``tokens`` tokens evenly spread over the texts of ``data``."""
-    from kvroute.search import calibration_chunks, read_texts
-
     wanted = tokens // chunk_tokens
     chunks = calibration_chunks(tokenizer, read_texts(data), chunk_tokens, max_chunks=wanted)
     if chunks.shape[0] < max(2, wanted // 2):
@@ -222,20 +221,6 @@ def _split(chunks: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, tor
     val_idx = sorted({min(int(i * step + step / 2), chunks.shape[0] - 1) for i in range(n_val)})
     train_idx = [i for i in range(chunks.shape[0]) if i not in set(val_idx)]
     return chunks[train_idx], chunks[val_idx]
-
-
-@torch.inference_mode()
-def mean_loss(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token loss of ``model`` (as routed now) on ``chunks``."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in chunks.split(batch_size):
-        batch = batch.to(device)
-        out = model(input_ids=batch, labels=batch, use_cache=False)
-        n = batch.shape[0] * (batch.shape[1] - 1)
-        total += out.loss.float().item() * n
-        count += n
-    return total / count
 
 
 # ------------------------------------------------------------------------ capture
@@ -773,8 +758,6 @@ def calibrate_checkpoint(
     model_config = load_config(checkpoint)
     for spec in specs:  # every plan checked before any work
         SharingPlan.for_model(spec, model_config)
-    from kvroute.search import read_texts
-
     read_texts(data)  # missing files fail now, not after the model is loaded
     tokenizer = load_tokenizer(checkpoint)
     model = apply(load_model(checkpoint, dtype=dtype, device=device)).eval()

@@ -89,6 +89,20 @@ def calibration_chunks(
 
 
 # ------------------------------------------------------------------------- scoring
+@torch.inference_mode()
+def mean_loss(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token loss of ``model`` (as routed now) on ``chunks``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in chunks.split(batch_size):
+        batch = batch.to(device)
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += out.loss.float().item() * n
+        count += n
+    return total / count
+
+
 class PlanScorer:
     """Mean next-token loss of a routed model under a plan, cached per owner set.
 
@@ -108,20 +122,11 @@ class PlanScorer:
     def plan(self, owners: Iterable[int]) -> SharingPlan:
         return SharingPlan.from_owners(sorted(owners), self.shape.num_layers, self.shape.layer_types)
 
-    @torch.inference_mode()
     def loss(self, owners: Iterable[int]) -> float:
         key = tuple(sorted(owners))
         if key not in self.cache:
             set_plan(self.model, self.plan(key))
-            device = next(self.model.parameters()).device
-            total, count = 0.0, 0
-            for batch in self.chunks.split(self.batch_size):
-                batch = batch.to(device)
-                out = self.model(input_ids=batch, labels=batch, use_cache=False)
-                n = batch.shape[0] * (batch.shape[1] - 1)
-                total += out.loss.float().item() * n
-                count += n
-            self.cache[key] = total / count
+            self.cache[key] = mean_loss(self.model, self.chunks, self.batch_size)
         return self.cache[key]
 
     def best(self, candidates: Iterable[Owners], keep: int, desc: str, progress: bool) -> list[Owners]:
