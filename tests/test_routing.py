@@ -214,11 +214,15 @@ def train_step(family, policy, seed, layers=6, **kwargs):
     model = tiny_model(family, layers=layers)
     kvroute.apply(model, policy=policy, plan="every:2", seed=seed)
     checkpointing = kwargs.pop("checkpointing", False)
+    teacher_between = kwargs.pop("teacher_between", False)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     ids = tokens(2, 12)
     out = model(ids, labels=ids, **kwargs)
+    if teacher_between:  # another pass of the same model before backward (self-distillation's teacher)
+        with torch.no_grad():
+            model(tokens(2, 9, seed=5), use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return model, out, grads
@@ -234,9 +238,13 @@ def test_cache_and_checkpointing_do_not_change_routing(family_):
         "cache": train_step(family_, "rcla:p=0.5", seed=0, use_cache=True, cache=cache),
         "no-cache-arg": train_step(family_, "rcla:p=0.5", seed=0),
         "checkpointing": train_step(family_, "rcla:p=0.5", seed=0, checkpointing=True),
+        # backward recomputes the layers under the pass they ran in, not the teacher's later one
+        "checkpointing, teacher pass before backward": train_step(
+            family_, "rcla:p=0.5", seed=0, checkpointing=True, teacher_between=True),
     }
     for name, (model, out, grads) in runs.items():
-        assert kvroute.get_router(model).last_route == route, name
+        if "teacher" not in name:
+            assert kvroute.get_router(model).last_route == route, name
         close(out.logits, ref.logits)
         close(out.loss, ref.loss)
         assert grads.keys() == ref_grads.keys(), name
@@ -399,3 +407,41 @@ def test_decode_equals_full_forward_for_any_source_map(data, family, prefill, le
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         close(decode_logits(model, ids, prefill=prefill), full)
+
+
+def _plan_logits(model, plan: str) -> torch.Tensor:
+    kvroute.set_plan(model, plan)
+    with torch.no_grad():
+        return model(tokens(2, 11), use_cache=False).logits
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_routes_on_its_own_router(family, how):
+    """A copy carries its own router, generator and plan: changing one never changes the other."""
+    import copy
+    import io
+
+    model = kvroute.apply(tiny_model(family, layers=6), policy="rcla:p=0.5", plan="full", seed=4)
+    full = _plan_logits(model, "full")
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert kvroute.get_router(twin) is not kvroute.get_router(model)
+    shared = _plan_logits(twin, "every:2")
+    assert (shared - full).abs().max() > 1e-3  # the copy runs its own plan...
+    assert kvroute.get_router(model).plan.spec == "full"  # ...and the original keeps its own
+    with torch.no_grad():
+        close(model(tokens(2, 11), use_cache=False).logits, full)
+    close(_plan_logits(model, "every:2"), shared)
+    # training routes: the copy's generator starts where the original's was, then goes its own way
+    twin.train(), model.train()
+    ids = tokens(2, 8)
+    routes = []
+    for m in (model, twin):
+        m(ids, use_cache=False)
+        routes.append(kvroute.get_router(m).last_route)
+    assert routes[0] == routes[1]

@@ -326,3 +326,58 @@ def test_resume_refuses_other_settings(assets, tmp_path):
     train(config(assets, tmp_path / "run", max_steps=2, save_every=1))
     with pytest.raises(ValueError, match=r"--resume: .* --seq-len 32, this run asks for 16"):
         train(config(assets, tmp_path / "run", max_steps=2, seq_len=16, resume="latest"))
+
+
+def _accumulated_grads(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The gradient one optimizer step would apply (no clipping, no step)."""
+    from kvroute.train import _Run
+
+    run = _Run(cfg)
+    run.optimizer.step = lambda *a, **k: None
+    run.optimizer.zero_grad = lambda *a, **k: None
+    run.model.train()
+    run.train_step()
+    return {n: p.grad.clone() for n, p in run.plain.named_parameters() if p.grad is not None}
+
+
+def test_grad_accum_weights_every_labelled_token_alike(assets, tmp_path):
+    """Micro-batches with different numbers of answer tokens: k micro-batches of n give the
+    gradient of one batch of k x n (the token mean over the window, not a mean of means)."""
+    import random
+
+    rng = random.Random(1)
+    words = [f"w{i}" for i in range(40)]
+    rows = [{"context": " ".join(rng.choice(words) for _ in range(8)), "question": "w1 w2",
+             "answer": " ".join(rng.choice(words) for _ in range(1 + 7 * (i % 2)))} for i in range(24)]
+    qa = tmp_path / "uneven.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(data=[str(qa)], routing="none", grad_clip=0.0, val_fraction=0.0, seq_len=48, max_steps=1,
+                  question_first_p=0.0)
+    one = _accumulated_grads(config(assets, tmp_path / "one", batch_size=4, **common))
+    two = _accumulated_grads(config(assets, tmp_path / "two", batch_size=2, grad_accum=2, **common))
+    four = _accumulated_grads(config(assets, tmp_path / "four", batch_size=1, grad_accum=4, **common))
+    assert one.keys() == two.keys() == four.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_fine_tunes_follow_the_seed(assets, tmp_path):
+    def final(name: str, seed: int) -> dict[str, torch.Tensor]:
+        result = train(config(assets, tmp_path / name, lora_r=4, lr=5e-2, max_steps=2, seed=seed))
+        return kvroute.load_model(result.final_checkpoint).state_dict()
+
+    a, b, c = final("a", 5), final("b", 5), final("c", 6)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert not torch.equal(a[key], c[key])
+
+
+def test_qa_validation_split_does_not_follow_the_seed(assets):
+    from kvroute.data.qa import load_qa
+    from kvroute.models import load_tokenizer
+
+    tok = load_tokenizer(str(assets["model"]))
+    splits = [load_qa([str(assets["qa"])], tok, 48, 0.25, seed=s)[1] for s in (0, 7)]
+    assert [r.question for r in splits[0].records] == [r.question for r in splits[1].records]

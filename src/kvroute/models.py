@@ -149,8 +149,13 @@ def load(
     return model
 
 
-def save_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save_checkpoint(
+    model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write model (safetensors + config with the routing setup), its calibrations and tokenizer atomically.
+
+    ``state_dict`` replaces the model's own weights (a sharded model's gathered weights).
 
     The checkpoint is written to a temporary folder beside ``out_dir`` and renamed
     into place, so a half-written checkpoint never looks complete.
@@ -160,7 +165,7 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if is_routed(model):
             from kvroute.calibrate import save_calibration
 

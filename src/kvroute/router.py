@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,10 @@ def parse_route_key(key: str) -> Route:
 
 @dataclass
 class RoutingPass:
-    """The routing of one forward pass, handed explicitly to every routed layer.
+    """The routing of one forward pass; every routed layer reads it from the model's :class:`Router`.
+
+    It never travels through forward arguments, so wrappers that copy or rebuild the
+    arguments (FSDP2, DDP, ``torch.compile``, PEFT) cannot split it between layers.
 
     Attributes:
         route: ``route[l]`` is the layer whose KV layer ``l`` reads in this pass.
@@ -43,6 +47,13 @@ class Router:
 
     In training mode each forward pass draws a fresh route from the policy; in eval
     mode the route is the plan's source map.
+
+    It also holds the pass in progress (:meth:`enter` / :meth:`exit`, called by hooks on
+    the decoder), so per-pass state lives on the model itself and not in the arguments
+    of any forward call. The last pass that ran with gradients stays :attr:`current` after
+    it ends: non-reentrant activation checkpointing recomputes its layers in backward.
+    Copies and pickles of a router carry its policy, plan, generator and calibration
+    record, never a pass in progress.
 
     Args:
         plan: the inference plan.
@@ -66,6 +77,52 @@ class Router:
         self._plan_pass: tuple[SharingPlan, frozenset[int], str] | None = None
         #: route_key -> what was fitted for that plan (kvroute.calibrate); the maps live on the layers
         self.calibration_info: dict[str, dict[str, Any]] = {}
+        self._reset_passes()
+
+    def _reset_passes(self) -> None:
+        self._local = threading.local()  # .stack: this thread's passes in progress (nested models)
+        self._retained: RoutingPass | None = None  # the last pass run with gradients, for backward
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_local", "_retained", "_plan_pass"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._plan_pass = None
+        self._reset_passes()
+
+    @property
+    def _stack(self) -> list[RoutingPass]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def enter(self, training: bool) -> RoutingPass:
+        """Start a forward pass of the model: route it (:meth:`begin_pass`) and make it current."""
+        routing = self.begin_pass(training)
+        self._stack.append(routing)
+        return routing
+
+    def exit(self) -> None:
+        """End the current pass. One run with gradients stays current for recomputation in backward."""
+        stack = self._stack
+        if not stack:
+            return
+        routing = stack.pop()
+        if torch.is_grad_enabled():
+            self._retained = routing
+        else:
+            routing.kv.clear()  # nothing will recompute it; a cache, if any, holds the KV
+
+    @property
+    def current(self) -> RoutingPass | None:
+        """The pass routed layers read: the innermost in progress on this thread, else the retained one."""
+        stack = self._stack
+        return stack[-1] if stack else self._retained
 
     @property
     def num_layers(self) -> int:

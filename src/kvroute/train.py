@@ -21,6 +21,7 @@ import math
 import random
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,11 +33,15 @@ import torch.nn.functional as F
 from kvroute.data.qa import IGNORE_INDEX, QACollator, load_qa
 from kvroute.data.mix import Mixture
 from kvroute.data.text import TEXT_SUFFIXES, collate_blocks, load_text, resolve_files
-from kvroute.hf.patch import PlanMismatchWarning, apply, get_router, set_plan
+from kvroute import sharding
+from kvroute.hf.patch import PlanMismatchWarning, apply, get_router, is_routed, set_plan
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_spec
 from kvroute.presets import PRESETS, preset_config
-from kvroute.trainlog import MetricsLog, latest_checkpoint, load_training_state, save_training_state
+from kvroute.trainlog import (
+    STATE_DIR, MetricsLog, commit_training_state, latest_checkpoint, load_training_state, stage_training_state,
+    staging_dir,
+)
 
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("auto", "text", "qa", "mix")
@@ -64,6 +69,8 @@ class TrainConfig:
         distill: weight of KL(teacher || routed student) on routed passes (0: off).
         distill_from: teacher: ``self`` (the same model, unrouted) or ``base`` (frozen start).
         lora_r: LoRA rank (0: full fine-tuning).
+        fsdp: shard weights, gradients and optimizer state over the processes (FSDP2; launch with
+            ``torchrun`` or ``accelerate launch``); checkpoints are then sharded (torch distributed checkpoint).
         resume: ``latest`` or a checkpoint folder to continue from.
     """
 
@@ -95,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     lora_r: int = 0
+    fsdp: bool = False
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
@@ -163,6 +171,8 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        if self.fsdp and self.lora_r:
+            raise ValueError("--fsdp with LoRA (--lora-r) is not supported; use DDP (leave out --fsdp) for LoRA")
         if not parse_plan_list(self.eval_plans):
             raise ValueError("--eval-plans: give at least one plan, e.g. full,every:2")
 
@@ -228,19 +238,27 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------- losses
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != -100. logits: (B, T, V); labels: (B, T)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over labels != -100 (``mean`` or ``sum``). logits: (B, T, V); labels: (B, T)."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) over the positions the LM loss counts. logits: (B, T, V)."""
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               reduction: str = "mean") -> torch.Tensor:
+    """KL(teacher || student) over the positions the LM loss counts (``mean`` or ``sum``). logits: (B, T, V)."""
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
     s = student_logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
     t = teacher_logits[:, :-1][mask].float().log_softmax(-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.sum() if reduction == "sum" else kl.mean()
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a batch's losses count: next-token positions whose label is not -100."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @contextlib.contextmanager
@@ -446,7 +464,7 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
                     n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
                     with autocast():
                         logits = _forward_logits(model, batch)
-                    total += torch.stack([causal_lm_loss(logits, batch["labels"]).double() * n, n.double()]).cpu()
+                    total += torch.stack([causal_lm_loss(logits, batch["labels"], "sum").double(), n.double()]).cpu()
                 out[spec] = float(total[0] / total[1].clamp(min=1))
         finally:
             set_plan(plain, train_plan)
@@ -456,7 +474,7 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
 
 #: settings a resumed run must share with its checkpoint (else the data order or weights differ).
 RESUME_FIXED = ("data", "data_format", "model", "preset", "layers", "tokenizer", "seq_len", "batch_size",
-                "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction")
+                "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction", "fsdp")
 
 
 class _Run:
@@ -481,6 +499,9 @@ class _Run:
             raise ValueError("--device cuda: Accelerate was already set up on the CPU in this process "
                              "(an earlier device='cpu' run); start a new process")
         self.main = acc.is_main_process
+        self.fsdp = c.fsdp
+        if c.fsdp:
+            sharding.require_process_group()
         self.batches = _Batches(train_ds, collate, c.batch_size, c.seed, acc.process_index, acc.num_processes)
         self.val_batches = [collate([val_ds[i] for i in range(s, min(s + c.batch_size, len(val_ds)))])
                             for s in range(0, len(val_ds), c.batch_size)][: c.eval_batches]
@@ -489,13 +510,12 @@ class _Run:
         if c.resume is not None:
             self.resume_dir = latest_checkpoint(self.ckpt_root) if c.resume == "latest" else Path(c.resume)
 
-        random.seed(c.seed)
-        np.random.seed(c.seed)
+        _seed_everything(c.seed)  # LoRA initialisation and dropout follow --seed
         model = _starting_model(c, self.tokenizer)
         distill_base = c.distill > 0 and c.distill_from == "base"
         self.base = None  # frozen teacher; with LoRA the model itself with its adapters off
         if distill_base and c.lora_r == 0:
-            self.base = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
+            self.base = _frozen_teacher(model, acc.device, c.fsdp)
         self.adapters_off_teacher = distill_base and c.lora_r > 0
         if self.resume_dir is not None and c.lora_r == 0:
             model = load_model(self.resume_dir)
@@ -506,10 +526,13 @@ class _Run:
         if c.lora_r > 0:
             model = _add_lora(model, c)
         self.router = get_router(model)
-        optimizer = _optimizer(model, c)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule())
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.plain = acc.unwrap_model(self.model)
+        if c.fsdp:  # torch's FSDP2 on the model in place; Accelerate only runs the processes
+            self.model = self.plain = sharding.shard(model, acc.device)
+            self.optimizer = _optimizer(self.model, c)
+        else:
+            self.model, self.optimizer = acc.prepare(model, _optimizer(model, c))
+            self.plain = acc.unwrap_model(self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule())
         self.step, self.micro = 0, 0
 
     @property
@@ -533,8 +556,18 @@ class _Run:
                     f"--resume: {folder} was trained with {_flag(name)} {old!r}, this run asks for {new!r}; "
                     "resume with the same settings"
                 )
+        processes = state.get("processes", 1)
+        if processes != self.accelerator.num_processes:
+            raise ValueError(
+                f"--resume: {folder} was written by {processes} process(es), this run has "
+                f"{self.accelerator.num_processes}; the data order and the global batch depend on it, so "
+                f"resume on {processes} process(es)"
+            )
         self.step, self.micro = state["step"], state["micro"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            sharding.load_sharded(self.model, self.optimizer, folder / STATE_DIR)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.lr_lambdas = [self.schedule()] * len(self.scheduler.lr_lambdas)  # this run's --max-steps
         self.router.load_state_dict(state["router"])
@@ -543,38 +576,65 @@ class _Run:
         _set_rng(state["rng"])
 
     def train_step(self) -> StepInfo:
-        """One optimizer step over ``grad_accum`` micro-batches; each forward draws its own route."""
+        """One optimizer step over ``grad_accum`` micro-batches; each forward draws its own route.
+
+        Losses are token-exact: the summed token losses (LM and distillation) of every
+        micro-batch on every process are divided by the labelled tokens of the whole window,
+        so ``--grad-accum k`` and ``k`` processes optimise what one batch ``k`` times larger would.
+        """
         c, acc, model = self.config, self.accelerator, self.model
         t0 = time.perf_counter()
-        totals = torch.zeros(3, device=acc.device)  # loss, lm loss, distill (means over micro-batches)
+        batches = [{key: v.to(acc.device) for key, v in self.batches(self.micro + k).items()}
+                   for k in range(c.grad_accum)]
+        self.micro += c.grad_accum
+        counted = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches))], device=acc.device))
+        scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
+        sums = torch.zeros(3, device=acc.device)  # summed token losses: loss, lm, distill
         tokens, routes = 0, []
-        for k in range(c.grad_accum):
-            batch = {key: v.to(acc.device) for key, v in self.batches(self.micro).items()}
-            self.micro += 1
-            with contextlib.nullcontext() if k == c.grad_accum - 1 else acc.no_sync(model):
+        for k, batch in enumerate(batches):
+            last = k == c.grad_accum - 1
+            sharding.set_gradient_sync(model, last)
+            with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(model):
                 with self.autocast():
                     logits = _forward_logits(model, batch)  # draws the route
                 route = self.router.last_route
                 routes.append(route)
-                lm = causal_lm_loss(logits, batch["labels"])
+                lm = causal_lm_loss(logits, batch["labels"], reduction="sum")
                 dist = torch.zeros((), device=lm.device)
                 if c.distill > 0 and route != tuple(range(len(route))):  # only routed passes are distilled
-                    dist = distill_kl(logits, self.teacher_logits(batch), batch["labels"])
+                    dist = distill_kl(logits, self.teacher_logits(batch), batch["labels"], reduction="sum")
                 loss = lm + c.distill * dist
-                acc.backward(loss / c.grad_accum)
-            totals += torch.stack([loss.detach(), lm.detach(), dist.detach()]) / c.grad_accum
+                acc.backward(loss * scale)
+            sums += torch.stack([loss.detach(), lm.detach(), dist.detach()])
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), c.grad_clip)) if c.grad_clip > 0 else None
+        grad_norm = None
+        if c.grad_clip > 0:
+            grad_norm = (sharding.clip_grad_norm(model, c.grad_clip) if self.fsdp
+                         else float(acc.clip_grad_norm_(model.parameters(), c.grad_clip)))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        totals = acc.reduce(totals, "mean")
+        self._check_same_routes(routes)
+        totals = self._sum(sums) / counted.clamp(min=1)
         tokens *= acc.num_processes
         elapsed = max(time.perf_counter() - t0, 1e-9)
         return StepInfo(self.step, float(totals[0]), float(totals[1]), float(totals[2]), lr, grad_norm,
                         tokens, tokens / elapsed, routes)
+
+    def _check_same_routes(self, routes: list[tuple[int, ...]]) -> None:
+        """Every process must have drawn the same routes (the same seed, the same number of passes)."""
+        if self.accelerator.num_processes == 1:
+            return
+        code = torch.tensor([float(zlib.crc32(repr(routes).encode()))], dtype=torch.float64, device=self.accelerator.device)
+        if len(set(self.accelerator.gather(code).tolist())) > 1:
+            raise RuntimeError(f"kvroute: processes drew different routes at step {self.step}; every process "
+                               "must run the same kvroute version, --seed and number of forward passes")
+
+    def _sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over all processes."""
+        return self.accelerator.reduce(values.clone(), "sum") if self.accelerator.num_processes > 1 else values
 
     def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unrouted output: the frozen base copy, else the model itself with the identity route.
@@ -593,23 +653,37 @@ class _Run:
                               self.autocast)
 
     def save(self, folder: Path, training_state: bool) -> None:
-        """Weights + tokenizer (atomic), then the training state (renamed into place last)."""
+        """Weights + tokenizer (atomic), then the training state (renamed into place last).
+
+        Under ``--fsdp`` every process gathers the weights for the main one to write, and each
+        writes its own shards of weights and optimizer state into the training state.
+        """
         from kvroute.models import save_checkpoint
 
-        self.accelerator.wait_for_everyone()
+        acc, c = self.accelerator, self.config
+        acc.wait_for_everyone()
+        gathered = sharding.full_state_dict(self.model) if self.fsdp else None
         if self.main:
-            c = self.config
             save_checkpoint(copy.deepcopy(self.plain).merge_and_unload() if c.lora_r else self.plain,
-                            folder, self.tokenizer)
-            if training_state:
+                            folder, self.tokenizer, state_dict=gathered)
+        del gathered
+        if training_state:
+            if self.main:
+                stage_training_state(folder)
+            acc.wait_for_everyone()
+            if self.fsdp:
+                sharding.save_sharded(self.model, self.optimizer, staging_dir(folder))
+                acc.wait_for_everyone()
+            if self.main:
                 lora = {k: v for k, v in self.plain.state_dict().items() if "lora_" in k} if c.lora_r else None
-                save_training_state(folder, {
-                    "step": self.step, "micro": self.micro, "optimizer": self.optimizer.state_dict(),
+                commit_training_state(folder, {
+                    "step": self.step, "micro": self.micro,
+                    "optimizer": None if self.fsdp else self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "router": self.router.state_dict(),
                     "rng": _get_rng(), "trainable": lora, "config": asdict(c),
-                    "processes": self.accelerator.num_processes,
+                    "processes": acc.num_processes,
                 }, keep=c.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
 
 
 def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | None = None) -> TrainResult:
@@ -678,6 +752,22 @@ def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | Non
     say(f"saved {final}")
     log.close()
     return TrainResult(run.out_dir, final, run.step, losses, eval_loss, run.main)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _frozen_teacher(model: torch.nn.Module, device: torch.device, fsdp: bool) -> torch.nn.Module:
+    """A frozen copy of the starting model under the full cache (``--distill-from base``)."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if is_routed(teacher):  # a routed start keeps its saved plan; the teacher reads every layer's own KV
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlanMismatchWarning)
+            set_plan(teacher, "full")
+    return sharding.shard(teacher, device) if fsdp else teacher.to(device)
 
 
 def _get_rng() -> dict[str, Any]:

@@ -118,17 +118,35 @@ def _append_csv(path: Path, columns: tuple[str, ...], row: dict[str, Any]) -> No
         csv.DictWriter(fh, columns, extrasaction="ignore").writerow(row)
 
 
-def save_training_state(folder: Path, state: dict[str, Any], keep: int = 0) -> None:
-    """Write ``folder/training_state`` atomically, then drop all but the newest ``keep`` checkpoints."""
-    tmp = folder / f".{STATE_DIR}.tmp"
+def staging_dir(folder: Path) -> Path:
+    """Where a checkpoint's training state is written before :func:`commit_training_state` renames it."""
+    return folder / f".{STATE_DIR}.tmp"
+
+
+def stage_training_state(folder: Path) -> Path:
+    """Create an empty :func:`staging_dir` (other processes may then write shards into it)."""
+    tmp = staging_dir(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_training_state(folder: Path, state: dict[str, Any], keep: int = 0) -> None:
+    """Write ``state.pt`` into the staged folder, rename it to ``folder/training_state``, and
+    drop all but the newest ``keep`` checkpoints."""
+    tmp = staging_dir(folder)
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
     tmp.rename(folder / STATE_DIR)
     if keep:
         for old in _complete_checkpoints(folder.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def save_training_state(folder: Path, state: dict[str, Any], keep: int = 0) -> None:
+    """Write ``folder/training_state`` atomically, then drop all but the newest ``keep`` checkpoints."""
+    stage_training_state(folder)
+    commit_training_state(folder, state, keep)
 
 
 def load_training_state(folder: str | Path) -> dict[str, Any]:

@@ -58,6 +58,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--lora-alpha", type=float, default=16.0)
     o.add_argument("--lora-dropout", type=float, default=0.0)
     o.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    o.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer over processes (FSDP2; launch with torchrun)")
 
     d = p.add_argument_group("data, eval and checkpoints")
     d.add_argument("--val-fraction", type=float, default=0.05)

@@ -18,8 +18,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvroute.router import RoutingPass, Router
 
-PASS_KWARG = "kvroute_pass"
-
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -117,7 +115,7 @@ class RoutedAttention(nn.Module):
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        routing: RoutingPass | None = kwargs.pop(PASS_KWARG, None)
+        routing: RoutingPass | None = self.router.current
         if routing is None:
             raise RuntimeError(
                 "kvroute: a routed attention layer was called outside a routed forward pass; "

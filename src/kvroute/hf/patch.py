@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from typing import Any
 
 from torch import nn
 from transformers.cache_utils import DummyLayer, DynamicCache
 
-from kvroute.hf.attention import PASS_KWARG, RoutedAttention
+from kvroute.hf.attention import RoutedAttention
 from kvroute.hf.cache import SharedKVCache, shared_layers
 from kvroute.plan import KVShape, SharingPlan, layer_types_of
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
@@ -26,6 +25,10 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 CONFIG_KEY = "kvroute"
 CONFIG_VERSION = 1
+#: the decoder's attribute that holds its router (the hooks find it there, so a copy finds its own)
+ROUTER_ATTR = "kvroute_router"
+#: a cache's attribute naming the plan the hooks laid it out for
+LAYOUT_ATTR = "_kvroute_plan"
 
 
 class PlanMismatchWarning(UserWarning):
@@ -48,6 +51,11 @@ def _decoder(model: nn.Module) -> nn.Module:
         if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
             return candidate
     raise ValueError(f"kvroute cannot find the decoder layers of {type(model).__name__}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported model (``model.model.layers`` for LlamaForCausalLM)."""
+    return _decoder(model).layers
 
 
 def _routed_layers(model: nn.Module) -> list[RoutedAttention]:
@@ -124,9 +132,9 @@ def apply(
                     f"kvroute expected {expected} in each decoder layer, found {type(attn).__name__}"
                 )
             layer.self_attn = RoutedAttention(attn, router)
-        decoder.register_forward_pre_hook(
-            _begin_pass_hook(router, KVShape.from_config(model.config)), with_kwargs=True
-        )
+        setattr(decoder, ROUTER_ATTR, router)
+        decoder.register_forward_pre_hook(_enter_pass, with_kwargs=True)
+        decoder.register_forward_hook(_exit_pass, with_kwargs=True, always_call=True)
     _write_config(model, router)
     return model
 
@@ -175,46 +183,52 @@ def _write_config(model: nn.Module, router: Router) -> None:
     setattr(model.config, CONFIG_KEY, routing_config(model) if is_routed(model) else None)
 
 
-def _begin_pass_hook(router: Router, shape: KVShape):
-    laid_out: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> plan it was laid out for
+def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Decoder pre-hook: route this forward pass on the decoder's own router; lay out the cache.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs[PASS_KWARG] = router.begin_pass(module.training)
-        if module.training:
-            if not isinstance(router.policy, NoRouting):
-                _check_checkpointing(module)
-            return args, kwargs
-        name = "past_key_values" if "past_key_values" in kwargs else "cache"
-        cache = kwargs.get(name)
-        plan = router.plan
-        if cache is None:
-            use_cache = kwargs.get("use_cache")
-            if use_cache if use_cache is not None else getattr(module.config, "use_cache", False):
-                kwargs[name] = SharedKVCache(plan, shape)
-            return args, kwargs
-        known = cache.plan if isinstance(cache, SharedKVCache) else laid_out.get(cache)
-        if known is plan:  # the decode fast path: nothing to check
-            return args, kwargs
-        if type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
-            # an empty cache from generate() or the caller: give it the shared layout in place,
-            # so the caller's reference still holds the KV on the next call
-            cache.layers[:] = shared_layers(plan, shape)
-            laid_out[cache] = plan
-        elif known is not None and known.source != plan.source:
-            raise ValueError(
-                f"this cache was built for plan {known.spec!r} but the model runs plan "
-                f"{plan.spec!r}; build a new cache after set_plan()"
-            )
-        elif known is None and any(
-            o < len(cache.layers) and isinstance(cache.layers[o], DummyLayer) for o in plan.owners
-        ):
-            raise ValueError(
-                f"this cache holds no KV for some owners of plan {plan.spec!r}; "
-                "build a new cache after set_plan()"
-            )
+    Module-level, holding no model object: a deep copy or a pickle of the model runs the same
+    hook on its own router.
+    """
+    router: Router = getattr(module, ROUTER_ATTR)
+    router.enter(module.training)
+    if module.training:
+        if not isinstance(router.policy, NoRouting):
+            _check_checkpointing(module)
         return args, kwargs
+    name = "past_key_values" if "past_key_values" in kwargs else "cache"
+    cache = kwargs.get(name)
+    plan = router.plan
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if use_cache if use_cache is not None else getattr(module.config, "use_cache", False):
+            kwargs[name] = SharedKVCache(plan, KVShape.from_config(module.config))
+        return args, kwargs
+    known = cache.plan if isinstance(cache, SharedKVCache) else getattr(cache, LAYOUT_ATTR, None)
+    if known is plan:  # the decode fast path: nothing to check
+        return args, kwargs
+    if type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
+        # an empty cache from generate() or the caller: give it the shared layout in place,
+        # so the caller's reference still holds the KV on the next call
+        cache.layers[:] = shared_layers(plan, KVShape.from_config(module.config))
+        setattr(cache, LAYOUT_ATTR, plan)
+    elif known is not None and known.source != plan.source:
+        raise ValueError(
+            f"this cache was built for plan {known.spec!r} but the model runs plan "
+            f"{plan.spec!r}; build a new cache after set_plan()"
+        )
+    elif known is None and any(
+        o < len(cache.layers) and isinstance(cache.layers[o], DummyLayer) for o in plan.owners
+    ):
+        raise ValueError(
+            f"this cache holds no KV for some owners of plan {plan.spec!r}; "
+            "build a new cache after set_plan()"
+        )
+    return args, kwargs
 
-    return hook
+
+def _exit_pass(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Decoder hook, also run when the forward raises: end the pass :func:`_enter_pass` began."""
+    getattr(module, ROUTER_ATTR).exit()
 
 
 def _check_checkpointing(decoder: nn.Module) -> None:
