@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 
 import kvroute
+from kvroute.hf.compat import cache_kwargs
 from kvroute.bench import BASELINE, BenchConfig, cache_nbytes, run_bench, write_report
 from kvroute.calibrate import CalibrationConfig, calibrate
 from kvroute.cli import main
@@ -26,8 +27,8 @@ def test_preallocated_cache_holds_exactly_the_owners(spec):
     plan, shape = kvroute.get_router(model).plan, KVShape.from_config(model.config)
     cache = SharedKVCache(plan, shape, max_cache_len=12)
     with torch.inference_mode():
-        model(input_ids=torch.randint(3, 97, (2, 10)), cache=cache, use_cache=True)
-        model(input_ids=torch.randint(3, 97, (2, 2)), cache=cache, use_cache=True)
+        model(input_ids=torch.randint(3, 97, (2, 10)), **cache_kwargs(cache), use_cache=True)
+        model(input_ids=torch.randint(3, 97, (2, 2)), **cache_kwargs(cache), use_cache=True)
     expected = len(plan.owners) * PER_LAYER_TOKEN * 12 * 2
     assert cache_nbytes(cache) == plan.kv_bytes(shape, 12, 2, "float32") == expected
     assert cache.used_bytes() == expected  # 10 + 2 tokens fill the preallocation exactly
@@ -37,7 +38,7 @@ def test_dynamic_cache_bytes_match_the_full_plan():
     model = tiny_model("llama", layers=LAYERS)
     cache = __import__("transformers").DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.randint(3, 97, (1, 9)), cache=cache, use_cache=True)
+        model(input_ids=torch.randint(3, 97, (1, 9)), **cache_kwargs(cache), use_cache=True)
     assert cache_nbytes(cache) == LAYERS * PER_LAYER_TOKEN * 9
 
 

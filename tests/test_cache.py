@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DummyLayer
+from kvroute.hf.cache import DummyLayer
 
 import kvroute
+from kvroute.hf.compat import cache_kwargs, output_cache
 from conftest import tiny_model
 from kvroute.hf.cache import GrowingLayer, SharedKVCache
 from kvroute.plan import KVShape, SharingPlan
@@ -30,7 +31,7 @@ def test_cache_bytes_equal_plan_accounting(family, spec, length):
     shape = KVShape.from_config(model.config)
     cache = SharedKVCache.for_model(model, max_cache_len=length)
     with torch.no_grad():
-        model(tokens(3, length), cache=cache)
+        model(tokens(3, length), **cache_kwargs(cache))
     expected = plan.kv_bytes(shape, length, batch=3, dtype=torch.float32)
     assert cache.nbytes() == expected  # exact preallocation: no spare capacity
     assert cache.used_bytes() == expected
@@ -51,11 +52,11 @@ def test_bytes_after_decode_with_exact_preallocation(family):
     ids = tokens(2, 10)
     cache = SharedKVCache.for_model(model, max_cache_len=10)
     with torch.no_grad():
-        out = model(ids[:, :4], cache=cache)
+        out = model(ids[:, :4], **cache_kwargs(cache))
         allocated = cache.nbytes()
         for t in range(4, 10):
-            out = model(ids[:, t : t + 1], cache=out.cache)
-    assert out.cache is cache and cache.get_seq_length() == 10
+            out = model(ids[:, t : t + 1], **cache_kwargs(output_cache(out)))
+    assert output_cache(out) is cache and cache.get_seq_length() == 10
     assert cache.used_bytes() == plan.kv_bytes(shape, 10, batch=2, dtype="fp32")
     full_attention = [i for i in plan.owners if isinstance(cache.layers[i], GrowingLayer)]
     assert full_attention
@@ -69,7 +70,7 @@ def test_fewer_owners_fewer_bytes():
     for spec in ["full", "every:2", "every:3", "every:6"]:
         model = routed("llama", spec)
         with torch.no_grad():
-            sizes[spec] = model(tokens(1, 7)).cache.used_bytes()
+            sizes[spec] = output_cache(model(tokens(1, 7))).used_bytes()
     assert sizes["full"] == 2 * sizes["every:2"] == 3 * sizes["every:3"] == 6 * sizes["every:6"] > 0
 
 
@@ -79,11 +80,11 @@ def test_growth_past_capacity_keeps_values():
     cache = SharedKVCache.for_model(model, max_cache_len=4)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :3], cache=cache)
+        out = model(ids[:, :3], **cache_kwargs(cache))
         prefill_keys = cache.layers[0].keys.clone()
         logits = [out.logits]
         for t in range(3, 13):
-            out = model(ids[:, t : t + 1], cache=cache)
+            out = model(ids[:, t : t + 1], **cache_kwargs(cache))
             logits.append(out.logits)
     layer = cache.layers[0]
     assert layer.capacity >= 13 and layer.length == 13
@@ -114,10 +115,10 @@ def test_crop_then_decode_matches_full_forward():
     other = tokens(1, 10, seed=9)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = model(torch.cat([ids[:, :6], other[:, :3]], dim=1)).cache
+        cache = output_cache(model(torch.cat([ids[:, :6], other[:, :3]], dim=1)))
         cache.crop(-3)  # drop the three wrong tokens
         assert cache.get_seq_length() == 6
-        out = model(ids[:, 6:], cache=cache)
+        out = model(ids[:, 6:], **cache_kwargs(cache))
     torch.testing.assert_close(out.logits, full[:, 6:], atol=1e-5, rtol=1e-4)
 
 

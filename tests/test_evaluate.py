@@ -74,7 +74,7 @@ def test_full_plan_equals_unmodified_model_and_plans_differ():
 
 # ------------------------------------------------------------------ QA and multiple choice
 def test_qa_generates_through_the_shared_cache_like_a_full_forward():
-    from transformers.cache_utils import DummyLayer
+    from kvroute.hf.cache import DummyLayer
 
     tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan="every:2")
     ex = QAExample("0", "Hunaes is the capital.", "What is the capital?", ("Hunaes",))

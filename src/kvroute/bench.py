@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from kvroute.budget import format_bytes
+from kvroute.hf.compat import cache_kwargs
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.results import plan_label
 
@@ -195,12 +196,12 @@ def _one_repeat(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, new_to
     """Prefill then ``new_tokens`` greedy decode steps; returns (ttft_s, decode_s). No per-layer Python here."""
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=prompt, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)  # (B, 1)
     _sync(device)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(input_ids=token, cache=cache, use_cache=True).logits
+        logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
     _sync(device)
     return t1 - t0, time.perf_counter() - t1

@@ -10,6 +10,7 @@ import torch
 
 from kvroute.calibrate import is_calibrated
 from kvroute.hf.cache import SharedKVCache
+from kvroute.hf.compat import cache_kwargs
 from kvroute.hf.patch import get_router, set_plan
 from kvroute.metrics import distinct_n
 from kvroute.plan import KVShape, SharingPlan
@@ -127,7 +128,7 @@ def generate(
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            **inputs, cache=cache, max_new_tokens=max_new_tokens, streamer=_Stream(),
+            **inputs, **cache_kwargs(cache), max_new_tokens=max_new_tokens, streamer=_Stream(),
             pad_token_id=tokenizer.pad_token_id, **sampling,
         )
     seconds = time.perf_counter() - start

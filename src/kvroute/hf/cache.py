@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from kvroute.hf.compat import DummyLayer
 from kvroute.plan import KVShape, SharingPlan
+
 
 
 class GrowingLayer(DynamicLayer):
@@ -109,6 +111,7 @@ def shared_layers(plan: SharingPlan, shape: KVShape, max_cache_len: int | None =
     for layer in range(plan.num_layers):
         if plan.source[layer] != layer:
             layers.append(DummyLayer())
+            layers[-1].owner = layers[plan.source[layer]]  # what it answers for, where transformers asks
         elif shape.layer_types is not None and shape.layer_types[layer] == "sliding_attention":
             layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
         else:

@@ -7,10 +7,11 @@ import warnings
 from typing import Any
 
 from torch import nn
-from transformers.cache_utils import DummyLayer, DynamicCache
+from transformers.cache_utils import DynamicCache
 
 from kvroute.hf.attention import RoutedAttention
 from kvroute.hf.cache import SharedKVCache, shared_layers
+from kvroute.hf.compat import CACHE_ARG, DummyLayer
 from kvroute.plan import KVShape, SharingPlan, layer_types_of
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
 from kvroute.router import Router
@@ -195,7 +196,7 @@ def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         if not isinstance(router.policy, NoRouting):
             _check_checkpointing(module)
         return args, kwargs
-    name = "past_key_values" if "past_key_values" in kwargs else "cache"
+    name = CACHE_ARG if CACHE_ARG in kwargs else "past_key_values" if "past_key_values" in kwargs else "cache"
     cache = kwargs.get(name)
     plan = router.plan
     if cache is None:
