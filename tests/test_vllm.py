@@ -334,6 +334,7 @@ def test_openai_server_answers_a_completion_under_a_plan(checkpoint, tmp_path):
     port = _free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the real server: engine and worker processes
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # kvroute serve sizes the KV pool itself (default flags)
     cmd = [sys.executable, "-m", "kvroute", "serve", str(checkpoint), "--plan", "every:4", "--port", str(port),
            "--vllm-args", "--max-model-len", "128", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32"]
     with open(log, "w") as out:
@@ -360,7 +361,10 @@ def test_openai_server_answers_a_completion_under_a_plan(checkpoint, tmp_path):
             hf_greedy(checkpoint, "every:4", PROMPTS[0]), skip_special_tokens=True
         )
         assert text == expected
-        assert "plan every:4: 2/8 layers keep KV (25.0%), owners [0,4]; not calibrated" in log.read_text()
+        text = log.read_text()
+        assert "plan every:4: 2/8 layers keep KV (25.0%), owners [0,4]; not calibrated" in text
+        assert "kvroute: KV pool " in text and "under every:4 against" in text and "(4.00x)" in text
+        assert "--kv-cache-memory-bytes" in text  # sized from free memory, not vLLM-CPU's 92% default
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)  # the server and the engine processes it started

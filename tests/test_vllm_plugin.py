@@ -31,6 +31,7 @@ from kvroute.vllm_plugin import (
     routed_architecture,
     server_command,
 )
+from kvroute.vllm_plugin import default_kv_cache_memory, kv_pool_report, memory_args
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 8,
@@ -112,6 +113,45 @@ def test_serve_rejects_a_bad_plan_before_starting(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / "ck", kvroute=ROUTING)
     assert main(["serve", str(ckpt), "--plan", "groups:3,3", "--dry-run"]) == 2
     assert "does not fit this 8-layer model" in capsys.readouterr().err
+
+
+def test_default_kv_pool_fits_the_free_memory_on_cpu():
+    gib = 2**30
+    assert default_kv_cache_memory(on_cpu=True, available=16 * gib) == 4 * gib  # a quarter of what is free
+    assert default_kv_cache_memory(on_cpu=True, available=512 * 2**20) == 256 * 2**20  # at least 256 MiB
+    assert default_kv_cache_memory(on_cpu=True, available=512 * gib) == 8 * gib  # at most 8 GiB
+    assert default_kv_cache_memory(on_cpu=False, available=16 * gib) is None  # GPU: vLLM's own sizing
+
+
+def test_memory_flag_goes_to_vllm_unless_its_own_flags_size_the_pool(tmp_path):
+    assert memory_args(2**30) == ["--kv-cache-memory-bytes", str(2**30)]
+    assert memory_args(None) == []
+    assert memory_args(2**30, ["--gpu-memory-utilization", "0.5"]) == []
+    assert memory_args(2**30, ["--kv-cache-memory-bytes=1000"]) == []
+    ckpt = write_checkpoint(tmp_path / "ck", kvroute=ROUTING)
+    cmd = server_command(ckpt, plan="every:4", python="py", kv_cache_memory=3 * 2**30)
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(3 * 2**30)
+
+
+def test_kv_pool_report_counts_tokens_under_the_plan_and_full(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", kvroute=ROUTING, torch_dtype="float32")
+    per_layer_token = 2 * 1 * 32 * 2  # K and V, 1 KV head of 32 dims, served in bf16 (vLLM's auto for fp32)
+    report = kv_pool_report(ckpt, "every:4", 2**20)
+    assert f"about {2**20 // (per_layer_token * 2):,} tokens under every:4" in report
+    assert f"against {2**20 // (per_layer_token * 8):,} under full (4.00x)" in report and "(bfloat16)" in report
+    assert "(float32)" in kv_pool_report(ckpt, "every:4", 2**20, dtype="float32")
+
+
+def test_serve_reports_the_kv_pool_and_reads_its_size(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ck", kvroute=ROUTING)
+    rc = 0 if importlib.util.find_spec("vllm") is not None else 2  # the report comes first either way
+    assert main(["serve", str(ckpt), "--plan", "every:2", "--kv-cache-memory", "64MiB", "--dry-run"]) == rc
+    err = capsys.readouterr().err
+    assert "KV pool 64.00 MiB (bfloat16): about 131,072 tokens under every:2 against 65,536 under full (2.00x)" in err
+    assert main(["serve", str(ckpt), "--kv-cache-memory", "lots", "--dry-run"]) == 2
+    assert "cannot read memory size 'lots'" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--kv-cache-memory", "0MiB", "--dry-run"]) == 2
+    assert "--kv-cache-memory must be positive" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- calibration
