@@ -144,3 +144,24 @@ def test_cli_on_a_checkpoint_folder(tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data["meta"]["weights"] == "checkpoint" and data["meta"]["shape"]["model_type"] == "qwen3"
     assert data["meta"]["command"].startswith("kvroute ")
+
+
+def test_max_overlap_counts_requests_running_at_once():
+    from kvroute.serving_bench import max_overlap
+
+    assert max_overlap([]) == 0
+    assert max_overlap([(0, 1), (2, 3)]) == 1  # one after the other
+    assert max_overlap([(0, 4), (1, 2), (1.5, 5), (4.5, 6)]) == 3
+    assert max_overlap([(0, 1), (1, 2)]) == 2  # a request that starts as another ends counts with it
+
+
+def test_serving_bench_rejects_bad_input_before_any_engine(tmp_path):
+    from kvroute.serving_bench import ServingBenchConfig
+
+    with pytest.raises(FileNotFoundError, match="needs a checkpoint folder"):
+        ServingBenchConfig(checkpoint=str(tmp_path / "none"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--requests must be positive"):
+        ServingBenchConfig(checkpoint=str(tmp_path), requests=0)
+    with pytest.raises(ValueError, match="--plans"):
+        ServingBenchConfig(checkpoint=str(tmp_path), plans="")

@@ -343,3 +343,34 @@ def test_window_longer_than_the_model_context_is_refused(eval_inputs, tmp_path):
     config = EvalConfig([str(ckpt)], plans="full", text=[str(root / "text")], out=str(tmp_path), window=512)
     with pytest.raises(ValueError, match="--window 512 is longer than .* context \\(256 tokens\\)"):
         evaluate(config, progress=False)
+
+
+def test_greedy_qa_ignores_the_checkpoints_generation_config():
+    """A repetition penalty saved with a checkpoint must not change greedy QA scores."""
+    tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan="every:2")
+    ex = QAExample("0", "Hunaes is the capital.", "What is the capital?", ("Hunaes",))
+    _, plain = qa_score(model, tok, [ex], max_new_tokens=6)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    _, penalised = qa_score(model, tok, [ex], max_new_tokens=6)
+    assert penalised[0]["prediction"] == plain[0]["prediction"]
+    assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
+    expected = tok.decode(greedy_without_cache(model, qa_prompt_ids(tok, ex), 6, tok.eos_token_id),
+                          skip_special_tokens=True)
+    assert plain[0]["prediction"] == expected.strip().split("\n", 1)[0].strip()
+
+
+def test_lm_windows_follow_the_model_context_and_the_stride_the_window(eval_inputs, tmp_path, capsys):
+    """Default flags on a model whose context (256) is shorter than the default window (1024) work,
+    and --window alone brings the stride along (half the window)."""
+    root, ckpt, _, _ = eval_inputs
+    for extra, window, stride in (([], 256, 128), (["--window", "16"], 16, 8), (["--stride", "4"], 256, 4)):
+        out = tmp_path / f"w{window}-{stride}"
+        assert main(["eval", str(ckpt), "--plans", "full", "--text", str(root / "text"), "--out", str(out),
+                     "--no-plot", *extra]) == 0, capsys.readouterr().err
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert {(r["window"], r["stride"]) for r in rows} == {(window, stride)}
+    assert main(["eval", str(ckpt), "--text", str(root / "text"), "--window", "8", "--stride", "16"]) == 2
+    assert "--stride must be in 1..--window (8), got 16" in capsys.readouterr().err
+    assert main(["eval", str(ckpt), "--text", str(root / "text"), "--window", "512"]) == 2
+    assert "is longer than" in capsys.readouterr().err

@@ -373,3 +373,21 @@ def test_openai_server_answers_a_completion_under_a_plan(checkpoint, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(timeout=30)
+
+
+def test_serving_bench_turns_saved_kv_into_concurrency(checkpoint, tmp_path):
+    """kvroute bench --engine vllm: the same KV pool holds more tokens and runs more requests at once
+    under a sparser plan (tiny model; the throughput figures themselves are a benchmark, not a test)."""
+    from kvroute.serving_bench import ServingBenchConfig, run_serving_bench, write_serving_report
+
+    config = ServingBenchConfig(checkpoint=str(checkpoint), plans="full,every:4", kv_cache_memory=2**20,
+                                requests=12, prompt_tokens=40, new_tokens=8, dtype="float32")
+    report = run_serving_bench(config, progress=False)
+    full, sparse = report.rows
+    assert (full.plan, sparse.plan) == ("full", "every:4")
+    assert sparse.kv_tokens >= 3.5 * full.kv_tokens  # 2 of 8 layers keep KV: 4x, less block rounding
+    assert full.output_tokens == sparse.output_tokens == 12 * 8
+    assert 1 <= full.max_running < sparse.max_running <= 12
+    paths = write_serving_report(report, tmp_path, command="kvroute bench CKPT --engine vllm")
+    saved = json.loads(paths["json"].read_text())
+    assert [r["plan"] for r in saved["rows"]] == ["full", "every:4"] and "| every:4 |" in paths["md"].read_text()

@@ -174,20 +174,26 @@ def qa_score(
     )
     sums = {"f1": 0.0, "exact_match": 0.0, "rouge_l": 0.0}
     predictions = []
-    for ex in tqdm(examples, desc="qa", unit="ex", disable=not progress, leave=False):
-        ids = torch.tensor([qa_prompt_ids(tokenizer, ex, chat)], device=device)  # (1, T)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-            stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, ids.shape[1])]),
-        )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        answer = text.strip().split("\n", 1)[0].strip()
-        scores = {"f1": f1_score(answer, ex.answers), "exact_match": exact_match(answer, ex.answers),
-                  "rouge_l": rouge_l(answer, ex.answers)}
-        for k, v in scores.items():
-            sums[k] += v
-        predictions.append({"id": ex.id, "question": ex.question, "prediction": answer,
-                            "answers": list(ex.answers), **scores})
+    # generate() fills what ``gen`` leaves unset from the model's own generation_config (a saved
+    # repetition_penalty, say): greedy scoring must not depend on it, so the model's is set aside
+    saved_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        for ex in tqdm(examples, desc="qa", unit="ex", disable=not progress, leave=False):
+            ids = torch.tensor([qa_prompt_ids(tokenizer, ex, chat)], device=device)  # (1, T)
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+                stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, ids.shape[1])]),
+            )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            answer = text.strip().split("\n", 1)[0].strip()
+            scores = {"f1": f1_score(answer, ex.answers), "exact_match": exact_match(answer, ex.answers),
+                      "rouge_l": rouge_l(answer, ex.answers)}
+            for k, v in scores.items():
+                sums[k] += v
+            predictions.append({"id": ex.id, "question": ex.question, "prediction": answer,
+                                "answers": list(ex.answers), **scores})
+    finally:
+        model.generation_config = saved_config
     return {k: v / len(examples) for k, v in sums.items()}, predictions
 
 
@@ -245,7 +251,8 @@ class EvalConfig:
         qa: context-QA JSONL files.
         mc: multiple choice JSONL files or BIG-bench ``task.json`` files.
         out: folder for ``results.json``, ``results.csv``, ``predictions.jsonl`` and ``pareto.png``.
-        window, stride: sliding windows of the language-modelling loss.
+        window, stride: sliding windows of the language-modelling loss; default: 1024 tokens or the
+            model's context if shorter, and half the window.
         max_tokens: tokens taken from each text dataset (None: all).
         limit: examples taken from each QA / multiple choice dataset (None: all).
         max_new_tokens: answer length limit for QA.
@@ -260,8 +267,8 @@ class EvalConfig:
     qa: list[str] = field(default_factory=list)
     mc: list[str] = field(default_factory=list)
     out: str = "eval"
-    window: int = 1024
-    stride: int = 512
+    window: int | None = None
+    stride: int | None = None
     max_tokens: int | None = None
     limit: int | None = None
     max_new_tokens: int = 32
@@ -278,7 +285,11 @@ class EvalConfig:
             raise ValueError("--plans: give at least one plan")
         if not (self.text or self.qa or self.mc):
             raise ValueError("give at least one dataset: --text, --qa or --mc")
-        if not 0 < self.stride <= self.window:
+        for name in ("window", "stride"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        if self.window is not None and self.stride is not None and self.stride > self.window:
             raise ValueError(f"--stride must be in 1..--window ({self.window}), got {self.stride}")
         for name in ("max_tokens", "limit"):
             value = getattr(self, name)
@@ -332,8 +343,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
         tokenizer = load_tokenizer(ckpt)
         plans = [SharingPlan.for_model(spec, model.config) for spec in config.plans]  # all checked first
         max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-        if data.text and max_positions and config.window > max_positions:
+        if data.text and max_positions and config.window and config.window > max_positions:
             raise ValueError(f"--window {config.window} is longer than {ckpt}'s context ({max_positions} tokens)")
+        window, stride = lm_windows(config, max_positions)
         shape = KVShape.from_config(model.config)
         kv_dtype = config.kv_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
         documents = [tokenize_documents(tokenizer, t.texts, config.max_tokens) for t in data.text]
@@ -349,7 +361,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
             if progress:
                 print(f"[{ckpt}] {plan.describe()}{', calibrated' if calibrated else ''}", flush=True)
             try:
-                _score_plan(model, tokenizer, config, data, documents, base, writer, progress)
+                _score_plan(model, tokenizer, config, data, documents, base, writer, progress, (window, stride))
             except Exception as err:  # keep what other plans produced; report and go on
                 writer.add_error({**base, "error": f"{type(err).__name__}: {err}"})
                 if progress:
@@ -358,13 +370,25 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
     return writer
 
 
-def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents, base, writer, progress) -> None:
+def lm_windows(config: EvalConfig, max_positions: int | None) -> tuple[int, int]:
+    """(window, stride) for a model: as given, else 1024 tokens or the model's context if shorter,
+    and half the window."""
+    window = config.window or min(1024, max_positions or 1024)
+    stride = config.stride or max(1, window // 2)
+    if stride > window:
+        raise ValueError(f"--stride must be in 1..--window ({window}), got {stride}")
+    return window, stride
+
+
+def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents, base, writer, progress,
+                windows: tuple[int, int]) -> None:
+    window, stride = windows
     for text_set, docs in zip(data.text, documents):
         start = time.perf_counter()
-        score = lm_score(model, docs, config.window, config.stride, progress)
+        score = lm_score(model, docs, window, stride, progress)
         info = {**base, "task": "lm", "data": text_set.path, "n": score.documents,
                 "tokens_scored": score.tokens_scored, "tokens_total": score.tokens_total,
-                "window": config.window, "stride": config.stride,
+                "window": window, "stride": stride,
                 "seconds": round(time.perf_counter() - start, 3)}
         writer.add(info, {"loss": score.loss, "perplexity": score.perplexity})
     for path, examples in data.qa:

@@ -7,7 +7,9 @@ A kvroute checkpoint is a plain transformers checkpoint whose config carries a
 from __future__ import annotations
 
 import json
+import contextlib
 import os
+import struct
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,8 +39,23 @@ def _split_gguf(source: str | os.PathLike) -> tuple[str, str | None]:
         path = Path(text)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return str(path.parent), path.name
     return text, None
+
+
+@contextlib.contextmanager
+def _reading_gguf(source: str | os.PathLike, gguf: str | None):
+    """A GGUF file that transformers cannot parse (truncated, corrupt) gets an error that names it."""
+    try:
+        yield
+    except (struct.error, EOFError, IndexError, KeyError, UnicodeDecodeError) as err:
+        if gguf is None:
+            raise
+        raise ValueError(f"{source}: cannot read this GGUF file, it may be truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def check_source(source: str | os.PathLike) -> None:
@@ -60,7 +77,8 @@ def load_tokenizer(source: str | os.PathLike):
 
     check_source(source)
     folder, gguf = _split_gguf(source)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+    with _reading_gguf(source, gguf):
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -75,7 +93,8 @@ def load_config(source: str | os.PathLike) -> Any:
 
     check_source(source)
     folder, gguf = _split_gguf(source)
-    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    with _reading_gguf(source, gguf):
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
     check_supported(config.get_text_config(decoder=True))
     return config
 
@@ -94,9 +113,10 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "attn_implementation": attn_implementation}
     if gguf:
         kwargs["gguf_file"] = gguf
-    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
-    check_supported(config.get_text_config(decoder=True))
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    with _reading_gguf(source, gguf):
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+        check_supported(config.get_text_config(decoder=True))
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if gguf:  # a dequantized GGUF model refuses save_pretrained: rebuild it as a plain model
         model = _dequantized_copy(model, resolve_dtype(dtype))
     return model.to(device).eval()

@@ -44,6 +44,8 @@ def read_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Texts from files and folders (``.txt``/``.md`` files of a folder, sorted; ``.jsonl`` lines' "text")."""
     import json
 
+    from kvroute.data.text import read_text_file
+
     texts: list[str] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -57,9 +59,9 @@ def read_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
             raise FileNotFoundError(f"calibration data not found: {path}")
         for f in files:
             if f.suffix == ".jsonl":
-                texts += [json.loads(line)["text"] for line in f.read_text().splitlines() if line.strip()]
+                texts += [json.loads(line)["text"] for line in read_text_file(f).splitlines() if line.strip()]
             else:
-                texts.append(f.read_text())
+                texts.append(read_text_file(f))
     return texts
 
 

@@ -499,6 +499,10 @@ class _Run:
             raise ValueError("--device cuda: Accelerate was already set up on the CPU in this process "
                              "(an earlier device='cpu' run); start a new process")
         self.main = acc.is_main_process
+        if not self.main:  # one process reports (the CLI's --quiet silences the libraries on all of them)
+            from kvroute.cli import quiet_libraries
+
+            quiet_libraries()
         self.fsdp = c.fsdp
         if c.fsdp:
             sharding.require_process_group()

@@ -21,8 +21,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mc", action="append", default=[], metavar="FILE",
                    help="multiple choice JSONL {context, choices, answer} or BIG-bench task.json (repeatable)")
     p.add_argument("--out", default="eval", help="output folder (default: eval)")
-    p.add_argument("--window", type=int, default=1024, help="LM sliding window, tokens")
-    p.add_argument("--stride", type=int, default=512, help="LM window stride, tokens")
+    p.add_argument("--window", type=int, default=None,
+                   help="LM sliding window, tokens (default: 1024, or the model's context if shorter)")
+    p.add_argument("--stride", type=int, default=None, help="LM window stride, tokens (default: half the window)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens taken from each text dataset")
     p.add_argument("--limit", type=int, default=None, help="examples taken from each QA / choice dataset")
     p.add_argument("--max-new-tokens", type=int, default=32, help="QA answer length limit")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvroute.data.jsonl import iter_jsonl
+from kvroute.data.text import read_text_file
 
 QA_FIELDS = ("context", "question", "answer")
 MC_FIELDS = ("context", "choices", "answer")
@@ -69,7 +70,7 @@ def load_text(path: str | Path) -> TextSet:
             raise FileNotFoundError(f"text data not found: {text}")
     if not files:
         raise ValueError(f"text data {text!r}: no .txt files found")
-    texts = [Path(f).read_text(encoding="utf-8") for f in files]
+    texts = [read_text_file(f) for f in files]
     kept = [(f, t) for f, t in zip(files, texts) if t.strip()]
     if not kept:
         raise ValueError(f"text data {text!r}: every file is empty")

@@ -38,6 +38,19 @@ def default_cache_dir() -> Path:
     return Path(root) / "tokens"
 
 
+def read_text_file(path: str | os.PathLike) -> str:
+    """A text file's contents as UTF-8; a file that is not UTF-8 gets an error that names it."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8, or leave it out"
+        ) from None
+
+
 def resolve_files(sources: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
     """Expand files, folders and globs into a sorted, de-duplicated list of files.
 
@@ -166,7 +179,7 @@ def token_stream(
     path = cache / f"{_cache_key(tokenizer, files, hf_sources)}.npy" if cache else None
     if path is not None and path.is_file():
         return np.load(path)
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [read_text_file(f) for f in files]
     for s in hf_sources:
         texts.extend(load_hf_texts(s, text_column))
     stream = _tokenize(tokenizer, texts)
