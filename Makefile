@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
-EXTRAS ?= train,gguf,plot,eval,test
+EXTRAS ?= train,gguf,plot,eval,test,trl
 STAMP  := $(VENV)/.kvroute-installed
 export OMP_WAIT_POLICY ?= PASSIVE
 

@@ -446,3 +446,18 @@ def test_a_copy_routes_on_its_own_router(family, how):
         m(ids, use_cache=False)
         routes.append(kvroute.get_router(m).last_route)
     assert routes[0] == routes[1]
+
+
+
+@pytest.mark.parametrize("mode", ["assisted", "prompt lookup"])
+@pytest.mark.parametrize("plan", ["full", "every:2"])
+def test_gemma3_assisted_and_prompt_lookup_decoding_past_the_window(mode, plan):
+    """Both crop the cache after rejected drafts; on Gemma3's sliding layers that needs the cache's
+    past recording, which the routing hook must keep when it lays the cache out. Greedy either way."""
+    model = kvroute.apply(tiny_model("gemma3_text", layers=6), plan=plan)
+    ids = torch.cat([tokens(1, 6, seed=3)] * 3, dim=1)  # 18 tokens, past the window of 8; repeats for lookup
+    common = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, **common)
+    extra = ({"assistant_model": kvroute.apply(tiny_model("gemma3_text", layers=6, seed=1), plan=plan)}
+             if mode == "assisted" else {"prompt_lookup_num_tokens": 3})
+    assert torch.equal(model.generate(ids, **common, **extra), plain)

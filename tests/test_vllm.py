@@ -100,7 +100,7 @@ def tiny_tokenizer(vocab_size: int):
 
 
 def build_checkpoint(
-    out: Path, plan: str | None = "every:2", family: str = "llama", calibrated: bool = False
+    out: Path, plan: str | None = "every:2", family: str = "llama", calibrated: bool = False, **config_extra
 ) -> Path:
     """A tiny random-weight model, routed with R-CLA and saved by kvroute (plan None: a plain checkpoint).
 
@@ -114,7 +114,7 @@ def build_checkpoint(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32,  # vLLM's CPU attention: head_dim >= 32
         max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **config_extra,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -258,6 +258,20 @@ def test_other_families_serve_the_saved_plan_like_the_hf_path(tmp_path, family):
         None, "model.layers.6.self_attn.attn",
     ]
     assert served.layers[1][1] == shared_params
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_with_a_sliding_window_serves_like_the_hf_path(tmp_path, family):
+    """Every layer slides (vLLM's Qwen serves all or none); prompts and outputs run past the window,
+    so a non-owner that ignored its window would read KV its own layer may not see."""
+    ckpt = build_checkpoint(tmp_path / family, plan="every:2", family=family,
+                            use_sliding_window=True, sliding_window=6, max_window_layers=0)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert set(cfg["layer_types"]) == {"sliding_attention"} and cfg["sliding_window"] == 6
+    served = vllm_run(ckpt, hf_overrides(ckpt))
+    assert served.tokens == [hf_greedy(ckpt, "every:2", p) for p in PROMPTS]
+    unwindowed = build_checkpoint(tmp_path / f"{family}-no-window", plan="every:2", family=family)
+    assert served.tokens != [hf_greedy(unwindowed, "every:2", p) for p in PROMPTS]  # the window matters here
 
 
 def test_checkpoint_without_routing_serves_full_with_warning(tmp_path):

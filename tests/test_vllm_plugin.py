@@ -115,6 +115,16 @@ def test_serve_rejects_a_bad_plan_before_starting(tmp_path, capsys):
     assert "does not fit this 8-layer model" in capsys.readouterr().err
 
 
+def test_qwen_with_mixed_sliding_windows_is_a_clear_error_before_vllm_starts(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ck", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                            layer_types=["full_attention"] * 4 + ["sliding_attention"] * 4, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding window on every layer or on none"):
+        hf_overrides(ckpt, "every:2")
+    all_sliding = write_checkpoint(tmp_path / "all", architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                                   layer_types=["sliding_attention"] * 8, sliding_window=16)
+    assert hf_overrides(all_sliding, "every:2")[PLAN_KEY] == "every:2"
+
+
 def test_default_kv_pool_fits_the_free_memory_on_cpu():
     gib = 2**30
     assert default_kv_cache_memory(on_cpu=True, available=16 * gib) == 4 * gib  # a quarter of what is free

@@ -145,6 +145,22 @@ def routed_architecture(config: Any) -> str:
     )
 
 
+def check_windows(config: Any) -> None:
+    """vLLM's Qwen2/Qwen3 serve a sliding window on all layers or on none: say so before vLLM starts.
+
+    (Its own Qwen model refuses a mix with an assertion deep inside the engine.) A non-owner
+    layer takes the engine's window as vLLM's own layers do, so the layers that share a cache
+    always agree on it.
+    """
+    config = _as_config(config)
+    types = set(getattr(config, "layer_types", None) or [])
+    if getattr(config, "model_type", None) in ("qwen2", "qwen3") and len(types) > 1:
+        raise ValueError(
+            f"vLLM serves {config.model_type} with a sliding window on every layer or on none; this config "
+            f"mixes {sorted(types)} (use_sliding_window with max_window_layers > 0)"
+        )
+
+
 def hf_overrides(checkpoint: str | Path, plan: SharingPlan | str | None = None) -> dict[str, Any]:
     """vLLM ``hf_overrides`` that serve ``checkpoint`` routed under ``plan``.
 
@@ -161,6 +177,7 @@ def hf_overrides(checkpoint: str | Path, plan: SharingPlan | str | None = None) 
     """
     config = _read_config(checkpoint)
     arch = routed_architecture(config)
+    check_windows(config)
     resolved = resolve_plan(config, plan)
     plan_calibration(checkpoint, config, resolved)
     return {"architectures": [arch], PLAN_KEY: resolved.spec}

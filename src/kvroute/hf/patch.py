@@ -47,10 +47,12 @@ def check_supported(config: Any) -> None:
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    """The module that owns the decoder layers (LlamaModel for LlamaForCausalLM)."""
-    for candidate in (getattr(model, "model", None), model):
-        if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
-            return candidate
+    """The module that owns the decoder layers (LlamaModel for LlamaForCausalLM), also inside
+    wrappers such as a PEFT model."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+            return module
     raise ValueError(f"kvroute cannot find the decoder layers of {type(model).__name__}")
 
 
@@ -210,7 +212,12 @@ def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     if type(cache) is DynamicCache and not cache.offloading and cache.get_seq_length() == 0:
         # an empty cache from generate() or the caller: give it the shared layout in place,
         # so the caller's reference still holds the KV on the next call
+        recording = any(getattr(layer, "record_past", False) for layer in cache.layers)
         cache.layers[:] = shared_layers(plan, KVShape.from_config(module.config))
+        if recording:  # assisted and prompt-lookup decoding crop the cache later: keep what they asked for
+            for layer in cache.layers:
+                if hasattr(layer, "activate_past_recording"):
+                    layer.activate_past_recording()
         setattr(cache, LAYOUT_ATTR, plan)
     elif known is not None and known.source != plan.source:
         raise ValueError(
