@@ -140,3 +140,38 @@ def test_cache_plan_must_fit_model():
         SharedKVCache(SharingPlan.from_spec("full", 3), shape)
     cache = SharedKVCache(SharingPlan.from_spec("every:2", 4), shape)
     assert cache.nbytes() == 0 and cache.used_bytes() == 0
+
+
+@pytest.mark.parametrize("spec", ["full", "every:2"])
+def test_mistral_global_sliding_window_bounds_the_cache(spec):
+    """Mistral's window holds for every layer (no layer types): owners keep at most the window,
+    as transformers' own cache does, the accounting says so, and decode still equals the full forward."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from conftest import tiny_config
+
+    config = tiny_config("mistral", layers=4)
+    config.sliding_window = 6
+    torch.manual_seed(0)
+    model = kvroute.apply(AutoModelForCausalLM.from_config(config).eval(), plan=spec)
+    shape = KVShape.from_config(model.config)
+    assert shape.uniform_sliding and all(shape.slides(layer) for layer in range(4))
+    ids = tokens(2, 20)
+    cache = SharedKVCache.for_model(model)
+    steps = []
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :8], **cache_kwargs(cache))
+        steps.append(out.logits)
+        for t in range(8, 20):
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache)).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    plan = kvroute.get_router(model).plan
+    assert cache.used_bytes() == plan.kv_bytes(shape, 20, batch=2, dtype=torch.float32)
+    assert cache.used_bytes() == len(plan.owners) * 5 * 2 * (2 * shape.kv_heads * shape.head_dim * 4)  # window - 1
+    if spec == "full":  # the same bytes as transformers' own cache for the unrouted model
+        plain = AutoModelForCausalLM.from_config(config).eval()
+        hf = DynamicCache(config=plain.config)
+        with torch.no_grad():
+            plain(ids, **cache_kwargs(hf))
+        assert sum(layer.keys.numel() * 4 * 2 for layer in hf.layers) == cache.used_bytes()

@@ -64,7 +64,7 @@ def layer_bytes(shape: KVShape, context: int, batch: int = 1, dtype: Any = "bf16
     out = []
     for layer in range(shape.num_layers):
         held = context
-        if shape.layer_types is not None and shape.layer_types[layer] == "sliding_attention" and shape.sliding_window:
+        if shape.slides(layer):
             held = min(context, shape.sliding_window - 1)
         out.append(held * per_token)
     return out

@@ -49,6 +49,7 @@ class KVShape:
         head_dim: size of one head.
         layer_types: per-layer attention type, or None when all layers are alike.
         sliding_window: window of ``sliding_attention`` layers, if any.
+        uniform_sliding: every layer slides (a global window, as Mistral's, or all types sliding).
     """
 
     num_layers: int
@@ -56,6 +57,13 @@ class KVShape:
     head_dim: int
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None
+    uniform_sliding: bool = False
+
+    def slides(self, layer: int) -> bool:
+        """Whether ``layer`` attends within a sliding window (its cache holds at most the window)."""
+        if not self.sliding_window:
+            return False
+        return self.uniform_sliding or (self.layer_types is not None and self.layer_types[layer] == "sliding_attention")
 
     @classmethod
     def from_config(cls, config: Any) -> KVShape:
@@ -66,7 +74,11 @@ class KVShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(layers, kv_heads, head_dim, layer_types_of(config), getattr(config, "sliding_window", None))
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        # every layer slides: a global window (Mistral: no layer types) or all types sliding (Qwen2)
+        uniform = bool(window) and (all(t == "sliding_attention" for t in types) if types else True)
+        return cls(layers, kv_heads, head_dim, layer_types_of(config), window, uniform)
 
 
 def layer_types_of(config: Any) -> tuple[str, ...] | None:
@@ -262,7 +274,7 @@ class SharingPlan:
         total = 0
         for owner in self.owners:
             held = tokens
-            if shape.layer_types is not None and shape.layer_types[owner] == "sliding_attention" and shape.sliding_window:
+            if shape.slides(owner):
                 held = min(tokens, shape.sliding_window - 1)
             total += held
         return total * per_layer_token * batch

@@ -112,7 +112,7 @@ def shared_layers(plan: SharingPlan, shape: KVShape, max_cache_len: int | None =
         if plan.source[layer] != layer:
             layers.append(DummyLayer())
             layers[-1].owner = layers[plan.source[layer]]  # what it answers for, where transformers asks
-        elif shape.layer_types is not None and shape.layer_types[layer] == "sliding_attention":
+        elif shape.slides(layer):
             layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
         else:
             layers.append(GrowingLayer(max_cache_len))
