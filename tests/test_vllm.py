@@ -49,6 +49,7 @@ from kvroute.plan import SharingPlan  # noqa: E402
 from kvroute.vllm_plugin import PLAN_KEY, hf_overrides  # noqa: E402
 
 LAYERS = 8
+GEMMA3_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2 + ["sliding_attention"] * 2
 PLANS = ["full", "every:2", "every:4", "groups:3,3,2"]
 PROMPTS = [[1, 5, 9, 13, 22, 7, 30, 11], [1, 20, 21, 4, 8, 15, 16, 23, 42, 33, 6, 9, 12]]
 NEW_TOKENS = 12
@@ -109,7 +110,11 @@ def build_checkpoint(
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+                  "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                  "gemma3_text": transformers.Gemma3TextConfig}[family]
+    if family == "gemma3_text":  # sliding and global layers, a window the prompts run past
+        config_extra = {"layer_types": GEMMA3_TYPES, "sliding_window": 8, "query_pre_attn_scalar": 32,
+                        **config_extra}
     config = config_cls(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32,  # vLLM's CPU attention: head_dim >= 32
@@ -272,6 +277,27 @@ def test_qwen_with_a_sliding_window_serves_like_the_hf_path(tmp_path, family):
     assert served.tokens == [hf_greedy(ckpt, "every:2", p) for p in PROMPTS]
     unwindowed = build_checkpoint(tmp_path / f"{family}-no-window", plan="every:2", family=family)
     assert served.tokens != [hf_greedy(unwindowed, "every:2", p) for p in PROMPTS]  # the window matters here
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_gemma3_serves_like_the_hf_path_past_the_window(tmp_path, calibrated):
+    """Gemma3 text: sliding layers share only with sliding ones and global with global, as in the
+    HF path; prompts and outputs run past the sliding window; a calibrated plan keeps its query maps
+    after q_norm and folds its value maps."""
+    ckpt = build_checkpoint(tmp_path / "gemma3", plan="every:2", family="gemma3_text", calibrated=calibrated)
+    for plan in (["every:2"] if calibrated else ["full", "every:2"]):
+        served = vllm_run(ckpt, hf_overrides(ckpt, plan))
+        assert served.tokens == [hf_greedy(ckpt, plan, p) for p in PROMPTS], plan
+        source = SharingPlan.from_spec(plan, LAYERS, tuple(GEMMA3_TYPES)).source
+        targets = [None if source[i] == i else f"model.layers.{source[i]}.self_attn.attn" for i in range(LAYERS)]
+        assert [t for t, _ in served.layers] == targets
+        assert all(GEMMA3_TYPES[source[i]] == GEMMA3_TYPES[i] for i in range(LAYERS))
+        shared = [i for i in range(LAYERS) if source[i] != i]
+        assert served.query_maps == [calibrated and i in shared for i in range(LAYERS)]
+        if shared:
+            assert served.layers[shared[0]][1] == ["o_proj.weight", "q_norm.weight", "query.weight"]
+    if calibrated:  # otherwise the equality above could not tell a calibrated plan from a plain one
+        assert served.tokens != [hf_greedy(ckpt, "every:2", p, calibrated=False) for p in PROMPTS]
 
 
 def test_checkpoint_without_routing_serves_full_with_warning(tmp_path):

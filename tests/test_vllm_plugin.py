@@ -79,9 +79,10 @@ def test_plan_that_does_not_fit_is_a_clear_error(tmp_path, plan):
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path):
-    ckpt = write_checkpoint(tmp_path / "gemma", architectures=["Gemma3ForCausalLM"], model_type="gemma3_text")
-    with pytest.raises(ValueError, match=r"does not serve architecture \['Gemma3ForCausalLM'\].*supported: "):
+    ckpt = write_checkpoint(tmp_path / "phi", architectures=["Phi3ForCausalLM"], model_type="phi3")
+    with pytest.raises(ValueError, match=r"does not serve architecture \['Phi3ForCausalLM'\].*supported: "):
         hf_overrides(ckpt)
+    assert routed_architecture({"architectures": ["Gemma3ForCausalLM"]}) == "KVRouteGemma3ForCausalLM"
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         routed_architecture({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
 

@@ -36,7 +36,7 @@ class ServingBenchConfig:
     """What to measure.
 
     Args:
-        checkpoint: a local checkpoint folder (Llama, Mistral, Qwen2 or Qwen3).
+        checkpoint: a local checkpoint folder (Llama, Mistral, Qwen2, Qwen3 or Gemma3 text).
         plans: plan specs, each served by its own engine.
         kv_cache_memory: bytes of KV pool, the same for every plan.
         requests: requests sent at once.

@@ -24,9 +24,10 @@ exists and the query map is a per-head complex multiply after ``q_norm``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -35,12 +36,14 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models import gemma3 as vllm_gemma3
+from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3MLP
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2MLP, Qwen2Model
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
@@ -89,6 +92,8 @@ class SharedKVAttention(nn.Module):
         q_bias: whether the query projection has a bias.
         o_bias: whether the output projection has a bias.
         q_norm_eps: epsilon of a per-head query RMSNorm (Qwen3), or None.
+        q_norm: a per-head query norm module instead (Gemma3's ``GemmaRMSNorm``), or None.
+        scaling: attention scale; default ``head_dim ** -0.5``.
         query_map: ``(H, D/2, 2)`` calibration query map (all heads) applied after ``q_norm``,
             or None (none, or folded into the query projection).
         sliding_window: this layer's window, or None.
@@ -109,6 +114,8 @@ class SharedKVAttention(nn.Module):
         q_bias: bool = False,
         o_bias: bool = False,
         q_norm_eps: float | None = None,
+        q_norm: nn.Module | None = None,
+        scaling: float | None = None,
         query_map: torch.Tensor | None = None,
         sliding_window: int | None = None,
         cache_config: Any = None,
@@ -123,7 +130,7 @@ class SharedKVAttention(nn.Module):
         self.query = ColumnParallelLinear(
             hidden_size, num_heads * head_dim, bias=q_bias, quant_config=quant_config, prefix=f"{prefix}.{QUERY}"
         )
-        self.q_norm = RMSNorm(head_dim, eps=q_norm_eps) if q_norm_eps is not None else None
+        self.q_norm = q_norm if q_norm is not None else RMSNorm(head_dim, eps=q_norm_eps) if q_norm_eps is not None else None
         if query_map is not None:  # this rank's heads, on the model's device and dtype
             start = get_tensor_model_parallel_rank() * self.num_heads
             local = query_map[start : start + self.num_heads]  # (H_local, D/2, 2)
@@ -137,7 +144,7 @@ class SharedKVAttention(nn.Module):
         self.attn = Attention(
             self.num_heads,
             head_dim,
-            head_dim**-0.5,
+            scaling if scaling is not None else head_dim**-0.5,
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             quant_config=quant_config,
@@ -146,7 +153,7 @@ class SharedKVAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         q, _ = self.query(hidden_states)  # (T, H * D)
         if self.q_norm is not None:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
@@ -437,3 +444,98 @@ class KVRouteQwen3ForCausalLM(_KVRouteQwen, Qwen3ForCausalLM):
     family = "Qwen3"
     stock_layer = Qwen3DecoderLayer
     qwen3 = True
+
+
+# -------------------------------------------------------------------- Gemma3
+class SharedKVGemma3DecoderLayer(Gemma3DecoderLayer):
+    """A Gemma3 decoder layer whose attention keeps no KV; ``forward`` is vLLM's.
+
+    The query goes through Gemma's ``q_norm`` (so a calibration query map runs after it),
+    the scale is ``query_pre_attn_scalar ** -0.5``, and RoPE and the sliding window are
+    those of the layer's own type, which its owner shares (plans share only within a type).
+    """
+
+    def __init__(
+        self, config: Any, cache_config: Any = None, quant_config: QuantizationConfig | None = None,
+        prefix: str = "", *, owner: int, calibration: CalibrationFold | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        if not getattr(config, "is_causal", True):
+            raise ValueError("kvroute: KV sharing needs causal decoder attention (config is_causal=False)")
+        layer = extract_layer_index(prefix)
+        layer_type = config.layer_types[layer]
+        head_dim = config.head_dim
+        self.hidden_size = hidden = config.hidden_size
+        self.self_attn = SharedKVAttention(
+            hidden_size=hidden,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            rotary_emb=get_rope(head_dim, max_position=config.max_position_embeddings,
+                                rope_parameters=config.rope_parameters[layer_type], is_neox_style=True),
+            target=owner_attention_name(f"{prefix}.self_attn", owner),
+            q_bias=config.attention_bias,
+            o_bias=config.attention_bias,
+            q_norm=GemmaRMSNorm(head_dim, eps=config.rms_norm_eps),
+            scaling=config.query_pre_attn_scalar**-0.5,
+            query_map=_query_map(calibration, layer, q_norm=True),
+            sliding_window=config.sliding_window if layer_type == "sliding_attention" else None,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.self_attn",
+        )
+        self.mlp = Gemma3MLP(hidden_size=hidden, intermediate_size=config.intermediate_size,
+                             hidden_activation=config.hidden_activation, quant_config=quant_config,
+                             prefix=f"{prefix}.mlp")
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, GemmaRMSNorm(hidden, eps=config.rms_norm_eps))
+
+
+@contextlib.contextmanager
+def _gemma3_layers(plan: SharingPlan, calibration: CalibrationFold | None) -> Iterator[None]:
+    """Build vLLM's Gemma3 model with routed layers.
+
+    vLLM's ``Gemma3Model`` names its layer class inside a lambda, with no parameter to change it,
+    so for the duration of the build that name resolves to a factory that follows ``plan``.
+    """
+    stock = vllm_gemma3.Gemma3DecoderLayer
+
+    def build(config: Any, cache_config: Any = None, quant_config: Any = None, prefix: str = "") -> nn.Module:
+        layer = extract_layer_index(prefix)
+        owner = plan.source[layer]
+        if owner == layer:
+            return stock(config, cache_config, quant_config, prefix=prefix)
+        return SharedKVGemma3DecoderLayer(config, cache_config, quant_config, prefix, owner=owner,
+                                          calibration=calibration)
+
+    vllm_gemma3.Gemma3DecoderLayer = build
+    try:
+        yield
+    finally:
+        vllm_gemma3.Gemma3DecoderLayer = stock
+
+
+class KVRouteGemma3ForCausalLM(Gemma3ForCausalLM):
+    """vLLM's Gemma3 (text) with depth-wise KV sharing under a kvroute plan.
+
+    Sliding and global layers share only within their type, as in the HF path; a calibration's
+    query maps run after ``q_norm``, its value maps fold into ``o_proj``.
+    """
+
+    family = "Gemma3"
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config.get_text_config()
+        plan = resolve_plan(config)
+        calibration = _served_calibration(vllm_config, config, plan)
+        with _gemma3_layers(plan, calibration):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.plan = plan
+        self.calibration = calibration
+        _log_plan(plan, self.family, calibration, query_at_run_time=True)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.calibration is not None:
+            weights = self.calibration.fold(weights, queries=False)
+        return super().load_weights(route_weights(weights, self.plan))

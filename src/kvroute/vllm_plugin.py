@@ -60,6 +60,7 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "KVRouteMistralForCausalLM",
     "Qwen2ForCausalLM": "KVRouteQwen2ForCausalLM",
     "Qwen3ForCausalLM": "KVRouteQwen3ForCausalLM",
+    "Gemma3ForCausalLM": "KVRouteGemma3ForCausalLM",
 }
 #: Key of the routing setup a kvroute checkpoint saves in its config (as ``kvroute.hf.patch``).
 CONFIG_KEY = "kvroute"

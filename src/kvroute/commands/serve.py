@@ -12,7 +12,7 @@ HELP = "Serve a checkpoint with vLLM's OpenAI-compatible server under a sharing 
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="local checkpoint folder (Llama, Mistral, Qwen2 or Qwen3)")
+    p.add_argument("checkpoint", help="local checkpoint folder (Llama, Mistral, Qwen2, Qwen3 or Gemma3 text)")
     p.add_argument("--plan", default=None,
                    help="sharing plan, e.g. every:4 (default: the checkpoint's saved plan, else full)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
