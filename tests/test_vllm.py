@@ -401,6 +401,18 @@ def test_openai_server_answers_a_completion_under_a_plan(checkpoint, tmp_path):
             hf_greedy(checkpoint, "every:4", PROMPTS[0]), skip_special_tokens=True
         )
         assert text == expected
+        # the official client, not streamed and streamed, and a request the server must refuse
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        done = client.completions.create(model=str(checkpoint), prompt=PROMPTS[0], max_tokens=NEW_TOKENS,
+                                         temperature=0, extra_body={"ignore_eos": True})
+        assert done.choices[0].text == expected
+        pieces = client.completions.create(model=str(checkpoint), prompt=PROMPTS[0], max_tokens=NEW_TOKENS,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in pieces) == expected
+        with pytest.raises(openai.BadRequestError) as refused:  # longer than --max-model-len 128
+            client.completions.create(model=str(checkpoint), prompt=[5] * 200, max_tokens=4)
+        assert refused.value.status_code == 400 and "128" in str(refused.value)
         text = log.read_text()
         assert "plan every:4: 2/8 layers keep KV (25.0%), owners [0,4]; not calibrated" in text
         assert "kvroute: KV pool " in text and "under every:4 against" in text and "(4.00x)" in text

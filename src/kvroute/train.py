@@ -39,7 +39,8 @@ from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_spec
 from kvroute.presets import PRESETS, preset_config
 from kvroute.trainlog import (
-    STATE_DIR, MetricsLog, commit_training_state, latest_checkpoint, load_training_state, stage_training_state,
+    STATE_DIR, MetricsLog, commit_training_state, latest_checkpoint, load_training_state, remove_partial_checkpoints,
+    stage_training_state,
     staging_dir,
 )
 
@@ -708,6 +709,9 @@ def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | Non
     run = _Run(config)
     c = config
     say = (lambda msg: tqdm.write(msg)) if run.main and not c.quiet else (lambda msg: None)
+    if run.main:
+        for path in remove_partial_checkpoints(run.ckpt_root):  # left by a run killed while saving
+            say(f"removed a partial checkpoint left by a killed run: {path}")
     if run.resume_dir is not None:
         run.restore(run.resume_dir)
         say(f"resumed from {run.resume_dir} at step {run.step}")

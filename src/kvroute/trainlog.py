@@ -163,6 +163,21 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def remove_partial_checkpoints(root: str | Path) -> list[Path]:
+    """Delete what a killed save left under ``root`` (``run/checkpoints``): a half-written
+    checkpoint folder (``.step-N.tmp-*``), a replaced one (``.step-N.old``) and half-written
+    training states (``step-N/.training_state.tmp``). Complete checkpoints are never touched.
+    Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.glob(".step-*") if p.is_dir() and (".tmp-" in p.name or p.name.endswith(".old"))]
+    stale += [p for p in root.glob(f"step-*/.{STATE_DIR}.tmp") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (``run/checkpoints``), or None."""
     found = _complete_checkpoints(Path(root))
