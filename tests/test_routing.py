@@ -505,3 +505,25 @@ def test_fuzz_padded_batches_decode_like_the_full_forward(data, family, dtype, b
     torch.testing.assert_close(decoded[real].float(), full[real].float(), **tol)
     plan, shape = kvroute.get_router(model).plan, KVShape.from_config(model.config)
     assert cache.used_bytes() == plan.kv_bytes(shape, length, batch=batch, dtype=dtype)
+
+
+def test_torch_compile_routes_every_pass_like_eager():
+    """Under torch.compile each training pass still draws its own route (no route baked into the graph)."""
+    compiled_model = kvroute.apply(tiny_model("llama", layers=6), policy="rcla:p=0.5", plan="every:2", seed=1)
+    eager = kvroute.apply(tiny_model("llama", layers=6), policy="rcla:p=0.5", plan="every:2", seed=1)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    ids = tokens(2, 10)
+    with torch.no_grad():
+        close(compiled.eval()(ids, use_cache=False).logits, eager.eval()(ids, use_cache=False).logits)
+    compiled.train(), eager.train()
+    routes = []
+    for _ in range(4):
+        a, b = compiled(ids, labels=ids), eager(ids, labels=ids)
+        routes.append(kvroute.get_router(compiled_model).last_route)
+        assert routes[-1] == kvroute.get_router(eager).last_route
+        close(a.loss, b.loss)
+        a.loss.backward(), b.loss.backward()
+    assert len(set(routes)) > 1
+    for p, q in zip(compiled_model.parameters(), eager.parameters()):
+        if q.grad is not None:
+            close(p.grad, q.grad)

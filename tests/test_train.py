@@ -235,8 +235,22 @@ def test_cli_trains(assets, tmp_path, capsys):
                    "--eval-every", "2", "--eval-plans", "full,every:4", "--quiet", "--no-tensorboard",
                    "--cache-dir", str(assets["cache"])])
     assert rc == 0
-    assert "trained 2 steps" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "trained 2 steps" in captured.out
     assert json.loads((out / "run_config.json").read_text())["routing"] == "rdcla:2"
+    # --quiet: no bars of our own, and none of transformers' ("Loading weights", "Writing model shards")
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
+    assert "train:" not in captured.err
+
+
+@pytest.fixture(autouse=True)
+def _libraries_speak_again():
+    """``--quiet`` silences transformers for the process; the other tests get it back."""
+    yield
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
 
 
 def test_cli_trains_for_one_plan(assets, tmp_path, capsys):
