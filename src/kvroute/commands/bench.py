@@ -59,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
         kv_budget=parse_bytes(args.kv_budget) if args.kv_budget else None,
         baseline=not args.no_baseline, random_weights=args.random_weights, seed=args.seed,
     )
-    report = run_bench(config)
+    return _report(run_bench(config), write_report, args.out)
+
+
+def _report(report, write, out: str) -> int:
+    """Write the report files (with the command that made them) and print the table."""
     command = "kvroute " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    paths = write_report(report, args.out, command=command)
+    paths = write(report, out, command=command)
     print(report.table())
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -77,9 +81,4 @@ def _run_vllm(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens or 96, max_num_seqs=args.max_num_seqs, dtype=args.dtype or "bfloat16",
         threads=args.threads, seed=args.seed,
     )
-    report = run_serving_bench(config)
-    command = "kvroute " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    paths = write_serving_report(report, args.out, command=command)
-    print(report.table())
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _report(run_serving_bench(config), write_serving_report, args.out)
