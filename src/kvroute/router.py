@@ -12,6 +12,11 @@ from kvroute.plan import SharingPlan
 from kvroute.policy import NoRouting, Route, RoutingPolicy
 
 
+#: the key under which a checkpoint's config saves its routing setup (policy, plan, source map);
+#: read by the transformers adapter and the vLLM plugin alike
+CONFIG_KEY = "kvroute"
+
+
 def route_key(route: Route) -> str:
     """The name under which a route's calibration maps are stored (a valid module name)."""
     return "r" + "_".join(map(str, route))

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvroute.plan import SharingPlan
+from kvroute.router import CONFIG_KEY
 
 if TYPE_CHECKING:
     from kvroute.hf.attention import LayerMaps
@@ -62,8 +63,6 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "KVRouteQwen3ForCausalLM",
     "Gemma3ForCausalLM": "KVRouteGemma3ForCausalLM",
 }
-#: Key of the routing setup a kvroute checkpoint saves in its config (as ``kvroute.hf.patch``).
-CONFIG_KEY = "kvroute"
 #: Config key that carries a serve-time plan to vLLM (through ``hf_overrides``).
 PLAN_KEY = "kvroute_plan"
 #: Module of the routed vLLM model classes.

@@ -14,7 +14,7 @@ from kvroute.hf.cache import SharedKVCache, shared_layers
 from kvroute.hf.compat import CACHE_ARG, DummyLayer
 from kvroute.plan import KVShape, SharingPlan, layer_types_of
 from kvroute.policy import NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
-from kvroute.router import Router
+from kvroute.router import CONFIG_KEY, Router
 
 #: model_type -> the attention class kvroute replaces.
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -24,7 +24,6 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen3": "Qwen3Attention",
     "gemma3_text": "Gemma3Attention",
 }
-CONFIG_KEY = "kvroute"
 CONFIG_VERSION = 1
 #: the decoder's attribute that holds its router (the hooks find it there, so a copy finds its own)
 ROUTER_ATTR = "kvroute_router"
