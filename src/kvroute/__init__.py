@@ -18,6 +18,7 @@ from kvroute.hf.patch import (
     get_router,
     is_routed,
     routing_config,
+    set_kv_quant,
     set_plan,
 )
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
@@ -62,5 +63,6 @@ __all__ = [
     "policy_from_dict",
     "policy_from_spec",
     "routing_config",
+    "set_kv_quant",
     "set_plan",
 ]

@@ -58,6 +58,7 @@ class BenchConfig:
         device: ``cpu`` or ``cuda``.
         threads: torch intra-op threads (default: leave torch's setting).
         kv_budget: KV memory budget in bytes for the largest-batch column (None: skip).
+        kv_quant: KV storage of the plans' caches, each measured: ``none``, ``int8``, ``int4``.
         baseline: include the unmodified-transformers row.
         random_weights: for a checkpoint, use its config with random weights.
         seed: seed of the weights (shapes) and of the prompt tokens.
@@ -74,6 +75,7 @@ class BenchConfig:
     device: str = "cpu"
     threads: int | None = None
     kv_budget: int | None = None
+    kv_quant: list[str] = field(default_factory=lambda: ["none"])
     baseline: bool = True
     random_weights: bool = False
     seed: int = 0
@@ -92,6 +94,12 @@ class BenchConfig:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"--kv-budget must be positive, got {self.kv_budget}")
+        from kvroute.kvquant import KVQuant
+
+        quants = self.kv_quant.split(",") if isinstance(self.kv_quant, str) else list(self.kv_quant)
+        self.kv_quant = [q.strip().lower() or "none" for q in quants] or ["none"]
+        for q in self.kv_quant:
+            KVQuant.parse(q)
         if not self.plans and not self.baseline:
             raise ValueError("nothing to benchmark: no plans and no baseline")
 
@@ -214,6 +222,7 @@ class _Variant:
     name: str
     model: torch.nn.Module
     plan: SharingPlan | None = None
+    kv_quant: str = "none"
     ttfts: list[float] = field(default_factory=list)
     decodes: list[float] = field(default_factory=list)
     peak: int = 0
@@ -226,7 +235,7 @@ class _Variant:
 
         if self.plan is None:
             return DynamicCache(config=self.model.config)
-        return SharedKVCache(self.plan, shape, max_cache_len=max_len)
+        return SharedKVCache(self.plan, shape, max_cache_len=max_len, kv_quant=self.kv_quant)
 
 
 def _measure(variants: list[_Variant], prompt: torch.Tensor, shape: KVShape, cfg: BenchConfig, peak: PeakMemory) -> None:
@@ -295,11 +304,12 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
         for b in config.batches:
             prompt = torch.randint(0, vocab, (b, c), generator=gen).to(config.device)
             variants = [_Variant(BASELINE, model)] if config.baseline else []
-            variants += [_Variant(p.spec, routed, p) for p in plans]
+            variants += [_Variant(p.spec if q == "none" else f"{p.spec} + {q}", routed, p, q)
+                         for p in plans for q in config.kv_quant]
             _measure(variants, prompt, shape, config, peak)
             for v in variants:
                 row = {
-                    "context": c, "batch": b, "plan": v.name,
+                    "context": c, "batch": b, "plan": v.plan.spec if v.plan else v.name, "kv_quant": v.kv_quant,
                     "calibrated": v.plan is not None and is_calibrated(v.model, v.plan),
                     "owners": len(v.plan.owners) if v.plan else shape.num_layers,
                     "retention": v.plan.retention if v.plan else 1.0,
@@ -313,19 +323,22 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
                     "decode_tok_s_all": [round(d, 3) for d in v.decodes],
                 }
                 if v.plan is not None:
-                    row["kv_expected_bytes"] = v.plan.kv_bytes(shape, c + config.new_tokens, b, model.dtype)
+                    row["kv_expected_bytes"] = v.plan.kv_bytes(shape, c + config.new_tokens, b, model.dtype,
+                                                               v.kv_quant)
                 measured[(c, b, v.name)] = row
                 if progress:
                     print(f"  ctx {c:>6} batch {b:>3} {plan_label(row):>10}: KV {row['kv_mb']:.1f} MB, "
                           f"TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
     meta["loadavg_end"] = _loadavg()
-    rows = _with_ratios(measured, config, [BASELINE] * config.baseline + [p.spec for p in plans])
+    names = [p.spec if q == "none" else f"{p.spec} + {q}" for p in plans for q in config.kv_quant]
+    rows = _with_ratios(measured, config, [BASELINE] * config.baseline + names)
     return BenchReport(config, meta, rows)
 
 
 def _with_ratios(measured, config: BenchConfig, order: list[str]) -> list[dict[str, Any]]:
     first = (config.contexts[0], config.batches[0])
-    full_spec = next((s for s in order if s != BASELINE and measured[(*first, s)]["retention"] == 1.0), None)
+    full_spec = next((s for s in order if s != BASELINE and measured[(*first, s)]["retention"] == 1.0
+                      and measured[(*first, s)]["kv_quant"] == "none"), None)
     rows = []
     for c in config.contexts:
         for b in config.batches:
@@ -435,11 +448,11 @@ def _plot(report: BenchReport, path: Path) -> Path | None:
         return None
     cfg = report.config
     combos = [(c, b) for c in cfg.contexts for b in cfg.batches]
-    specs = list(dict.fromkeys(r["plan"] for r in report.rows))
+    specs = list(dict.fromkeys(plan_label(r) for r in report.rows))
     metrics = [("kv_mb", "KV cache (MB)"), ("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tok/s)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     width = 0.8 / len(combos)
-    by_key = {(r["context"], r["batch"], r["plan"]): r for r in report.rows}
+    by_key = {(r["context"], r["batch"], plan_label(r)): r for r in report.rows}
     for ax, (key, label) in zip(axes, metrics):
         for i, (c, b) in enumerate(combos):
             xs = [j + (i - (len(combos) - 1) / 2) * width for j in range(len(specs))]

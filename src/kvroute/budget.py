@@ -153,21 +153,27 @@ def owners_for_budget(
 
 
 # ----------------------------------------------------------------------- reports
-def plan_report(plan: Any, shape: KVShape, batch: int = 1, context: int = 4096, dtype: Any = "bf16") -> str:
-    """What ``kvroute plan show`` prints: each layer's source, the owners, KV bytes against full."""
+def plan_report(plan: Any, shape: KVShape, batch: int = 1, context: int = 4096, dtype: Any = "bf16",
+                kv_quant: Any = None) -> str:
+    """What ``kvroute plan show`` prints: each layer's source, the owners, KV bytes against full
+    (in ``dtype``, unquantized); with ``kv_quant``, the plan's owners store KV quantized."""
+    from kvroute.kvquant import KVQuant
     from kvroute.plan import SharingPlan
+
+    quant = KVQuant.parse(kv_quant)
+    stored = f"{dtype}" + (f", {quant.name} past the newest {quant.residual} tokens" if quant else "")
 
     full = SharingPlan.from_spec("full", shape.num_layers, shape.layer_types)
     lines = [plan.describe(), "", "layer  source  kv"]
     for layer, src in enumerate(plan.source):
         kind = f"  ({shape.layer_types[layer]})" if shape.layer_types is not None else ""
         lines.append(f"{layer:5d}  {src:6d}  {'own' if src == layer else 'reads ' + str(src)}{kind}")
-    per_tok, full_tok = plan.kv_bytes_per_token(shape, dtype), full.kv_bytes_per_token(shape, dtype)
-    total, full_total = plan.kv_bytes(shape, context, batch, dtype), full.kv_bytes(shape, context, batch, dtype)
+    per_tok, full_tok = plan.kv_bytes_per_token(shape, dtype, quant), full.kv_bytes_per_token(shape, dtype)
+    total, full_total = plan.kv_bytes(shape, context, batch, dtype, quant), full.kv_bytes(shape, context, batch, dtype)
     lines += [
         "",
         f"owners: {','.join(map(str, plan.owners))}",
-        f"KV bytes per token ({dtype}): {format_bytes(per_tok)} vs full {format_bytes(full_tok)} "
+        f"KV bytes per token ({stored}): {format_bytes(per_tok)} vs full {format_bytes(full_tok)} "
         f"({per_tok / full_tok:.3f}x)",
         f"KV for batch {batch} x {context} tokens: {format_bytes(total)} vs full {format_bytes(full_total)} "
         f"(saves {format_bytes(full_total - total)})",

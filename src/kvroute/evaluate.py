@@ -55,7 +55,8 @@ class LMScore:
 
 @torch.inference_mode()
 def lm_score(
-    model: torch.nn.Module, documents: list[list[int]], window: int = 1024, stride: int = 512, progress: bool = False
+    model: torch.nn.Module, documents: list[list[int]], window: int = 1024, stride: int = 512, progress: bool = False,
+    kv_quant: Any = None,
 ) -> LMScore:
     """Mean next-token NLL over token documents with sliding windows.
 
@@ -64,6 +65,9 @@ def lm_score(
         documents: token ids, one list per document (no context crosses documents).
         window: tokens one forward pass sees.
         stride: tokens a window advances; ``stride <= window``.
+        kv_quant: score through a quantized shared cache (``"int8"``, ``"int4"``): each window runs
+            in chunks of half the residual window, so every token attends to older context as a
+            decoding model with that cache would (the newest tokens exact, older ones quantized).
 
     Returns:
         Loss (mean NLL, nats), perplexity ``exp(loss)`` and token counts: every
@@ -85,7 +89,7 @@ def lm_score(
             chunk = ids[begin:end].unsqueeze(0)  # (1, T)
             # the logits at position t - 1 predict token t: keep those of the targets done..end-1
             keep = end - done + 1
-            logits = model(input_ids=chunk, use_cache=False, logits_to_keep=keep).logits[0, :-1].float()  # (keep-1, V)
+            logits = _window_logits(model, chunk, keep, kv_quant)[0, :-1].float()  # (keep-1, V)
             losses = torch.nn.functional.cross_entropy(logits, ids[done:end], reduction="none")
             nll += losses.double().sum().item()
             scored += losses.numel()
@@ -97,6 +101,23 @@ def lm_score(
         raise ValueError("no tokens to score: every document is a single token")
     loss = nll / scored
     return LMScore(loss, math.exp(loss), scored, total, len(documents), windows)
+
+
+def _window_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int, kv_quant: Any) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of ``ids`` (1, T): one forward, or through a quantized cache."""
+    from kvroute.kvquant import KVQuant
+
+    quant = KVQuant.parse(kv_quant)
+    if quant is None:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    from kvroute.hf.cache import SharedKVCache
+    from kvroute.hf.compat import cache_kwargs
+
+    cache = SharedKVCache.for_model(model, kv_quant=quant)
+    step = max(1, quant.residual // 2)
+    parts = [model(input_ids=ids[:, i : i + step], use_cache=True, **cache_kwargs(cache)).logits
+             for i in range(0, ids.shape[1], step)]
+    return torch.cat(parts, dim=1)[:, -keep:]
 
 
 def tokenize_documents(
@@ -259,6 +280,8 @@ class EvalConfig:
         chat: wrap QA prompts in the tokenizer's chat template.
         dtype, device: how the model is loaded.
         kv_dtype: dtype the KV KiB/token figure assumes (default: the model's).
+        kv_quant: KV cache storage, comma-separated: ``none``, ``int8``, ``int4``; every plan runs
+            under each (quantized: through the cache, see :func:`lm_score`).
     """
 
     checkpoints: list[str]
@@ -276,6 +299,7 @@ class EvalConfig:
     dtype: str = "float32"
     device: str = "cpu"
     kv_dtype: str | None = None
+    kv_quant: list[str] | str = "none"
 
     def __post_init__(self) -> None:
         self.plans = parse_plan_list(self.plans)
@@ -299,6 +323,12 @@ class EvalConfig:
             raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.kv_dtype is not None:
             dtype_bytes(self.kv_dtype)
+        from kvroute.kvquant import KVQuant
+
+        quants = self.kv_quant.split(",") if isinstance(self.kv_quant, str) else list(self.kv_quant)
+        self.kv_quant = [q.strip().lower() or "none" for q in quants] or ["none"]
+        for q in self.kv_quant:
+            KVQuant.parse(q)
 
 
 @dataclass
@@ -332,7 +362,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
         The writer holding the rows (``.rows``), the errors (``.errors``) and the file paths.
     """
     from kvroute.calibrate import is_calibrated
-    from kvroute.hf.patch import set_plan
+    from kvroute.hf.patch import set_kv_quant, set_plan
     from kvroute.models import load, load_tokenizer
 
     data = load_datasets(config)
@@ -351,15 +381,18 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
         documents = [tokenize_documents(tokenizer, t.texts, config.max_tokens) for t in data.text]
         model_info = {"checkpoint": ckpt, "model_type": model.config.model_type,
                       "num_layers": shape.num_layers, "dtype": config.dtype}
-        for plan in plans:
+        for plan, quant in [(p, q) for p in plans for q in config.kv_quant]:
             set_plan(model, plan)
+            set_kv_quant(model, quant)
             calibrated = is_calibrated(model, plan)
             base = {**model_info, "plan": plan.spec, "calibrated": calibrated,
                     "plan_source": ",".join(map(str, plan.source)),
                     "owners": len(plan.owners), "retention": plan.retention,
-                    "kv_kib_per_token": kv_kib_per_token(plan, shape, kv_dtype), "kv_dtype": kv_dtype}
+                    "kv_kib_per_token": kv_kib_per_token(plan, shape, kv_dtype, quant), "kv_dtype": kv_dtype,
+                    "kv_quant": quant}
             if progress:
-                print(f"[{ckpt}] {plan.describe()}{', calibrated' if calibrated else ''}", flush=True)
+                print(f"[{ckpt}] {plan.describe()}{', calibrated' if calibrated else ''}"
+                      f"{'' if quant == 'none' else ', KV ' + quant}", flush=True)
             try:
                 _score_plan(model, tokenizer, config, data, documents, base, writer, progress, (window, stride))
             except Exception as err:  # keep what other plans produced; report and go on
@@ -385,7 +418,7 @@ def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents
     window, stride = windows
     for text_set, docs in zip(data.text, documents):
         start = time.perf_counter()
-        score = lm_score(model, docs, window, stride, progress)
+        score = lm_score(model, docs, window, stride, progress, kv_quant=base.get("kv_quant"))
         info = {**base, "task": "lm", "data": text_set.path, "n": score.documents,
                 "tokens_scored": score.tokens_scored, "tokens_total": score.tokens_total,
                 "window": window, "stride": stride,

@@ -64,6 +64,7 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
+    kv_quant: Any = None,
 ) -> GenerationResult:
     """Generate a continuation of ``prompt`` with a cache that stores only the plan's owners.
 
@@ -72,6 +73,7 @@ def generate(
         tokenizer: its tokenizer.
         prompt: the prompt text (a user message when ``chat``).
         plan: plan to generate under; default: the model's active plan.
+        kv_quant: store the owners' KV as ``int8`` or ``int4``; default: the model's (:func:`kvroute.set_kv_quant`).
         max_new_tokens: generation length limit.
         chat: wrap the prompt with the tokenizer's chat template.
         temperature: 0 for greedy, else sampling temperature.
@@ -100,7 +102,8 @@ def generate(
     inputs = {k: v.to(device) for k, v in inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
     shape = KVShape.from_config(model.config)
-    cache = SharedKVCache(active, shape, max_cache_len=prompt_len + max_new_tokens)
+    quant = get_router(model).kv_quant if kv_quant is None else kv_quant
+    cache = SharedKVCache(active, shape, max_cache_len=prompt_len + max_new_tokens, kv_quant=quant)
 
     class _Stream(BaseStreamer):
         def __init__(self) -> None:

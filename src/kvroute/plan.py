@@ -258,26 +258,38 @@ class SharingPlan:
     def is_full(self) -> bool:
         return len(self.owners) == self.num_layers
 
-    def kv_bytes_per_token(self, shape: KVShape, dtype: Any = "bf16") -> int:
-        """KV bytes one token costs under this plan (keys and values, all owners)."""
-        self._check_shape(shape)
-        return 2 * len(self.owners) * shape.kv_heads * shape.head_dim * dtype_bytes(dtype)
+    def kv_bytes_per_token(self, shape: KVShape, dtype: Any = "bf16", kv_quant: Any = None) -> int:
+        """KV bytes one token costs under this plan (keys and values, all owners); with ``kv_quant``
+        (``"int8"``, ``"int4"``), a token past the full-precision residual window, scales included."""
+        from kvroute.kvquant import KVQuant
 
-    def kv_bytes(self, shape: KVShape, tokens: int, batch: int = 1, dtype: Any = "bf16") -> int:
+        self._check_shape(shape)
+        quant = KVQuant.parse(kv_quant)
+        entry = quant.entry_bytes(shape.head_dim) if quant else shape.head_dim * dtype_bytes(dtype)
+        return 2 * len(self.owners) * shape.kv_heads * entry
+
+    def kv_bytes(self, shape: KVShape, tokens: int, batch: int = 1, dtype: Any = "bf16", kv_quant: Any = None) -> int:
         """KV bytes for ``batch`` sequences of ``tokens`` tokens.
 
         Sliding-window owners hold at most ``sliding_window - 1`` tokens, as the
-        transformers cache keeps them.
+        transformers cache keeps them. With ``kv_quant``, the other owners hold their newest
+        ``residual`` tokens in ``dtype`` and the older ones quantized, scales included.
         """
+        from kvroute.kvquant import KVQuant
+
         self._check_shape(shape)
-        per_layer_token = 2 * shape.kv_heads * shape.head_dim * dtype_bytes(dtype)
+        quant = KVQuant.parse(kv_quant)
+        full_entry = shape.head_dim * dtype_bytes(dtype)
         total = 0
         for owner in self.owners:
-            held = tokens
             if shape.slides(owner):
-                held = min(tokens, shape.sliding_window - 1)
-            total += held
-        return total * per_layer_token * batch
+                total += min(tokens, shape.sliding_window - 1) * full_entry
+            elif quant is not None:
+                full, quantized = quant.split(tokens)
+                total += full * full_entry + quantized * quant.entry_bytes(shape.head_dim)
+            else:
+                total += tokens * full_entry
+        return total * 2 * shape.kv_heads * batch
 
     def describe(self) -> str:
         """One line for logs: spec, owners and retention."""

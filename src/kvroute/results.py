@@ -43,23 +43,27 @@ CALIBRATED_MARK = " (cal)"
 
 
 def plan_label(row: dict[str, Any]) -> str:
-    """The plan as tables and plots show it: ``every:2 (cal)`` when it ran calibrated."""
-    return str(row["plan"]) + (CALIBRATED_MARK if row.get("calibrated") else "")
+    """The plan as tables and plots show it: ``every:2 (cal)`` when it ran calibrated, ``every:2 + int8``
+    with a quantized KV cache."""
+    quant = row.get("kv_quant")
+    return (str(row["plan"]) + (CALIBRATED_MARK if row.get("calibrated") else "")
+            + (f" + {quant}" if quant not in (None, "none") else ""))
 
 
-def kv_kib_per_token(plan: SharingPlan, shape: KVShape, dtype: str) -> float:
-    """KV KiB one token costs under ``plan``."""
-    return plan.kv_bytes_per_token(shape, dtype) / 1024
+def kv_kib_per_token(plan: SharingPlan, shape: KVShape, dtype: str, kv_quant: Any = None) -> float:
+    """KV KiB one token costs under ``plan`` (quantized past the residual window with ``kv_quant``)."""
+    return plan.kv_bytes_per_token(shape, dtype, kv_quant) / 1024
 
 
 def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows with ``delta_vs_full`` (value - full) and ``delta_pct_vs_full`` filled in.
 
     The reference is the row of the same checkpoint, task, data and metric whose
-    plan keeps every layer (retention 1); None where there is no such row.
+    plan keeps every layer (retention 1) in full precision (no ``kv_quant``); None where
+    there is no such row.
     """
     full = {(r["checkpoint"], r["task"], r["data"], r["metric"]): r["value"]
-            for r in rows if float(r["retention"]) == 1.0}
+            for r in rows if float(r["retention"]) == 1.0 and r.get("kv_quant") in (None, "none")}
     out = []
     for r in rows:
         ref = full.get((r["checkpoint"], r["task"], r["data"], r["metric"]))

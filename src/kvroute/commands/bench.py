@@ -31,6 +31,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--kv-budget", help="KV memory budget for the largest-batch column, e.g. 1GiB")
+    p.add_argument("--kv-quant", default="none",
+                   help="KV storage of the plans' caches, comma-separated: none, int8, int4 (default none)")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmodified-transformers row")
     p.add_argument("--random-weights", action="store_true", help="a checkpoint's config with random weights")
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, threads=args.threads,
         kv_budget=parse_bytes(args.kv_budget) if args.kv_budget else None,
         baseline=not args.no_baseline, random_weights=args.random_weights, seed=args.seed,
+        kv_quant=args.kv_quant,
     )
     return _report(run_bench(config), write_report, args.out)
 

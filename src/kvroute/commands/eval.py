@@ -31,6 +31,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-dtype", default=None, help="dtype for the KV KiB/token figures (default: the model's)")
+    p.add_argument("--kv-quant", default="none",
+                   help="KV cache storage, comma-separated: none, int8, int4 (every plan runs under each; "
+                        "quantized runs score through the cache)")
     p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", default=None,
                    help="merge these results.json files (or folders) instead of evaluating")
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoints=args.checkpoints, plans=args.plans, text=args.text, qa=args.qa, mc=args.mc,
             out=args.out, window=args.window, stride=args.stride, max_tokens=args.max_tokens,
             limit=args.limit, max_new_tokens=args.max_new_tokens, chat=args.chat, dtype=args.dtype,
-            device=args.device, kv_dtype=args.kv_dtype,
+            device=args.device, kv_dtype=args.kv_dtype, kv_quant=args.kv_quant,
         )
         writer = evaluate(config)
         rows, errors = writer.rows, len(writer.errors)

@@ -19,10 +19,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-quant", default="none", help="owners store KV as none, int8 or int4 (default none)")
 
 
 def run(args: argparse.Namespace) -> int:
     from kvroute.generate import generate
+    from kvroute.kvquant import KVQuant
     from kvroute.models import load, load_tokenizer
 
     if args.max_new_tokens <= 0:
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.checkpoint)
     result = generate(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
-        temperature=args.temperature, seed=args.seed,
+        temperature=args.temperature, seed=args.seed, kv_quant=KVQuant.parse(args.kv_quant) or "none",
         on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
     )
     print()

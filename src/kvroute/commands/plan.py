@@ -18,6 +18,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     show.add_argument("model", help=model_help + " (only the config is read)")
     show.add_argument("--plan", required=True, help="plan spec: full, every:K, keep:F, layers:..., groups:...")
     _memory_args(show, batch=1, context=4096)
+    show.add_argument("--kv-quant", default="none", help="owners store KV as none, int8 or int4 (default none)")
     show.set_defaults(_action=_show)
 
     budget = sub.add_parser("budget", help="how many owner layers a KV memory budget allows")
@@ -72,7 +73,7 @@ def _show(args: argparse.Namespace) -> int:
 
     config, shape = _shape(args.model)
     plan = SharingPlan.for_model(args.plan, config)
-    print(plan_report(plan, shape, args.batch, args.context, args.dtype))
+    print(plan_report(plan, shape, args.batch, args.context, args.dtype, args.kv_quant))
     return 0
 
 

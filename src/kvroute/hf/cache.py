@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvroute.hf.compat import DummyLayer
+from kvroute.kvquant import KVQuant
 from kvroute.plan import KVShape, SharingPlan
 
 
@@ -103,8 +104,96 @@ class GrowingLayer(DynamicLayer):
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
 
-def shared_layers(plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None) -> list[Any]:
-    """One empty cache layer per model layer: nothing for non-owners, a bounded or growing one for owners."""
+class QuantizedLayer(DynamicLayer):
+    """A full-attention cache layer that stores KV quantized (:class:`~kvroute.kvquant.KVQuant`).
+
+    The newest ``quant.residual`` tokens stay in full precision; older ones are quantized once,
+    as they leave that window. Attention reads the dequantized history followed by the residual.
+    """
+
+    def __init__(self, quant: KVQuant, **kwargs: Any) -> None:
+        super().__init__()
+        self.quant = quant
+        self.length = 0
+        self._codes: list[torch.Tensor] = []  # keys, values: (B, H, T_q, D or D/2)
+        self._scales: list[torch.Tensor] = []  # (B, H, T_q, 1) float16
+        self._rest: list[torch.Tensor] = []  # the full-precision residual: (B, H, T_r, D)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self._rest = [key_states[:, :, :0], value_states[:, :, :0]]
+        self._codes, self._scales = [], []
+        for x in self._rest:
+            codes, scale = self.quant.quantize(x)
+            self._codes.append(codes)
+            self._scales.append(scale)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._rest = [torch.cat((old, new), dim=-2) for old, new in zip(self._rest, (key_states, value_states))]
+        self.length += key_states.shape[-2]
+        aged = self._rest[0].shape[-2] - self.quant.residual
+        if aged > 0:  # tokens leaving the residual window are quantized, once
+            for i, x in enumerate(self._rest):
+                codes, scale = self.quant.quantize(x[:, :, :aged])
+                self._codes[i] = torch.cat((self._codes[i], codes), dim=-2)
+                self._scales[i] = torch.cat((self._scales[i], scale), dim=-2)
+                self._rest[i] = x[:, :, aged:]
+        keys, values = (torch.cat((self.quant.dequantize(c, s, self.dtype), r), dim=-2)
+                        for c, s, r in zip(self._codes, self._scales, self._rest))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self._rest = [x[:, :, :0] for x in self._rest]
+            self._codes = [x[:, :, :0] for x in self._codes]
+            self._scales = [x[:, :, :0] for x in self._scales]
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        drop = min(-tokens_to_remove, self.length)
+        if not self.is_initialized or not drop:
+            return
+        from_rest = min(drop, self._rest[0].shape[-2])
+        self._rest = [x[:, :, : x.shape[-2] - from_rest] for x in self._rest]
+        from_codes = drop - from_rest
+        if from_codes:
+            self._codes = [x[:, :, : x.shape[-2] - from_codes] for x in self._codes]
+            self._scales = [x[:, :, : x.shape[-2] - from_codes] for x in self._scales]
+        self.length -= drop
+
+    def _set_batch(self, fn) -> None:
+        if self.is_initialized:
+            self._codes, self._scales, self._rest = ([fn(x) for x in group]
+                                                     for group in (self._codes, self._scales, self._rest))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._set_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._set_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._set_batch(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(x.numel() * x.element_size() for x in (*self._codes, *self._scales, *self._rest))
+
+
+def shared_layers(
+    plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None, kv_quant: KVQuant | None = None
+) -> list[Any]:
+    """One empty cache layer per model layer: nothing for non-owners, a bounded, growing or
+    quantized one for owners (sliding-window owners stay bounded and unquantized)."""
     if plan.num_layers != shape.num_layers:
         raise ValueError(f"plan {plan.spec!r} has {plan.num_layers} layers, the model {shape.num_layers}")
     layers: list[Any] = []
@@ -114,6 +203,8 @@ def shared_layers(plan: SharingPlan, shape: KVShape, max_cache_len: int | None =
             layers[-1].owner = layers[plan.source[layer]]  # what it answers for, where transformers asks
         elif shape.slides(layer):
             layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
+        elif kv_quant is not None:
+            layers.append(QuantizedLayer(kv_quant))
         else:
             layers.append(GrowingLayer(max_cache_len))
     return layers
@@ -126,32 +217,38 @@ class SharedKVCache(Cache):
         plan: the sharing plan the model runs under.
         shape: the model's KV shape (``KVShape.from_config(model.config)``).
         max_cache_len: tokens to preallocate per sequence; the cache grows past it if needed.
+        kv_quant: store the full-attention owners' KV quantized (``"int8"``, ``"int4"``, a
+            :class:`~kvroute.kvquant.KVQuant`), or None (full precision).
 
     Example:
         >>> cache = SharedKVCache.for_model(model)            # doctest: +SKIP
         >>> out = model.generate(ids, cache=cache, max_new_tokens=8)  # doctest: +SKIP
     """
 
-    def __init__(self, plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None) -> None:
-        super().__init__(layers=shared_layers(plan, shape, max_cache_len))
+    def __init__(self, plan: SharingPlan, shape: KVShape, max_cache_len: int | None = None,
+                 kv_quant: KVQuant | str | None = None) -> None:
+        self.kv_quant = KVQuant.parse(kv_quant)
+        super().__init__(layers=shared_layers(plan, shape, max_cache_len, self.kv_quant))
         self.plan = plan
         self.shape = shape
 
     @classmethod
-    def for_model(cls, model: Any, plan: SharingPlan | str | None = None, max_cache_len: int | None = None):
-        """A cache for a routed model under its active plan (or ``plan``)."""
+    def for_model(cls, model: Any, plan: SharingPlan | str | None = None, max_cache_len: int | None = None,
+                  kv_quant: KVQuant | str | None = None):
+        """A cache for a routed model under its active plan (or ``plan``) and its KV quantization
+        (:func:`kvroute.set_kv_quant`, or ``kv_quant``)."""
         from kvroute.hf.patch import get_router
 
-        active = get_router(model).plan
-        if plan is not None:
-            active = SharingPlan.for_model(plan, model.config)
-        return cls(active, KVShape.from_config(model.config), max_cache_len)
+        router = get_router(model)
+        active = router.plan if plan is None else SharingPlan.for_model(plan, model.config)
+        quant = router.kv_quant if kv_quant is None else kv_quant
+        return cls(active, KVShape.from_config(model.config), max_cache_len, quant)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (allocated, including unused capacity)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, GrowingLayer):
+            if isinstance(layer, (GrowingLayer, QuantizedLayer)):
                 total += layer.nbytes()
             elif getattr(layer, "keys", None) is not None and layer.is_initialized:
                 total += layer.keys.numel() * layer.keys.element_size() * 2
@@ -162,6 +259,9 @@ class SharedKVCache(Cache):
         total = 0
         for layer in self.layers:
             if isinstance(layer, DummyLayer) or not layer.is_initialized:
+                continue
+            if isinstance(layer, QuantizedLayer):
+                total += layer.nbytes()
                 continue
             keys = layer.keys
             total += keys.numel() * keys.element_size() * 2

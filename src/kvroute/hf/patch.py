@@ -158,6 +158,20 @@ def set_plan(model: nn.Module, plan: SharingPlan | str) -> SharingPlan:
     return router.plan
 
 
+def set_kv_quant(model: nn.Module, kv_quant: Any) -> Any:
+    """Store KV quantized (``"int8"``, ``"int4"``; ``None`` or ``"none"``: full precision) in every cache
+    kvroute builds for this routed model from now on: the one a forward or ``generate()`` makes, an
+    empty ``DynamicCache`` it lays out, and :meth:`SharedKVCache.for_model`.
+
+    Returns the :class:`~kvroute.kvquant.KVQuant` (or None).
+    """
+    from kvroute.kvquant import KVQuant
+
+    router = get_router(model)
+    router.kv_quant = KVQuant.parse(kv_quant)
+    return router.kv_quant
+
+
 def _check_served(policy: RoutingPolicy, served: SharingPlan | None, plan: SharingPlan) -> None:
     """Warn when a model fit for one plan only is set to run another."""
     if served is not None and served.source != plan.source:
@@ -203,7 +217,7 @@ def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     if cache is None:
         use_cache = kwargs.get("use_cache")
         if use_cache if use_cache is not None else getattr(module.config, "use_cache", False):
-            kwargs[name] = SharedKVCache(plan, KVShape.from_config(module.config))
+            kwargs[name] = SharedKVCache(plan, KVShape.from_config(module.config), kv_quant=router.kv_quant)
         return args, kwargs
     known = cache.plan if isinstance(cache, SharedKVCache) else getattr(cache, LAYOUT_ATTR, None)
     if known is plan:  # the decode fast path: nothing to check
@@ -212,7 +226,7 @@ def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         # an empty cache from generate() or the caller: give it the shared layout in place,
         # so the caller's reference still holds the KV on the next call
         recording = any(getattr(layer, "record_past", False) for layer in cache.layers)
-        cache.layers[:] = shared_layers(plan, KVShape.from_config(module.config))
+        cache.layers[:] = shared_layers(plan, KVShape.from_config(module.config), kv_quant=router.kv_quant)
         if recording:  # assisted and prompt-lookup decoding crop the cache later: keep what they asked for
             for layer in cache.layers:
                 if hasattr(layer, "activate_past_recording"):

@@ -1,0 +1,87 @@
+"""KV quantization of the owners' caches: int8 or int4 per token and KV head, with float16 scales.
+
+Depth-wise sharing removes whole layers from the cache; quantization shrinks each entry that
+remains, so the two multiply. Each token's key (and value) vector of one KV head is scaled by
+its largest magnitude and rounded to a symmetric integer grid (int8: -127..127, int4: -7..7, two
+per byte); the scale is kept as float16. The newest ``residual`` tokens of each sequence stay
+in full precision, as transformers' quantized cache keeps them: attention to the most recent
+context is exact, and tokens are quantized once, as they age out of the residual window.
+
+Example:
+    >>> q = KVQuant.parse("int8")
+    >>> q.entry_bytes(head_dim=64)  # one token's key (or value) of one KV head: 64 B + a 2 B scale
+    66
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: what ``--kv-quant`` accepts
+KV_QUANTS = ("none", "int8", "int4")
+#: newest tokens kept in full precision per sequence and owner layer
+DEFAULT_RESIDUAL = 32
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How owner layers store KV: ``bits`` per element (8 or 4) and a full-precision residual window."""
+
+    bits: int
+    residual: int = DEFAULT_RESIDUAL
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise ValueError(f"--kv-quant: {self.bits}-bit KV is not supported; use int8 or int4")
+        if self.residual < 0:
+            raise ValueError(f"the residual window must be >= 0 tokens, got {self.residual}")
+
+    @classmethod
+    def parse(cls, spec: Any) -> KVQuant | None:
+        """``"int8"``, ``"int4"`` -> a KVQuant; ``None``, ``"none"`` -> None (full precision)."""
+        if spec is None or isinstance(spec, KVQuant):
+            return spec
+        text = str(spec).strip().lower()
+        if text in ("", "none"):
+            return None
+        if text in ("int8", "int4"):
+            return cls(int(text[3:]))
+        raise ValueError(f"--kv-quant must be one of {', '.join(KV_QUANTS)}, got {spec!r}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def entry_bytes(self, head_dim: int) -> int:
+        """Bytes of one quantized token's key (or value) for one KV head, scale included."""
+        return (head_dim * self.bits + 7) // 8 + 2
+
+    def split(self, tokens: int) -> tuple[int, int]:
+        """(full-precision tokens, quantized tokens) a sequence of ``tokens`` holds."""
+        full = min(tokens, self.residual)
+        return full, tokens - full
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (..., D) -> (codes, scales): int8 codes (int4: two per uint8, D/2), float16 scales (..., 1)."""
+        scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / self.qmax
+        scale = scale.half().float()  # the scale as stored, so that codes and scale agree exactly
+        codes = (x.float() / scale).round().clamp(-self.qmax, self.qmax).to(torch.int8)
+        if self.bits == 4:
+            if codes.shape[-1] % 2:
+                raise ValueError(f"int4 KV needs an even head size, got {codes.shape[-1]}")
+            nibbles = (codes + 8).to(torch.uint8)
+            codes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+        return codes, scale.half()
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.bits == 4:
+            low, high = (codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8
+            codes = torch.stack((low, high), dim=-1).flatten(-2)
+        return (codes.float() * scale.float()).to(dtype)
