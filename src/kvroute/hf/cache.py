@@ -19,7 +19,23 @@ from kvroute.plan import KVShape, SharingPlan
 
 
 
-class GrowingLayer(DynamicLayer):
+class _BatchOps:
+    """Beam search and batch expansion for a cache layer that applies ``fn`` to its tensors in ``_set_batch``."""
+
+    def _set_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._set_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._set_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._set_batch(lambda t: t[indices])
+
+
+class GrowingLayer(_BatchOps, DynamicLayer):
     """A full-attention cache layer backed by a buffer that grows in place.
 
     Args:
@@ -89,22 +105,13 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = fn(self._k), fn(self._v)
             self._refresh()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._set_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._set_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._set_batch(lambda t: t[indices])
-
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
 
-class QuantizedLayer(DynamicLayer):
+class QuantizedLayer(_BatchOps, DynamicLayer):
     """A full-attention cache layer that stores KV quantized (:class:`~kvroute.kvquant.KVQuant`).
 
     The newest ``quant.residual`` tokens stay in full precision; older ones are quantized once,
@@ -173,15 +180,6 @@ class QuantizedLayer(DynamicLayer):
         if self.is_initialized:
             self._codes, self._scales, self._rest = ([fn(x) for x in group]
                                                      for group in (self._codes, self._scales, self._rest))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._set_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._set_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._set_batch(lambda t: t[indices])
 
     def nbytes(self) -> int:
         if not self.is_initialized:
