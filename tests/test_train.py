@@ -13,7 +13,7 @@ import kvroute
 from kvroute.cli import main as cli_main
 from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.policy import RCLA, FixedPlan
-from kvroute.train import StepInfo, TrainConfig, distill_kl, train
+from kvroute.train import StepInfo, TrainConfig, distill_kl, hidden_distill, train
 from kvroute.trainlog import latest_checkpoint, read_metrics
 from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
 
@@ -159,6 +159,42 @@ def test_distill_adds_a_term_under_routing(assets, tmp_path, source):
     train(config(assets, tmp_path / "run", max_steps=2, routing="rcla", p=0.0, distill=0.5, distill_from=source),
           callbacks=[infos.append])
     assert all(i.distill > 0 and i.loss == pytest.approx(i.lm_loss + 0.5 * i.distill, rel=1e-5) for i in infos)
+
+
+def test_hidden_distill_is_relative_and_counts_labelled_positions():
+    teacher = tuple(torch.randn(2, 5, 8) for _ in range(4))  # embeddings + 3 layers
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, 3, 4]])
+    assert hidden_distill(teacher, teacher, labels).item() == 0.0
+    student = list(teacher)
+    student[0] = student[0] + 5.0  # the embeddings are not distilled
+    assert hidden_distill(tuple(student), teacher, labels).item() == 0.0
+    student[2] = teacher[2] * 2.0  # one of three layers off by its own norm: 1/3 per position
+    assert hidden_distill(tuple(student), teacher, labels).item() == pytest.approx(1 / 3, rel=1e-5)
+    counted = int((labels[:, 1:] != -100).sum())
+    assert hidden_distill(tuple(student), teacher, labels, reduction="sum").item() == pytest.approx(counted / 3,
+                                                                                                   rel=1e-5)
+    student[3] = student[3].clone()
+    student[3][:, -1] += 100.0  # the last position predicts nothing: not counted
+    assert hidden_distill(tuple(student), teacher, labels).item() == pytest.approx(1 / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="3 layers, the teacher 2"):
+        hidden_distill(teacher, teacher[:3], labels)
+
+
+@pytest.mark.parametrize("source", ["self", "base"])
+def test_hidden_distill_adds_a_term_under_routing_only(assets, tmp_path, source):
+    infos: list[StepInfo] = []
+    train(config(assets, tmp_path / "run", max_steps=2, routing="rcla", p=0.0, distill=0.5, distill_hidden=2.0,
+                 distill_from=source), callbacks=[infos.append])
+    assert all(i.distill_hidden > 0 and i.distill > 0 for i in infos)
+    assert all(i.loss == pytest.approx(i.lm_loss + 0.5 * i.distill + 2.0 * i.distill_hidden, rel=1e-5) for i in infos)
+    rows = read_metrics(tmp_path / "run")
+    assert all(r["distill_hidden"] == pytest.approx(i.distill_hidden) for r, i in zip(rows, infos))
+    infos.clear()
+    train(config(assets, tmp_path / "plain", max_steps=2, routing="none", distill_hidden=2.0, distill_from=source),
+          callbacks=[infos.append])
+    assert [i.distill_hidden for i in infos] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="--distill-hidden must be >= 0"):
+        config(assets, tmp_path / "bad", distill_hidden=-1.0)
 
 
 def test_qa_data_trains_on_answers(assets, tmp_path):

@@ -52,6 +52,8 @@ from tqdm.auto import tqdm
 from kvroute.hf.attention import LayerMaps, RoutedAttention, apply_rope
 from kvroute.hf.patch import get_router
 from kvroute.plan import KVShape, SharingPlan
+from kvroute.precision import autocast as precision_autocast
+from kvroute.precision import resolve_precision
 from kvroute.router import parse_route_key, route_key
 from kvroute.search import calibration_chunks, mean_loss, read_texts
 
@@ -74,7 +76,8 @@ class CalibrationConfig:
         steps: end-to-end refinement steps (0: closed form only).
         lr: refinement learning rate (Adam, cosine decay).
         precision: ``"bf16"`` runs the refinement's forward passes under bfloat16 autocast
-            (about 2x faster on CPUs with AMX and on GPUs; the maps stay float32), ``"fp32"`` does not.
+            (about 2x faster on CPUs with AMX and on GPUs; the maps stay float32), ``"fp32"`` does not,
+            ``"auto"`` picks bf16 where the hardware runs it natively (:mod:`kvroute.precision`).
         batch_size: chunks per forward pass (captures, losses, refinement; the sequential fit
             runs all chunks in one pass, so each layer is fitted on all of them).
         seed: order of the refinement batches.
@@ -87,7 +90,7 @@ class CalibrationConfig:
     value_maps: str = "head"
     steps: int = 0
     lr: float = 1e-3
-    precision: str = "bf16"
+    precision: str = "auto"
     batch_size: int = 4
     seed: int = 0
 
@@ -105,8 +108,7 @@ class CalibrationConfig:
             raise ValueError(f"--value-maps must be 'head' or 'group', got {self.value_maps!r}")
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"--precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        resolve_precision(self.precision, "cpu")  # checks the name
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.batch_size <= 0:
@@ -502,7 +504,7 @@ def refine(
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
+            autocast = precision_autocast(config.precision, device)
             with torch.no_grad(), _running(model, full), autocast:
                 teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
             with _running(model, plan), autocast:

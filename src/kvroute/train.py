@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from kvroute.data.qa import IGNORE_INDEX, QACollator, load_qa
 from kvroute.data.mix import Mixture
+from kvroute.precision import PRECISIONS, autocast, resolve_precision
 from kvroute.data.text import TEXT_SUFFIXES, collate_blocks, load_text, resolve_files
 from kvroute import sharding
 from kvroute.hf.patch import PlanMismatchWarning, apply, get_router, is_routed, set_plan
@@ -68,7 +69,13 @@ class TrainConfig:
             routing, else ``full``.
         eval_plans: comma-separated plans the eval loss is measured under.
         distill: weight of KL(teacher || routed student) on routed passes (0: off).
+        distill_hidden: weight of layer-wise hidden-state distillation on routed passes (0: off):
+            each decoder layer's output under the route is pulled to the teacher's (full cache),
+            as a squared error relative to the teacher's norm, averaged over layers. It uses the
+            same teacher as ``distill`` (``distill_from``).
         distill_from: teacher: ``self`` (the same model, unrouted) or ``base`` (frozen start).
+        precision: ``bf16`` (autocast), ``fp32``, or ``auto``: bf16 where the device runs it natively
+            (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32 (:mod:`kvroute.precision`).
         lora_r: LoRA rank (0: full fine-tuning).
         fsdp: shard weights, gradients and optimizer state over the processes (FSDP2; launch with
             ``torchrun`` or ``accelerate launch``); checkpoints are then sharded (torch distributed checkpoint).
@@ -98,7 +105,7 @@ class TrainConfig:
     warmup: float = 0.05
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
-    precision: str = "fp32"
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
     device: str = "auto"
@@ -108,6 +115,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     distill: float = 0.0
+    distill_hidden: float = 0.0
     distill_from: str = "self"
     val_fraction: float = 0.05
     question_first_p: float = 0.5
@@ -151,7 +159,7 @@ class TrainConfig:
         if self.data_kind == "mix" and not 0 < len(self._qa_sources) < len(self.data):
             raise ValueError("--data-format mix needs both .jsonl QA files and text sources in --data")
         _choice("schedule", self.schedule, SCHEDULES)
-        _choice("precision", self.precision, ("fp32", "bf16"))
+        _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("distill_from", self.distill_from, ("self", "base"))
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
@@ -161,7 +169,7 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "distill"):
+        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("warmup", "val_fraction"):
@@ -212,6 +220,7 @@ class StepInfo:
     tokens: int
     tok_per_s: float
     routes: list[tuple[int, ...]] = field(default_factory=list)
+    distill_hidden: float = 0.0
 
 
 @dataclass
@@ -255,6 +264,26 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     t = teacher_logits[:, :-1][mask].float().log_softmax(-1)
     kl = (t.exp() * (t - s)).sum(-1)
     return kl.sum() if reduction == "sum" else kl.mean()
+
+
+def hidden_distill(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], labels: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Layer-wise hidden-state distillation over the positions the LM loss counts (``mean`` or ``sum``).
+
+    Per position: ``||h_s - h_t||^2 / ||h_t||^2`` of each decoder layer's output (the embeddings
+    are skipped), averaged over the layers. student, teacher: ``output_hidden_states`` tuples of
+    ``(B, T, hidden)``; labels: ``(B, T)``.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"hidden-state distillation: the student has {len(student) - 1} layers, "
+                         f"the teacher {len(teacher) - 1}")
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is scored
+    per_token = 0.0
+    for s, t in zip(student[1:], teacher[1:]):
+        s, t = s[:, :-1][mask].float(), t[:, :-1][mask].float()  # (N, hidden)
+        per_token = per_token + (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)
+    per_token = per_token / (len(student) - 1)
+    return per_token.sum() if reduction == "sum" else per_token.mean()
 
 
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -432,7 +461,13 @@ class _Batches:
 
 
 def _forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    return _forward(model, batch).logits
+
+
+def _forward(model, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
+    """The model's output on ``batch`` (with every layer's hidden states when ``hidden``)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                 output_hidden_states=hidden)
 
 
 @torch.no_grad()
@@ -517,7 +552,7 @@ class _Run:
 
         _seed_everything(c.seed)  # LoRA initialisation and dropout follow --seed
         model = _starting_model(c, self.tokenizer)
-        distill_base = c.distill > 0 and c.distill_from == "base"
+        distill_base = (c.distill > 0 or c.distill_hidden > 0) and c.distill_from == "base"
         self.base = None  # frozen teacher; with LoRA the model itself with its adapters off
         if distill_base and c.lora_r == 0:
             self.base = _frozen_teacher(model, acc.device, c.fsdp)
@@ -539,6 +574,7 @@ class _Run:
             self.plain = acc.unwrap_model(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule())
         self.step, self.micro = 0, 0
+        self.precision = resolve_precision(c.precision, acc.device)  # "auto" -> what this device runs
 
     @property
     def ckpt_root(self) -> Path:
@@ -549,7 +585,7 @@ class _Run:
         return LRSchedule(c.max_steps, math.ceil(c.warmup * c.max_steps), c.schedule, c.min_lr_ratio)
 
     def autocast(self):
-        return torch.autocast(self.accelerator.device.type, torch.bfloat16, enabled=self.config.precision == "bf16")
+        return autocast(self.precision, self.accelerator.device)
 
     def restore(self, folder: Path) -> None:
         state = load_training_state(folder)
@@ -594,23 +630,31 @@ class _Run:
         self.micro += c.grad_accum
         counted = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches))], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
-        sums = torch.zeros(3, device=acc.device)  # summed token losses: loss, lm, distill
+        sums = torch.zeros(4, device=acc.device)  # summed token losses: loss, lm, distill, distill_hidden
+        hidden = c.distill_hidden > 0
         tokens, routes = 0, []
         for k, batch in enumerate(batches):
             last = k == c.grad_accum - 1
             sharding.set_gradient_sync(model, last)
             with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(model):
                 with self.autocast():
-                    logits = _forward_logits(model, batch)  # draws the route
+                    out = _forward(model, batch, hidden)  # draws the route
+                logits = out.logits
                 route = self.router.last_route
                 routes.append(route)
                 lm = causal_lm_loss(logits, batch["labels"], reduction="sum")
                 dist = torch.zeros((), device=lm.device)
-                if c.distill > 0 and route != tuple(range(len(route))):  # only routed passes are distilled
-                    dist = distill_kl(logits, self.teacher_logits(batch), batch["labels"], reduction="sum")
-                loss = lm + c.distill * dist
+                dist_hidden = torch.zeros((), device=lm.device)
+                if (c.distill > 0 or hidden) and route != tuple(range(len(route))):  # only routed passes
+                    teacher = self.teacher(batch, hidden)
+                    if c.distill > 0:
+                        dist = distill_kl(logits, teacher.logits, batch["labels"], reduction="sum")
+                    if hidden:
+                        dist_hidden = hidden_distill(out.hidden_states, teacher.hidden_states, batch["labels"],
+                                                     reduction="sum")
+                loss = lm + c.distill * dist + c.distill_hidden * dist_hidden
                 acc.backward(loss * scale)
-            sums += torch.stack([loss.detach(), lm.detach(), dist.detach()])
+            sums += torch.stack([loss.detach(), lm.detach(), dist.detach(), dist_hidden.detach()])
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         grad_norm = None
         if c.grad_clip > 0:
@@ -626,7 +670,7 @@ class _Run:
         tokens *= acc.num_processes
         elapsed = max(time.perf_counter() - t0, 1e-9)
         return StepInfo(self.step, float(totals[0]), float(totals[1]), float(totals[2]), lr, grad_norm,
-                        tokens, tokens / elapsed, routes)
+                        tokens, tokens / elapsed, routes, float(totals[3]))
 
     def _check_same_routes(self, routes: list[tuple[int, ...]]) -> None:
         """Every process must have drawn the same routes (the same seed, the same number of passes)."""
@@ -641,17 +685,17 @@ class _Run:
         """``values`` summed over all processes."""
         return self.accelerator.reduce(values.clone(), "sum") if self.accelerator.num_processes > 1 else values
 
-    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def teacher(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
         """The unrouted output: the frozen base copy, else the model itself with the identity route.
 
         Routes are equal on all ranks, so all ranks make this call alike (DDP-safe).
         """
         with torch.no_grad(), self.autocast():
             if self.base is not None:
-                return _forward_logits(self.base, batch)
+                return _forward(self.base, batch, hidden)
             off = self.plain.disable_adapter() if self.adapters_off_teacher else contextlib.nullcontext()
             with _policy(self.router, NoRouting()), off:
-                return _forward_logits(self.model, batch)
+                return _forward(self.model, batch, hidden)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_plans(self.model, self.plain, self.val_batches, parse_plan_list(self.config.eval_plans),
@@ -720,10 +764,12 @@ def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | Non
     log = MetricsLog(run.out_dir, tensorboard=c.tensorboard and run.main, enabled=run.main,
                      truncate_after=run.step)
     if run.main:
-        (run.out_dir / "run_config.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+        (run.out_dir / "run_config.json").write_text(json.dumps(
+            {**asdict(c), "precision_resolved": run.precision}, indent=2) + "\n")
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     say(f"kvroute train: routing {c.policy.spec}, {run.router.plan.describe()}, {trainable / 1e6:.2f}M "
-        f"trainable params, {run.sizes[0]} train / {run.sizes[1]} val examples, device {run.accelerator.device}")
+        f"trainable params, {run.sizes[0]} train / {run.sizes[1]} val examples, device {run.accelerator.device}, "
+        f"precision {run.precision}")
 
     eval_loss: dict[str, float] = {}
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 STATE_DIR = "training_state"
-TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "lr", "grad_norm", "tokens", "tok_per_s")
+TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "distill_hidden", "lr", "grad_norm", "tokens", "tok_per_s")
 EVAL_COLUMNS = ("step", "plan", "loss", "ppl")
 
 
@@ -67,7 +67,7 @@ class MetricsLog:
         self._append(record)
         _append_csv(self.train_csv, TRAIN_COLUMNS, record)
         if self.writer is not None:
-            for key in ("loss", "lm_loss", "distill", "lr", "tok_per_s", "grad_norm"):
+            for key in ("loss", "lm_loss", "distill", "distill_hidden", "lr", "tok_per_s", "grad_norm"):
                 if record.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], info.step)
 

@@ -28,8 +28,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="one value map per query head or per KV head")
     p.add_argument("--steps", type=int, default=d.steps, help="end-to-end refinement steps (0: closed form only)")
     p.add_argument("--lr", type=float, default=d.lr, help="refinement learning rate")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=d.precision,
-                   help="autocast of the refinement passes (bf16: about 2x faster on AMX CPUs and GPUs)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+                   help="autocast of the refinement passes (auto: bf16 where the hardware runs it natively)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks per forward pass")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

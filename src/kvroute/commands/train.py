@@ -35,6 +35,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                                    "(default: SPEC with --routing plan:SPEC, else full)")
     r.add_argument("--eval-plans", default="full,every:2,every:4", help="plans the eval loss is measured under")
     r.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the unrouted output (0: off)")
+    r.add_argument("--distill-hidden", type=float, default=0.0,
+                   help="weight of layer-wise hidden-state distillation from the same teacher (0: off)")
     r.add_argument("--distill-from", default="self", choices=["self", "base"],
                    help="teacher: the model itself unrouted, or the frozen starting model")
 
@@ -50,7 +52,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of --max-steps")
     o.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
     o.add_argument("--min-lr-ratio", type=float, default=0.0)
-    o.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    o.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16: autocast; auto (default): bf16 on GPUs with bf16 and CPUs with AMX/AVX512-BF16, else fp32")
     o.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

