@@ -9,15 +9,18 @@
 3. Calibrate each of the three models for every:2 and every:4 (`kvroute calibrate`: closed-form
    per-plan maps on State of the Union 1990-2006, then DEMO_CAL_STEPS steps that train only
    the maps; the weights never change), written as new checkpoints.
-4. Evaluate the three models under full, every:2, every:4, and the calibrated ones under
+4. Evaluate the models under full, every:2, every:4, and the calibrated ones under
    every:2 and every:4, on held-out State of the Union 2007-2021, Moby Dick and fictional
    context-QA.
-5. Generate 64 greedy tokens under every:2 and every:4 with the calibrated R-CLA model (and
-   the uncalibrated one for contrast); report distinct-2 and the KV bytes saved.
+5. One plan: fine-tune the calibrated untrained model for every:2 only (`--routing plan:every:2`),
+   on the same text mixed with fictional QA training records (no test name in them).
+6. Generate 64 greedy tokens under every:2 and every:4 with the calibrated models (and the
+   uncalibrated R-CLA one for contrast); report distinct-2 and the KV bytes saved.
 
 Everything lands in runs/demo/. A rerun reuses finished training runs.
 Size knobs (environment): DEMO_STEPS (default 60), DEMO_EVAL_TOKENS (default 4096),
-DEMO_QA (default 16 questions), DEMO_CAL_STEPS (calibration refinement steps, default 30;
+DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA training records, default 2000),
+DEMO_CAL_STEPS (calibration refinement steps, default 30;
 0 = closed form only).
 """
 
@@ -42,6 +45,8 @@ QA_N = int(os.environ.get("DEMO_QA", "16"))
 CAL_STEPS = int(os.environ.get("DEMO_CAL_STEPS", "30"))
 PLANS = "full,every:2,every:4"
 CALIBRATED_PLANS = "every:2,every:4"
+ONE_PLAN = "every:2"  # the one-plan model: calibrated base, fine-tuned for this plan on text + fictional QA
+QA_TRAIN = int(os.environ.get("DEMO_QA_TRAIN", "2000"))  # fictional QA training records it sees
 CALIB_YEARS = (1990, 2006)  # calibration text: part of the training years, never the held-out ones
 LR = 4e-4
 
@@ -64,7 +69,7 @@ def split_sotu() -> tuple[list[str], list[str]]:
     return train, held
 
 
-def finetune(name: str, train_files: list[str]) -> Path:
+def finetune(name: str, model: str | Path, data: list[str], **recipe) -> Path:
     from kvroute.train import TrainConfig, train
 
     run_dir = OUT / name
@@ -73,9 +78,9 @@ def finetune(name: str, train_files: list[str]) -> Path:
         print(f"{name}: reusing {final}")
         return final
     config = TrainConfig(
-        model=str(MODEL), data=train_files, output_dir=str(run_dir), seq_len=256, batch_size=4,
+        model=str(model), data=data, output_dir=str(run_dir), seq_len=256, batch_size=4,
         max_steps=STEPS, lr=LR, warmup=0.05, schedule="cosine", seed=0, device="cpu",
-        eval_every=0, save_every=max(STEPS // 2, 1), plan="full", **RUNS[name],
+        eval_every=0, save_every=max(STEPS // 2, 1), **recipe,
     )
     return train(config).final_checkpoint
 
@@ -110,18 +115,24 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.time()
     train_files, held_files = split_sotu()
-    qa = write_fictional_qa(OUT / "data" / "fictional", train=0, test=QA_N, seed=0)["test"]
+    fictional = write_fictional_qa(OUT / "data" / "fictional", train=QA_TRAIN, test=QA_N, seed=0)
+    qa = fictional["test"]  # no invented name of a test record appears in the training records
 
     checkpoints = {"base": str(MODEL)}
     for name in RUNS:
         banner(f"fine-tune: {name} ({STEPS} steps of 4 x 256 tokens)")
-        checkpoints[name] = str(finetune(name, train_files))
+        checkpoints[name] = str(finetune(name, MODEL, train_files, plan="full", **RUNS[name]))
 
     calib_files = [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
     cal = {}
     for name in list(checkpoints):
         banner(f"calibrate {name} for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}; weights unchanged)")
         cal[f"{name}+cal"] = str(calibrated(name, checkpoints[name], calib_files))
+    one_plan_name = f"{ONE_PLAN.replace(':', '')}-qa"
+    banner(f"one plan: fine-tune base+cal for {ONE_PLAN} only ({STEPS} steps, State of the Union + "
+           f"{QA_TRAIN} fictional QA records)")
+    one_plan = {one_plan_name: str(finetune(one_plan_name, cal["base+cal"], train_files + [str(fictional["train"])],
+                                            routing=f"plan:{ONE_PLAN}"))}
 
     banner(f"evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})")
     held_glob = str(OUT / "data" / "sotu-2007-2021")
@@ -136,8 +147,10 @@ def main() -> None:
         evaluate(EvalConfig(checkpoints=list(checkpoints.values()), plans=PLANS, out=str(OUT / "eval"), **common)),
         evaluate(EvalConfig(checkpoints=list(cal.values()), plans=CALIBRATED_PLANS, out=str(OUT / "eval-cal"),
                             **common)),
+        evaluate(EvalConfig(checkpoints=list(one_plan.values()), plans=f"full,{ONE_PLAN}",
+                            out=str(OUT / "eval-one-plan"), **common)),
     ]
-    names = {v: k for k, v in {**checkpoints, **cal}.items()}
+    names = {v: k for k, v in {**checkpoints, **cal, **one_plan}.items()}
     rows = [{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])} for w in writers for r in w.rows]
     table = format_table(rows)
     print(table)
@@ -145,9 +158,10 @@ def main() -> None:
 
     prompt = "In his address to Congress, the President said that"
     samples = []
-    for name, plan in (("rcla+cal", "every:2"), ("rcla+cal", "every:4"), ("rcla", "every:4")):
+    for name, plan in (("base", "full"), ("base+cal", "every:2"), ("base+cal", "every:4"), ("rcla+cal", "every:2"),
+                       ("rcla+cal", "every:4"), ("rcla", "every:4"), (one_plan_name, ONE_PLAN)):
         banner(f"generate under {plan} with {name}")
-        source = {**checkpoints, **cal}[name]
+        source = {**checkpoints, **cal, **one_plan}[name]
         model = load(source, plan=plan)
         tokenizer = load_tokenizer(source)
         print(prompt, end="", flush=True)
@@ -158,6 +172,9 @@ def main() -> None:
         del model
 
     minutes = (time.time() - start) / 60
+    from kvroute.precision import resolve_precision
+
+    precision = resolve_precision("auto", "cpu")
     report = OUT / "REPORT.md"
     report.write_text(
         "# kvroute demo report\n\n"
@@ -166,6 +183,10 @@ def main() -> None:
         f"`+cal`: the same model calibrated for {CALIBRATED_PLANS} by `kvroute calibrate` on SOTU "
         f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]} (8,192 tokens; closed form, then {CAL_STEPS} steps that train only the "
         "maps, kept only if they lower the loss on held-out calibration chunks; the weights never change). "
+        f"`{one_plan_name}`: base+cal fine-tuned {STEPS} steps for {ONE_PLAN} only (`--routing plan:{ONE_PLAN}`; "
+        f"its calibration maps act on every step) on the same text mixed with {QA_TRAIN} fictional QA records "
+        "(answer-only loss); it serves that plan only, and its `full` row is for reference. "
+        f"Training and calibration in {precision} (`--precision auto`). "
         f"Evaluated on held-out SOTU 2007-2021 and Moby Dick ({EVAL_TOKENS} tokens each, 256-token windows) and "
         f"{QA_N} fictional context-QA questions. Wall time {minutes:.1f} min, {torch.get_num_threads()} threads.\n\n"
         "```\n" + table + "\n```\n\n![pareto](pareto.png)\n\n## Greedy generation, 64 tokens\n\n"
@@ -174,7 +195,7 @@ def main() -> None:
     )
     generations = [{"checkpoint": n, "plan": p, "calibrated": r.calibrated, "distinct2": r.distinct2,
                     "text": r.text} for n, p, r in samples]
-    (OUT / "summary.json").write_text(json.dumps({"checkpoints": {**checkpoints, **cal}, "rows": rows,
+    (OUT / "summary.json").write_text(json.dumps({"checkpoints": {**checkpoints, **cal, **one_plan}, "rows": rows,
                                                  "generations": generations}, indent=1))
     banner("done")
     print(f"results: {OUT / 'eval' / 'results.json'}, {OUT / 'eval-cal' / 'results.json'} (and .csv)")

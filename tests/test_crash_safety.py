@@ -49,7 +49,8 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_training_killed_while_checkpointing_resumes_exactly(tmp_path):
     model, corpus = make_model_dir(tmp_path / "model"), write_corpus(tmp_path / "corpus")
     common = dict(seq_len=32, batch_size=4, max_steps=STEPS, lr=1e-2, routing="rcla", p=0.5, eval_every=0,
-                  save_every=1, keep_checkpoints=2, seed=1, device="cpu", cache_dir=str(tmp_path / "cache"))
+                  save_every=1, keep_checkpoints=2, seed=1, device="cpu", cache_dir=str(tmp_path / "cache"),
+                  precision="fp32")
     train(TrainConfig(data=[str(corpus)], model=str(model), output_dir=str(tmp_path / "whole"), quiet=True,
                       tensorboard=False, **common))
     want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "whole") if "loss" in r]
@@ -58,7 +59,7 @@ def test_training_killed_while_checkpointing_resumes_exactly(tmp_path):
     argv = ["train", str(model), "--data", str(corpus), "-o", str(out), "--quiet", "--no-tensorboard",
             "--seq-len", "32", "--batch-size", "4", "--max-steps", str(STEPS), "--lr", "1e-2", "--routing", "rcla",
             "--p", "0.5", "--eval-every", "0", "--save-every", "1", "--keep-checkpoints", "2", "--seed", "1",
-            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32"]
     root = out / "checkpoints"
     rng = random.Random(0)
     kills = 0

@@ -31,7 +31,7 @@ def cli_args(assets, out: Path, batch_size: int, *extra: str) -> list[str]:
     return [str(assets["model"]), "--data", str(assets["corpus"]), "-o", str(out), "--seq-len", "32",
             "--batch-size", str(batch_size), "--max-steps", str(STEPS), "--lr", "1e-2", "--routing", "rcla",
             "--p", "0.5", "--eval-every", "0", "--no-tensorboard", "--device", "cpu", "--quiet",
-            "--cache-dir", str(assets["cache"]), "--seed", "3", *extra]
+            "--cache-dir", str(assets["cache"]), "--seed", "3", "--precision", "fp32", *extra]
 
 
 def steps(out: Path) -> list[dict]:
@@ -44,7 +44,8 @@ def train_one_process(assets, out: Path, **extra) -> Path:
     """The reference: one process, the same global batch (2 processes x 2 = 4)."""
     train(TrainConfig(data=[str(assets["corpus"])], model=str(assets["model"]), output_dir=str(out), seq_len=32,
                       batch_size=4, max_steps=STEPS, lr=1e-2, routing="rcla", p=0.5, eval_every=0,
-                      tensorboard=False, quiet=True, device="cpu", cache_dir=str(assets["cache"]), seed=3, **extra))
+                      tensorboard=False, quiet=True, device="cpu", cache_dir=str(assets["cache"]), seed=3, precision="fp32",
+                      **extra))
     return out
 
 
