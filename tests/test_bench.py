@@ -165,3 +165,15 @@ def test_serving_bench_rejects_bad_input_before_any_engine(tmp_path):
         ServingBenchConfig(checkpoint=str(tmp_path), requests=0)
     with pytest.raises(ValueError, match="--plans"):
         ServingBenchConfig(checkpoint=str(tmp_path), plans="")
+
+
+def test_threads_apply_to_the_run_only():
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    config = BenchConfig(plans=["full"], contexts=[8], new_tokens=1, repeats=1, warmup=0, baseline=False,
+                         threads=want)
+    report = run_bench(config, model=tiny_model("llama", layers=LAYERS), progress=False)
+    assert report.meta["threads"] == want  # measured with the threads asked for
+    assert torch.get_num_threads() == before  # and the process's own setting is back

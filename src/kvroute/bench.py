@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -259,6 +260,19 @@ def _measure(variants: list[_Variant], prompt: torch.Tensor, shape: KVShape, cfg
             del cache
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` torch threads (None: as they are), then restore the count:
+    a benchmark called from a library leaves the process's setting alone."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progress: bool = True) -> BenchReport:
     """Measure every (context, batch) x plan, and the unmodified model.
 
@@ -275,13 +289,16 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
     Returns:
         The report; :func:`write_report` writes it as JSON, markdown and PNG.
     """
+    with torch_threads(config.threads):
+        return _run_bench(config, model, progress)
+
+
+def _run_bench(config: BenchConfig, model: torch.nn.Module | None, progress: bool) -> BenchReport:
     import copy
 
     from kvroute.calibrate import is_calibrated, load_calibration
     from kvroute.hf.patch import apply, is_routed
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     folder = model is None and not config.random_weights and Path(config.model).is_dir()  # a checkpoint folder
     model = model if model is not None else load_bench_model(config)
     if is_routed(model):

