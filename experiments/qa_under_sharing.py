@@ -1,8 +1,7 @@
 """Context-QA under a shared cache: does task data in the fine-tune make shared plans answer? (issue 15)
 
-Calibration alone leaves fictional context-QA F1 at 0 under every shared plan: calibrating on
-QA-formatted text does not change that (measured, docs/RESULTS.md). This experiment puts the
-task into the fine-tune instead: State of the Union 1790-2006 text mixed with fictional QA
+Calibration alone leaves fictional context-QA F1 at 0 under every shared plan (`make demo`).
+This experiment puts the task into the fine-tune instead: State of the Union 1790-2006 text mixed with fictional QA
 training records (answer-only loss; ``kvroute data fictional-qa``; no name of a test record
 appears in them), bf16 autocast. Two recipes:
 

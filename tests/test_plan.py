@@ -216,3 +216,15 @@ def test_dtype_bytes():
 def test_parse_plan_list(text, specs):
     assert parse_plan_list(text) == specs
     assert parse_plan_list([" full", "every:2", ""]) == ["full", "every:2"]
+
+
+def test_one_dtype_table_for_accounting_and_loading():
+    import torch
+
+    from kvroute.dtypes import DTYPES, LOADABLE, resolve_dtype
+
+    for name in LOADABLE:  # what loads has the size the accounting uses
+        assert resolve_dtype(name).itemsize == dtype_bytes(name) == DTYPES[name][1]
+    assert dtype_bytes(torch.bfloat16) == 2 and dtype_bytes("fp8") == dtype_bytes("int8") == 1
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")  # counted, but not a weight dtype

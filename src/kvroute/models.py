@@ -17,20 +17,10 @@ from typing import Any
 
 import torch
 
+from kvroute.dtypes import resolve_dtype  # noqa: F401  (re-exported: models.resolve_dtype)
 from kvroute.hf.patch import CONFIG_KEY, apply, check_supported, is_routed
 from kvroute.plan import SharingPlan
 from kvroute.policy import RoutingPolicy
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _split_gguf(source: str | os.PathLike) -> tuple[str, str | None]:

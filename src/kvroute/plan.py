@@ -24,19 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-_DTYPE_BYTES = {
-    "float32": 4, "fp32": 4, "float": 4,
-    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
-    "float8": 1, "fp8": 1, "int8": 1,
-}
-
-
-def dtype_bytes(dtype: Any) -> int:
-    """Bytes per element for a torch dtype or its name (``"bf16"``, ``torch.float32``)."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[name]
+from kvroute.dtypes import dtype_bytes  # noqa: F401  (re-exported: plan.dtype_bytes is public)
 
 
 @dataclass(frozen=True)
