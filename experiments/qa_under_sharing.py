@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.0, help="distillation weight from the frozen base")
     parser.add_argument("--distill-hidden", type=float, default=0.0,
                         help="hidden-state distillation weight from the frozen base")
+    parser.add_argument("--text-from", type=int, default=1790,
+                        help="first State of the Union year in the mix (later: less text, a larger QA share)")
     parser.add_argument("--qa-train", type=int, default=2000, help="fictional QA training records")
     parser.add_argument("--qa-test", type=int, default=32)
     parser.add_argument("--no-calibration", action="store_true")
@@ -91,7 +93,8 @@ def main() -> None:
     data = write_fictional_qa(OUT / "data", train=args.qa_train, test=args.qa_test, seed=0)
     cal = not args.no_calibration
     target = args.plan if args.recipe == "plan" else "any"
-    name = f"{args.recipe}-{target}-{args.steps}-d{args.distill:g}-h{args.distill_hidden:g}" + ("" if cal else "-nocal")
+    name = f"{args.recipe}-{target}-{args.steps}-d{args.distill:g}-h{args.distill_hidden:g}" + ("" if cal else "-nocal") + (
+        f"-text{args.text_from}" if args.text_from != 1790 else "")
     name = name.replace(":", "")
     start = time.perf_counter()
     model_start = str(BASE)
@@ -103,7 +106,7 @@ def main() -> None:
     routing = dict(routing=f"plan:{args.plan}") if args.recipe == "plan" else dict(routing="rcla", p=0.6,
                                                                                     sources="plan")
     result = train(TrainConfig(
-        model=model_start, data=sotu(1790, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
+        model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
         batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu",
         eval_every=0, save_every=args.steps, precision="bf16", quiet=True, distill=args.distill,
         distill_hidden=args.distill_hidden, distill_from="base", **routing,
@@ -119,7 +122,7 @@ def main() -> None:
     base_scores = score(base, tok, ["full"], held, load_qa(data["test"]))["full"]
     row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None, "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
-           "qa_train": args.qa_train, "qa_test": args.qa_test,
+           "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
            "calibrated": cal, "train_minutes": round(train_min, 2), "threads": args.threads,
            "scores": scores, "base_full": base_scores}
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []

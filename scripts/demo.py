@@ -13,7 +13,8 @@
    every:2 and every:4, on held-out State of the Union 2007-2021, Moby Dick and fictional
    context-QA.
 5. One plan: fine-tune the calibrated untrained model for every:2 only (`--routing plan:every:2`),
-   on the same text mixed with fictional QA training records (no test name in them).
+   on State of the Union 1990-2006 mixed with fictional QA training records (no test name in
+   them; about 80% of the examples).
 6. Generate 64 greedy tokens under every:2 and every:4 with the calibrated models (and the
    uncalibrated R-CLA one for contrast); report distinct-2 and the KV bytes saved.
 
@@ -129,9 +130,9 @@ def main() -> None:
         banner(f"calibrate {name} for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}; weights unchanged)")
         cal[f"{name}+cal"] = str(calibrated(name, checkpoints[name], calib_files))
     one_plan_name = f"{ONE_PLAN.replace(':', '')}-qa"
-    banner(f"one plan: fine-tune base+cal for {ONE_PLAN} only ({STEPS} steps, State of the Union + "
-           f"{QA_TRAIN} fictional QA records)")
-    one_plan = {one_plan_name: str(finetune(one_plan_name, cal["base+cal"], train_files + [str(fictional["train"])],
+    banner(f"one plan: fine-tune base+cal for {ONE_PLAN} only ({STEPS} steps, State of the Union "
+           f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]} + {QA_TRAIN} fictional QA records)")
+    one_plan = {one_plan_name: str(finetune(one_plan_name, cal["base+cal"], calib_files + [str(fictional["train"])],
                                             routing=f"plan:{ONE_PLAN}"))}
 
     banner(f"evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})")
@@ -184,8 +185,8 @@ def main() -> None:
         f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]} (8,192 tokens; closed form, then {CAL_STEPS} steps that train only the "
         "maps, kept only if they lower the loss on held-out calibration chunks; the weights never change). "
         f"`{one_plan_name}`: base+cal fine-tuned {STEPS} steps for {ONE_PLAN} only (`--routing plan:{ONE_PLAN}`; "
-        f"its calibration maps act on every step) on the same text mixed with {QA_TRAIN} fictional QA records "
-        "(answer-only loss); it serves that plan only, and its `full` row is for reference. "
+        f"its calibration maps act on every step) on SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]} mixed with "
+        f"{QA_TRAIN} fictional QA records (about 80% of the examples; answer-only loss); it serves that plan only, and its `full` row is for reference. "
         f"Training and calibration in {precision} (`--precision auto`). "
         f"Evaluated on held-out SOTU 2007-2021 and Moby Dick ({EVAL_TOKENS} tokens each, 256-token windows) and "
         f"{QA_N} fictional context-QA questions. Wall time {minutes:.1f} min, {torch.get_num_threads()} threads.\n\n"
