@@ -9,12 +9,12 @@
 3. Calibrate each of the three models for every:2 and every:4 (`kvroute calibrate`: closed-form
    per-plan maps on State of the Union 1990-2006, then DEMO_CAL_STEPS steps that train only
    the maps; the weights never change), written as new checkpoints.
-4. Evaluate the models under full, every:2, every:4, and the calibrated ones under
-   every:2 and every:4, on held-out State of the Union 2007-2021, Moby Dick and fictional
-   context-QA.
-5. One plan: fine-tune the calibrated untrained model for every:2 only (`--routing plan:every:2`),
+4. One plan: fine-tune the calibrated untrained model for every:2 only (`--routing plan:every:2`),
    on State of the Union 1990-2006 mixed with fictional QA training records (no test name in
    them; about 80% of the examples).
+5. Evaluate the models under full, every:2, every:4, the calibrated ones under every:2 and
+   every:4, and the one-plan model under full and every:2, on held-out State of the Union
+   2007-2021, Moby Dick and fictional context-QA.
 6. Generate 64 greedy tokens under every:2 and every:4 with the calibrated models (and the
    uncalibrated R-CLA one for contrast); report distinct-2 and the KV bytes saved.
 
