@@ -85,6 +85,22 @@ def test_fsdp_distills_from_a_sharded_teacher_with_checkpointing(assets, tmp_pat
     assert any(r["distill"] > 0 for r in read_metrics(out) if "distill" in r)
 
 
+def test_fsdp_trains_pair_maps_like_one_process(assets, tmp_path):
+    """The pairwise maps are sharded with their layer, trained and saved gathered (kvroute.pairs)."""
+    from kvroute.pairs import pair_maps
+
+    ref = train_one_process(assets, tmp_path / "one", pair_maps=True)
+    out = tmp_path / "fsdp"
+    torchrun(2, cli_args(assets, out, 2, "--fsdp", "--pair-maps"))
+    assert_same_run(out, ref)
+    got, want = pair_maps(kvroute.load(out / "final")), pair_maps(kvroute.load(ref / "final"))
+    assert got.keys() == want.keys() and len(got) == 15
+    for pair in got:
+        torch.testing.assert_close(got[pair].value, want[pair].value, rtol=1e-4, atol=1e-5)
+    eye = torch.eye(got[(1, 0)].value.shape[-1])
+    assert any(not torch.allclose(m.value, eye.expand_as(m.value)) for m in got.values())  # they trained
+
+
 def test_memory_script_counts_parameters_exactly():
     import importlib.util
 

@@ -264,3 +264,9 @@ def test_only_the_plan_policy_serves_one_plan():
         assert policy.serves_only() is None and policy.served_plan(4, None) is None
     assert FixedPlan(SharingPlan.from_spec("every:2", 4)) == FixedPlan("every:2")  # a plan is kept as its spec
     assert FixedPlan("every:2").to_dict() == {"name": "plan", "plan": "every:2"}
+
+
+def test_a_policy_says_whether_it_routes():
+    assert not NoRouting().routes and not policy_from_spec("none").routes
+    assert RCLA().routes and CLA(2).routes and policy_from_spec("rdcla:2").routes
+    assert policy_from_spec("plan:every:2").routes and isinstance(policy_from_spec("plan:every:2"), FixedPlan)

@@ -6,6 +6,7 @@ Three calls::
     kvroute.apply(model, policy="rcla", plan="every:2")    # routed: train with R-CLA, serve every:2
     model.generate(ids, max_new_tokens=32)                 # caches only every 2nd layer
     kvroute.calibrate(model, "every:2", ["text/"], tokenizer=tok)  # per-plan maps, no training
+    kvroute.fit_pair_maps(model, ["text/"], tokenizer=tok)         # pairwise maps: every plan at once
 """
 
 from kvroute.calibrate import CalibrationConfig, calibrate, is_calibrated, remove_calibration
@@ -21,6 +22,7 @@ from kvroute.hf.patch import (
     set_kv_quant,
     set_plan,
 )
+from kvroute.pairs import fit_pair_maps
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.policy import (
     CLA,
@@ -44,6 +46,7 @@ __all__ = [
     "FixedPlan",
     "PlanMismatchWarning",
     "calibrate",
+    "fit_pair_maps",
     "is_calibrated",
     "remove_calibration",
     "KVShape",

@@ -298,6 +298,7 @@ def _run_bench(config: BenchConfig, model: torch.nn.Module | None, progress: boo
 
     from kvroute.calibrate import is_calibrated, load_calibration
     from kvroute.hf.patch import apply, is_routed
+    from kvroute.pairs import load_pair_maps
 
     folder = model is None and not config.random_weights and Path(config.model).is_dir()  # a checkpoint folder
     model = model if model is not None else load_bench_model(config)
@@ -314,6 +315,7 @@ def _run_bench(config: BenchConfig, model: torch.nn.Module | None, progress: boo
         routed = apply(copy.deepcopy(model, memo=shared), plan=plans[0]).eval()
         if folder:  # its calibrated plans run (and are timed) with their maps
             load_calibration(routed, config.model)
+            load_pair_maps(routed, config.model)
     gen = torch.Generator().manual_seed(config.seed)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     measured: dict[tuple[int, int, str], dict[str, Any]] = {}

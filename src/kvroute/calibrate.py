@@ -154,9 +154,15 @@ def calibrated_sources(model: torch.nn.Module) -> list[tuple[int, ...]]:
 
 
 def is_calibrated(model: torch.nn.Module, plan: SharingPlan | str | None = None) -> bool:
-    """Whether ``plan`` (default: the model's current plan) runs with a calibration."""
+    """Whether ``plan`` (default: the model's current plan) runs with a calibration: its own, or
+    pairwise maps (:mod:`kvroute.pairs`) for every non-owner layer."""
     plan = get_router(model).plan if plan is None else SharingPlan.for_model(plan, model.config)
-    return not plan.is_full and plan.source in calibrated_sources(model)
+    if plan.is_full:
+        return False
+    if plan.source in calibrated_sources(model):
+        return True
+    layers = _attention_layers(model)
+    return all(str(o) in layers[l].pairs for l, o in enumerate(plan.source) if o != l)
 
 
 def remove_calibration(model: torch.nn.Module, plan: SharingPlan | str | None = None) -> None:
@@ -737,15 +743,19 @@ def calibrate_checkpoint(
     dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
-) -> tuple[Path, list[PlanCalibration]]:
+    pairs: bool = False,
+) -> tuple[Path, list[Any]]:
     """Load a checkpoint, calibrate it for ``plans`` and save the result (what ``kvroute calibrate`` does).
 
     Args:
         out: a new checkpoint folder (weights, tokenizer, calibration); default: write only the
             calibration file into ``checkpoint`` itself, which must then be a local folder.
+        pairs: fit pairwise maps (:func:`kvroute.pairs.fit_pair_maps`) instead of per-plan
+            maps; ``plans`` are then the plans whose held-out loss is reported.
 
     Returns:
-        The folder written and one :class:`PlanCalibration` per plan.
+        The folder written and one :class:`PlanCalibration` per plan (with ``pairs``, the one
+        :class:`kvroute.pairs.PairFit`).
     """
     from kvroute.hf.patch import apply
     from kvroute.models import check_source, load_config, load_model, load_tokenizer, save_checkpoint
@@ -763,13 +773,20 @@ def calibrate_checkpoint(
     read_texts(data)  # missing files fail now, not after the model is loaded
     tokenizer = load_tokenizer(checkpoint)
     model = apply(load_model(checkpoint, dtype=dtype, device=device)).eval()
+    from kvroute.pairs import fit_pair_maps, load_pair_maps, save_pair_maps
+
     if folder.is_dir():
-        try:
-            load_calibration(model, folder)  # kept: calibrations of other plans
-        except ValueError as err:  # a stale file is what this call replaces
-            warnings.warn(f"kvroute calibrate: dropping the old calibration: {err}", stacklevel=2)
-    results = calibrate(model, specs, data, config, tokenizer=tokenizer, progress=progress)
+        for kind, reload in (("calibration", load_calibration), ("pairwise maps", load_pair_maps)):
+            try:
+                reload(model, folder)  # kept: calibrations of other plans, and the other kind
+            except ValueError as err:  # a stale file is what this call replaces
+                warnings.warn(f"kvroute calibrate: dropping the old {kind}: {err}", stacklevel=2)
+    if pairs:
+        results: list[Any] = [fit_pair_maps(model, data, config, tokenizer, specs, progress)]
+    else:
+        results = calibrate(model, specs, data, config, tokenizer=tokenizer, progress=progress)
     if out is not None:
         return save_checkpoint(model, out, tokenizer), results
     save_calibration(model, folder)
+    save_pair_maps(model, folder)
     return folder, results

@@ -150,12 +150,14 @@ def load(
         >>> model = kvroute.load("runs/rcla/final", plan="every:4")  # doctest: +SKIP
     """
     from kvroute.calibrate import load_calibration
+    from kvroute.pairs import load_pair_maps
 
     model = load_model(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
     model = apply(model, policy=policy, plan=plan, seed=seed).eval()
     folder, _ = _split_gguf(source)
     if Path(folder).is_dir():
         load_calibration(model, folder)
+        load_pair_maps(model, folder)
     return model
 
 
@@ -166,6 +168,7 @@ def save_checkpoint(
     """Write model (safetensors + config with the routing setup), its calibrations and tokenizer atomically.
 
     ``state_dict`` replaces the model's own weights (a sharded model's gathered weights).
+    Pairwise maps (:mod:`kvroute.pairs`) go to a file of their own, not into the weights.
 
     The checkpoint is written to a temporary folder beside ``out_dir`` and renamed
     into place, so a half-written checkpoint never looks complete.
@@ -175,11 +178,20 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
     try:
+        routed = is_routed(model)
+        if routed:
+            from kvroute.pairs import PAIRS_PREFIX, has_pair_maps
+
+            pair_state = state_dict  # under FSDP the maps are sharded: the gathered ones are saved
+            if has_pair_maps(model):  # they are parameters, but not the model's weights
+                state_dict = {k: v for k, v in (state_dict or model.state_dict()).items() if PAIRS_PREFIX not in k}
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if is_routed(model):
+        if routed:
             from kvroute.calibrate import save_calibration
+            from kvroute.pairs import save_pair_maps
 
             save_calibration(model, tmp)
+            save_pair_maps(model, tmp, pair_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

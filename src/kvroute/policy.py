@@ -52,6 +52,8 @@ class RoutingPolicy:
     """Base class: draws one route per forward pass."""
 
     name: ClassVar[str] = ""
+    #: whether a layer may read another layer's KV under this policy (False: standard attention)
+    routes: ClassVar[bool] = True
 
     def sample(self, num_layers: int, layer_types: tuple[str, ...] | None, generator: torch.Generator) -> Route:
         """Draw the route for one forward pass.
@@ -98,6 +100,7 @@ class NoRouting(RoutingPolicy):
     """Standard attention: every layer reads its own KV."""
 
     name: ClassVar[str] = "none"
+    routes: ClassVar[bool] = False
 
     def sample(self, num_layers, layer_types, generator) -> Route:
         return tuple(range(num_layers))

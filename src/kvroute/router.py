@@ -82,6 +82,8 @@ class Router:
         self._plan_pass: tuple[SharingPlan, frozenset[int], str] | None = None
         #: route_key -> what was fitted for that plan (kvroute.calibrate); the maps live on the layers
         self.calibration_info: dict[str, dict[str, Any]] = {}
+        #: what was recorded about the model's pairwise maps (kvroute.pairs), saved with them
+        self.pair_info: dict[str, Any] = {}
         #: how the caches kvroute builds for this model store KV (``kvroute.set_kv_quant``); None: full precision
         self.kv_quant: Any = None
         self._reset_passes()

@@ -74,6 +74,11 @@ class TrainConfig:
             as a squared error relative to the teacher's norm, averaged over layers. It uses the
             same teacher as ``distill`` (``distill_from``).
         distill_from: teacher: ``self`` (the same model, unrouted) or ``base`` (frozen start).
+        pair_maps: train pairwise maps (:mod:`kvroute.pairs`) with the routes: whenever a route
+            makes layer l read layer o's KV, the (l, o) maps apply and learn. They start from the
+            checkpoint's own (``kvroute calibrate --pairs``), else from the identity, and are saved
+            with every checkpoint, so every plan the model serves uses them.
+        pair_lr: learning rate of the pairwise maps (None: ``lr``); no weight decay applies to them.
         precision: ``bf16`` (autocast), ``fp32``, or ``auto``: bf16 where the device runs it natively
             (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32 (:mod:`kvroute.precision`).
         lora_r: LoRA rank (0: full fine-tuning).
@@ -117,6 +122,8 @@ class TrainConfig:
     distill: float = 0.0
     distill_hidden: float = 0.0
     distill_from: str = "self"
+    pair_maps: bool = False
+    pair_lr: float | None = None
     val_fraction: float = 0.05
     question_first_p: float = 0.5
     eval_every: int = 50
@@ -182,6 +189,13 @@ class TrainConfig:
             raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
         if self.fsdp and self.lora_r:
             raise ValueError("--fsdp with LoRA (--lora-r) is not supported; use DDP (leave out --fsdp) for LoRA")
+        if self.pair_maps and not policy.routes:
+            raise ValueError("--pair-maps needs a routing policy that routes (rcla, cla:K, rdcla:K, plan:SPEC), "
+                             "not --routing none")
+        if self.pair_maps and self.lora_r:
+            raise ValueError("--pair-maps with LoRA (--lora-r) is not supported; fine-tune fully")
+        if self.pair_lr is not None and self.pair_lr <= 0:
+            raise ValueError(f"--pair-lr must be positive, got {self.pair_lr}")
         if not parse_plan_list(self.eval_plans):
             raise ValueError("--eval-plans: give at least one plan, e.g. full,every:2")
 
@@ -398,6 +412,17 @@ def _carry_calibration(model: torch.nn.Module, folder: str | Path) -> None:
             remove_calibration(model, "source:" + ",".join(map(str, source)))
 
 
+def _start_pair_maps(model: torch.nn.Module, folder: str | Path | None, report: bool) -> None:
+    """``--pair-maps``: the starting checkpoint's pairwise maps, and the identity for the pairs it lacks."""
+    from kvroute.pairs import add_pair_maps, load_pair_maps
+
+    loaded = load_pair_maps(model, folder) if folder is not None and Path(str(folder)).is_dir() else 0
+    added = add_pair_maps(model)
+    if report:
+        print(f"pairwise maps: {loaded} from {folder}, {added} new (identity)"
+              + ("; `kvroute calibrate --pairs` gives them a closed-form start" if not loaded else ""), flush=True)
+
+
 def _starting_model(config: TrainConfig, tokenizer: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -425,10 +450,16 @@ def _add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    from kvroute.pairs import PAIRS_PREFIX
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    pairs = [p for n, p in named if PAIRS_PREFIX in n]  # near the identity or a fit: never decayed to 0
+    params = [p for n, p in named if PAIRS_PREFIX not in n]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if pairs:
+        groups.append({"params": pairs, "weight_decay": 0.0, "lr": config.pair_lr or config.lr})
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
@@ -510,7 +541,8 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
 
 #: settings a resumed run must share with its checkpoint (else the data order or weights differ).
 RESUME_FIXED = ("data", "data_format", "model", "preset", "layers", "tokenizer", "seq_len", "batch_size",
-                "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction", "fsdp")
+                "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction", "fsdp",
+                "pair_maps")
 
 
 class _Run:
@@ -530,7 +562,7 @@ class _Run:
         policy = c.policy
         # bf16 is plain autocast: Accelerate's mixed precision is fixed once per process
         self.accelerator = acc = Accelerator(cpu=c.device == "cpu", kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=not isinstance(policy, NoRouting))])
+            DistributedDataParallelKwargs(find_unused_parameters=policy.routes)])
         if c.device == "cuda" and acc.device.type != "cuda":
             raise ValueError("--device cuda: Accelerate was already set up on the CPU in this process "
                              "(an earlier device='cpu' run); start a new process")
@@ -560,7 +592,10 @@ class _Run:
         if self.resume_dir is not None and c.lora_r == 0:
             model = load_model(self.resume_dir)
         model = apply(model, policy=policy, plan=c.plan, seed=c.seed)
-        _carry_calibration(model, self.resume_dir if self.resume_dir is not None and c.lora_r == 0 else c.model)
+        start = self.resume_dir if self.resume_dir is not None and c.lora_r == 0 else c.model
+        _carry_calibration(model, start)
+        if c.pair_maps:
+            _start_pair_maps(model, start, self.main)
         if c.gradient_checkpointing:  # non-reentrant: the reentrant kind drops cross-layer KV gradients
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora_r > 0:

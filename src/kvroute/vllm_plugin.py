@@ -67,9 +67,10 @@ ROUTED_ARCHITECTURES: dict[str, str] = {
 PLAN_KEY = "kvroute_plan"
 #: Module of the routed vLLM model classes.
 MODELS_MODULE = "kvroute.vllm_models"
-#: A tensor of the calibration file (``r0_0_2_2.1.value``): vLLM reads every ``*.safetensors``
-#: of a folder without an index, so the routed models skip these.
-CALIBRATION_TENSOR = re.compile(r"^r\d+(?:_\d+)*\.\d+\.(?:query|value)$")
+#: A tensor of the calibration file (``r0_0_2_2.1.value``) or of the pairwise maps
+#: (``pair.3.1.value``): vLLM reads every ``*.safetensors`` of a folder without an index, so
+#: the routed models skip these.
+CALIBRATION_TENSOR = re.compile(r"^(?:r\d+(?:_\d+)*|pair\.\d+)\.\d+\.(?:query|value)$")
 #: A checkpoint weight that a calibration folds into (HF names, before vLLM renames them).
 _FOLD_WEIGHT = re.compile(
     r"^(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.(?P<part>q_proj|o_proj)\.(?P<kind>weight|bias)$"
@@ -411,7 +412,8 @@ def plan_calibration(checkpoint: str | Path, config: Any, plan: SharingPlan) -> 
         plan: the plan served.
 
     Returns:
-        The plan's calibration, or None when the folder holds none for it.
+        The plan's calibration, or None when the folder holds none for it. Without one of its
+        own, the pairwise maps (:mod:`kvroute.pairs`) when they cover every non-owner layer.
 
     Raises:
         ValueError: when the calibration file was fitted for another model (shape or
@@ -421,17 +423,22 @@ def plan_calibration(checkpoint: str | Path, config: Any, plan: SharingPlan) -> 
     if not folder.is_dir():
         return None
     from kvroute.calibrate import CALIBRATION_FILE, check_shape, read_calibration
+    from kvroute.pairs import PAIRS_FILE, plan_maps, read_pair_maps
 
-    meta, plans = read_calibration(folder)
-    if not plans:
-        return None
-    path = folder / CALIBRATION_FILE
     config = _as_config(config)
-    saved = meta.get("model", {})
-    check_shape(path, saved, config)
-    maps = plans.get(plan.source)
+    meta, plans = read_calibration(folder)
+    path, maps = folder / CALIBRATION_FILE, plans.get(plan.source)
+    if plans:  # whichever plan is served, a file that does not fit the model is an error
+        check_shape(path, meta.get("model", {}), config)
+    if not maps:  # no calibration of its own: the pairwise maps, when they cover the plan
+        meta, pairs = read_pair_maps(folder)
+        path = folder / PAIRS_FILE
+        if pairs:
+            check_shape(path, meta.get("model", {}), config)
+            maps = plan_maps(pairs, plan, meta["model"]["heads"])
     if not maps:
         return None
+    saved = meta["model"]
     heads, dim = saved["heads"], saved["head_dim"]
     for layer, m in maps.items():
         if plan.source[layer] == layer:

@@ -14,7 +14,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     d = CalibrationConfig()
     p.add_argument("checkpoint", help="kvroute or HF checkpoint folder, hub id or .gguf file")
-    p.add_argument("--plans", required=True, help="comma-separated plan specs, e.g. every:2,every:4")
+    p.add_argument("--plans", help="comma-separated plan specs, e.g. every:2,every:4 (with --pairs: the plans "
+                                   "to report, default every:2,every:4)")
+    p.add_argument("--pairs", action="store_true",
+                   help="fit pairwise maps instead: one per (layer, source layer), serving every plan "
+                        "(about L^2/2 fits; --tokens 2048 keeps it to minutes)")
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="calibration text: a file or folder of .txt/.md files (repeatable); not your test text")
     p.add_argument("--out", default=None,
@@ -42,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint
 
     config = CalibrationConfig(**{f.name: getattr(args, f.name) for f in fields(CalibrationConfig)})
+    if args.plans is None and not args.pairs:
+        raise ValueError("--plans: give the plans to calibrate, e.g. every:2,every:4 (or --pairs for every plan)")
     out, results = calibrate_checkpoint(
-        args.checkpoint, args.plans, args.data, config, out=args.out, dtype=args.dtype, device=args.device,
-        progress=not args.quiet,
+        args.checkpoint, args.plans or "every:2,every:4", args.data, config, out=args.out, dtype=args.dtype,
+        device=args.device, progress=not args.quiet, pairs=args.pairs,
     )
     for r in results:
         print(r.summary())

@@ -39,6 +39,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="weight of layer-wise hidden-state distillation from the same teacher (0: off)")
     r.add_argument("--distill-from", default="self", choices=["self", "base"],
                    help="teacher: the model itself unrouted, or the frozen starting model")
+    r.add_argument("--pair-maps", action="store_true",
+                   help="train pairwise maps with the routes (one per layer and source layer; they serve every "
+                        "plan); they start from the checkpoint's `kvroute calibrate --pairs` fit, else the identity")
+    r.add_argument("--pair-lr", type=float, help="learning rate of the pairwise maps (default: --lr)")
 
     o = p.add_argument_group("optimization")
     o.add_argument("--seq-len", type=int, default=256)

@@ -4,7 +4,8 @@ It keeps the original's parameters under the same names (so checkpoints load and
 save unchanged) and reads the KV of the layer its route names. A layer whose own
 K/V nobody reads in this pass skips its K/V projections. A layer that reads
 another layer's KV under a calibrated route applies that route's maps
-(:class:`LayerMaps`, fitted by :mod:`kvroute.calibrate`) at run time.
+(:class:`LayerMaps`, fitted by :mod:`kvroute.calibrate`) at run time; without them, the
+pairwise maps of (layer, source) if it has some (:mod:`kvroute.pairs`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,22 @@ class LayerMaps(nn.Module):
       ``q_norm``). It commutes with RoPE, so it maps the owner's keys towards the layer's own.
     - ``value``: ``(H, D, D)``, one matrix per query head applied to that head's attention
       output before ``o_proj`` (attention output is linear in V, so this maps the owner's
-      values towards the layer's own).
+      values towards the layer's own); or ``(H_kv, D, D)``, one per KV head, shared by the
+      query heads of its group.
 
-    Held as non-persistent buffers: they follow ``.to()`` and copies of the model, and
-    never enter its ``state_dict`` (a calibration is saved in a file of its own).
+    A plan's calibration holds them as non-persistent buffers: they follow ``.to()`` and
+    copies of the model, and never enter its ``state_dict`` (a calibration is saved in a
+    file of its own). Pairwise maps (:mod:`kvroute.pairs`) are ``trainable`` parameters,
+    so that training updates them with the routes.
     """
 
-    def __init__(self, query: torch.Tensor | None, value: torch.Tensor | None) -> None:
+    def __init__(self, query: torch.Tensor | None, value: torch.Tensor | None, trainable: bool = False) -> None:
         super().__init__()
-        self.register_buffer("query", query, persistent=False)
-        self.register_buffer("value", value, persistent=False)
+        for name, tensor in (("query", query), ("value", value)):
+            if trainable and tensor is not None:
+                self.register_parameter(name, nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor, persistent=False)
 
     def map_query(self, query: torch.Tensor) -> torch.Tensor:
         """query: (B, H, T, D) before RoPE."""
@@ -66,7 +73,10 @@ class LayerMaps(nn.Module):
         """out: (B, T, H, D), each head's attention output."""
         if self.value is None:
             return out
-        return torch.einsum("bthd,hde->bthe", out, self.value.to(out.dtype))
+        value = self.value.to(out.dtype)
+        if value.shape[0] != out.shape[2]:  # one map per KV head: shared by its query heads
+            value = value.repeat_interleave(out.shape[2] // value.shape[0], dim=0)
+        return torch.einsum("bthd,hde->bthe", out, value)
 
 
 class RoutedAttention(nn.Module):
@@ -98,6 +108,7 @@ class RoutedAttention(nn.Module):
         self.k_norm = getattr(original, "k_norm", None)
         self._eager: Callable = sys.modules[type(original).__module__].eager_attention_forward
         self.calibration = nn.ModuleDict()  # route_key(route) -> LayerMaps of this layer
+        self.pairs = nn.ModuleDict()  # str(source layer) -> trainable LayerMaps for every route reading it
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
     def _project(self, proj: nn.Module, norm: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,7 +135,13 @@ class RoutedAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         cos, sin = position_embeddings
         idx = self.layer_idx
-        maps = self.calibration[routing.key] if routing.key in self.calibration else None
+        source = routing.route[idx]
+        if routing.key in self.calibration:  # the plan's own calibration comes first
+            maps = self.calibration[routing.key]
+        elif source != idx and str(source) in self.pairs:
+            maps = self.pairs[str(source)]
+        else:
+            maps = None
         query = self._project(self.q_proj, self.q_norm, hidden_states)  # (B, H, T, D)
         if maps is not None:
             query = maps.map_query(query)
@@ -135,7 +152,7 @@ class RoutedAttention(nn.Module):
             if cache is not None:
                 key, value = cache.update(key, value, idx, kwargs=kwargs)
             routing.kv[idx] = (key, value)
-        key, value = routing.kv[routing.route[idx]]
+        key, value = routing.kv[source]
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
         extra = {"softcap": self.softcap} if self.softcap is not None else {}

@@ -13,7 +13,7 @@ from kvroute.hf.attention import RoutedAttention
 from kvroute.hf.cache import SharedKVCache, shared_layers
 from kvroute.hf.compat import CACHE_ARG, DummyLayer
 from kvroute.plan import KVShape, SharingPlan, layer_types_of
-from kvroute.policy import NoRouting, RoutingPolicy, policy_from_dict, policy_from_spec
+from kvroute.policy import RoutingPolicy, policy_from_dict, policy_from_spec
 from kvroute.router import CONFIG_KEY, Router
 
 #: model_type -> the attention class kvroute replaces.
@@ -208,7 +208,7 @@ def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     router: Router = getattr(module, ROUTER_ATTR)
     router.enter(module.training)
     if module.training:
-        if not isinstance(router.policy, NoRouting):
+        if router.policy.routes:
             _check_checkpointing(module)
         return args, kwargs
     name = CACHE_ARG if CACHE_ARG in kwargs else "past_key_values" if "past_key_values" in kwargs else "cache"
