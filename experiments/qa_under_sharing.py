@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--qa-train", type=int, default=2000, help="fictional QA training records")
     parser.add_argument("--qa-test", type=int, default=32)
     parser.add_argument("--no-calibration", action="store_true")
+    parser.add_argument("--pair-maps", action="store_true",
+                        help="rcla: start from closed-form pairwise maps of the base (experiments/pair_maps.py "
+                             "writes runs/pair_maps/base-pairs) and train them with the routes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,7 +98,7 @@ def main() -> None:
     target = args.plan if args.recipe == "plan" else "any"
     name = f"{args.recipe}-{target}-{args.steps}-d{args.distill:g}-h{args.distill_hidden:g}" + ("" if cal else "-nocal") + (
         f"-text{args.text_from}" if args.text_from != 1790 else "")
-    name = name.replace(":", "")
+    name = (name + ("-pairs" if args.pair_maps else "")).replace(":", "")
     start = time.perf_counter()
     model_start = str(BASE)
     if args.recipe == "plan" and cal:
@@ -105,6 +108,14 @@ def main() -> None:
         model_start = str(folder)
     routing = dict(routing=f"plan:{args.plan}") if args.recipe == "plan" else dict(routing="rcla", p=0.6,
                                                                                     sources="plan")
+    if args.pair_maps:
+        if args.recipe != "rcla":
+            parser.error("--pair-maps goes with --recipe rcla")
+        model_start = str(ROOT / "runs" / "pair_maps" / "base-pairs")
+        if not (Path(model_start) / "kvroute_pairs.safetensors").is_file():
+            calibrate_checkpoint(str(BASE), "every:2,every:4", sotu(1990, 2006), CalibrationConfig(tokens=2048),
+                                 out=model_start, pairs=True)
+        routing["pair_maps"] = True
     result = train(TrainConfig(
         model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
         batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu",
@@ -123,7 +134,7 @@ def main() -> None:
     row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None, "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
            "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
-           "calibrated": cal, "train_minutes": round(train_min, 2), "threads": args.threads,
+           "calibrated": cal, "pair_maps": args.pair_maps, "train_minutes": round(train_min, 2), "threads": args.threads,
            "scores": scores, "base_full": base_scores}
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     RESULTS.write_text(json.dumps(rows + [row], indent=1) + "\n")

@@ -227,3 +227,19 @@ def test_bad_pair_input_is_refused(tmp_path, checkpoint, capsys):
         from kvroute.pairs import identity_maps, set_pair_maps
 
         set_pair_maps(model, {(1, 2): identity_maps(model.config)})
+
+
+def test_maps_only_trains_the_maps_and_leaves_the_weights(tmp_path, checkpoint):
+    from kvroute.train import TrainConfig
+
+    corpus = write_corpus(tmp_path / "text", docs=30, length=80)
+    result = _train(tmp_path, checkpoint, corpus, pair_maps=True, maps_only=True, lr=1e-2, distill=1.0)
+    tuned, start = kvroute.load(result.final_checkpoint), kvroute.load(checkpoint)
+    weights = {k: v for k, v in tuned.state_dict().items() if ".pairs." not in k}
+    before = start.state_dict()
+    assert weights.keys() == before.keys()
+    assert all(torch.equal(weights[k], before[k]) for k in weights)
+    maps = pair_maps(tuned)
+    assert any(not torch.allclose(m.value, torch.eye(m.value.shape[-1]).expand_as(m.value)) for m in maps.values())
+    with pytest.raises(ValueError, match="--maps-only trains the pairwise maps alone"):
+        TrainConfig(model="m", data=["d"], maps_only=True)

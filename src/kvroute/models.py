@@ -149,7 +149,7 @@ def load(
     Example:
         >>> model = kvroute.load("runs/rcla/final", plan="every:4")  # doctest: +SKIP
     """
-    from kvroute.calibrate import load_calibration
+    from kvroute.calibration.store import load_calibration
     from kvroute.pairs import load_pair_maps
 
     model = load_model(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
@@ -187,7 +187,7 @@ def save_checkpoint(
                 state_dict = {k: v for k, v in (state_dict or model.state_dict()).items() if PAIRS_PREFIX not in k}
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if routed:
-            from kvroute.calibrate import save_calibration
+            from kvroute.calibration.store import save_calibration
             from kvroute.pairs import save_pair_maps
 
             save_calibration(model, tmp)

@@ -38,19 +38,10 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from kvroute.calibrate import (
-    CalibrationConfig,
-    _attention_layers,
-    _capture,
-    _fingerprint,
-    _LayerFit,
-    _running,
-    _split,
-    calibration_data,
-    check_digest,
-    check_shape,
-    model_shape,
-)
+from kvroute.calibrate import CalibrationConfig
+from kvroute.calibration.fit import _capture, _LayerFit, _split, calibration_data
+from kvroute.calibration.maps import _attention_layers, _running
+from kvroute.calibration.store import _fingerprint, check_digest, check_shape, model_shape
 from kvroute.hf.attention import LayerMaps
 from kvroute.plan import KVShape, SharingPlan
 from kvroute.search import mean_loss
@@ -208,9 +199,11 @@ def fit_pair_maps(
     fitted: dict[Pair, LayerMaps] = {}
     group = model.config.num_attention_heads // KVShape.from_config(model.config).kv_heads
     pairs = all_pairs(model.config)
+    device = layers[0].o_proj.weight.device
+    inputs = [x.to(device) for x in cap.inputs]  # captured on the CPU; fitted where the model is
     for l, o in tqdm(pairs, desc="fit pairwise maps", leave=False, disable=not progress):
-        fit = _LayerFit(layers[l], layers[o], cap.inputs[l], cap.inputs[l], cap.inputs[o], cap.cos[l], cap.sin[l],
-                        train.shape[0], config)
+        fit = _LayerFit(layers[l], layers[o], inputs[l], inputs[l], inputs[o], cap.cos[l].to(device),
+                        cap.sin[l].to(device), train.shape[0], config)
         query = fit.query_map() if config.query else None
         value, _ = fit.value_map(query)
         fitted[(l, o)] = LayerMaps(query, value[::group].contiguous())
@@ -246,7 +239,7 @@ def save_pair_maps(model: torch.nn.Module, folder: str | os.PathLike,
     """
     from safetensors.torch import save_file
 
-    from kvroute.calibrate import weight_digest
+    from kvroute.calibration.store import weight_digest
 
     path = Path(folder) / PAIRS_FILE
     tensors = {}

@@ -79,6 +79,8 @@ class TrainConfig:
             checkpoint's own (``kvroute calibrate --pairs``), else from the identity, and are saved
             with every checkpoint, so every plan the model serves uses them.
         pair_lr: learning rate of the pairwise maps (None: ``lr``); no weight decay applies to them.
+        maps_only: with ``pair_maps``, train only the maps; the model's weights stay frozen (a
+            calibration for every plan at once, trained on the routes the policy draws).
         precision: ``bf16`` (autocast), ``fp32``, or ``auto``: bf16 where the device runs it natively
             (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32 (:mod:`kvroute.precision`).
         lora_r: LoRA rank (0: full fine-tuning).
@@ -124,6 +126,7 @@ class TrainConfig:
     distill_from: str = "self"
     pair_maps: bool = False
     pair_lr: float | None = None
+    maps_only: bool = False
     val_fraction: float = 0.05
     question_first_p: float = 0.5
     eval_every: int = 50
@@ -194,6 +197,8 @@ class TrainConfig:
                              "not --routing none")
         if self.pair_maps and self.lora_r:
             raise ValueError("--pair-maps with LoRA (--lora-r) is not supported; fine-tune fully")
+        if self.maps_only and not self.pair_maps:
+            raise ValueError("--maps-only trains the pairwise maps alone: add --pair-maps")
         if self.pair_lr is not None and self.pair_lr <= 0:
             raise ValueError(f"--pair-lr must be positive, got {self.pair_lr}")
         if not parse_plan_list(self.eval_plans):
@@ -542,7 +547,7 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
 #: settings a resumed run must share with its checkpoint (else the data order or weights differ).
 RESUME_FIXED = ("data", "data_format", "model", "preset", "layers", "tokenizer", "seq_len", "batch_size",
                 "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction", "fsdp",
-                "pair_maps")
+                "pair_maps", "maps_only")
 
 
 class _Run:
@@ -596,6 +601,11 @@ class _Run:
         _carry_calibration(model, start)
         if c.pair_maps:
             _start_pair_maps(model, start, self.main)
+        if c.maps_only:
+            from kvroute.pairs import PAIRS_PREFIX
+
+            for name, param in model.named_parameters():
+                param.requires_grad_(PAIRS_PREFIX in name)
         if c.gradient_checkpointing:  # non-reentrant: the reentrant kind drops cross-layer KV gradients
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora_r > 0:

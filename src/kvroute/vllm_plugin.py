@@ -377,7 +377,7 @@ class CalibrationFold:
             ValueError: once the weights are read, when a map found no weight to fold into
                 or the weights are not the ones the calibration was fitted on.
         """
-        from kvroute.calibrate import check_digest, weight_digest
+        from kvroute.calibration.store import check_digest, weight_digest
 
         todo = {(l, "o_proj") for l, m in self.maps.items() if m.value is not None}
         if queries:
@@ -422,7 +422,7 @@ def plan_calibration(checkpoint: str | Path, config: Any, plan: SharingPlan) -> 
     folder = Path(checkpoint).expanduser()
     if not folder.is_dir():
         return None
-    from kvroute.calibrate import CALIBRATION_FILE, check_shape, read_calibration
+    from kvroute.calibration.store import CALIBRATION_FILE, check_shape, read_calibration
     from kvroute.pairs import PAIRS_FILE, plan_maps, read_pair_maps
 
     config = _as_config(config)

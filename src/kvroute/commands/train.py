@@ -43,6 +43,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="train pairwise maps with the routes (one per layer and source layer; they serve every "
                         "plan); they start from the checkpoint's `kvroute calibrate --pairs` fit, else the identity")
     r.add_argument("--pair-lr", type=float, help="learning rate of the pairwise maps (default: --lr)")
+    r.add_argument("--maps-only", action="store_true",
+                   help="with --pair-maps: train only the maps, the weights stay frozen (calibrates every plan)")
 
     o = p.add_argument_group("optimization")
     o.add_argument("--seq-len", type=int, default=256)
