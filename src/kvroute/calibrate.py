@@ -51,6 +51,7 @@ from kvroute.calibration.fit import (  # noqa: F401  (re-exported: the calibrati
     _capture,
     _LayerFit,
     _split,
+    calibration_chunks_of,
     calibration_data,
     fit_plan,
     refine,
@@ -191,14 +192,7 @@ def calibrate(
     config = config or CalibrationConfig()
     specs = parse_plan_list(plans) if isinstance(plans, str) else list(plans)
     resolved = [SharingPlan.for_model(p, model.config) for p in specs]  # all checked before any work
-    if isinstance(data, torch.Tensor):
-        chunks = data
-        if chunks.dim() != 2 or chunks.shape[0] < 2:
-            raise ValueError(f"calibration chunks must be (N >= 2, T) token ids, got shape {tuple(chunks.shape)}")
-    else:
-        if tokenizer is None:
-            raise ValueError("calibrate() needs the tokenizer to read text data")
-        chunks = calibration_data(tokenizer, data, config.tokens, config.chunk_tokens)
+    chunks = calibration_chunks_of(data, tokenizer, config.tokens, config.chunk_tokens, "calibrate()")
     train, val = _split(chunks, config.val_fraction)
     full = SharingPlan.for_model("full", model.config)
     cap_full = None

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,9 +38,16 @@ import torch
 from tqdm.auto import tqdm
 
 from kvroute.calibrate import CalibrationConfig
-from kvroute.calibration.fit import _capture, _LayerFit, _split, calibration_data
+from kvroute.calibration.fit import _capture, _LayerFit, _split, calibration_chunks_of
 from kvroute.calibration.maps import _attention_layers, _running
-from kvroute.calibration.store import _fingerprint, check_digest, check_shape, model_shape
+from kvroute.calibration.store import (
+    _fingerprint,
+    check_digest,
+    check_shape,
+    model_shape,
+    read_maps_file,
+    write_maps_file,
+)
 from kvroute.hf.attention import LayerMaps
 from kvroute.plan import KVShape, SharingPlan
 from kvroute.search import mean_loss
@@ -175,14 +181,7 @@ def fit_pair_maps(
     """
     config = config or CalibrationConfig()
     config = CalibrationConfig(**{**asdict(config), "value_maps": "group"})
-    if isinstance(data, torch.Tensor):
-        chunks = data
-        if chunks.dim() != 2 or chunks.shape[0] < 2:
-            raise ValueError(f"calibration chunks must be (N >= 2, T) token ids, got shape {tuple(chunks.shape)}")
-    else:
-        if tokenizer is None:
-            raise ValueError("fit_pair_maps() needs the tokenizer to read text data")
-        chunks = calibration_data(tokenizer, data, config.tokens, config.chunk_tokens)
+    chunks = calibration_chunks_of(data, tokenizer, config.tokens, config.chunk_tokens, "fit_pair_maps()")
     plans = [SharingPlan.for_model(p, model.config) for p in report_plans]
     start = time.perf_counter()
     train, val = _split(chunks, config.val_fraction)
@@ -237,8 +236,6 @@ def save_pair_maps(model: torch.nn.Module, folder: str | os.PathLike,
     Returns:
         The file written, or None when the model has none (an old file is removed).
     """
-    from safetensors.torch import save_file
-
     from kvroute.calibration.store import weight_digest
 
     path = Path(folder) / PAIRS_FILE
@@ -258,28 +255,13 @@ def save_pair_maps(model: torch.nn.Module, folder: str | os.PathLike,
         fingerprint = {**model_shape(model.config), "digest": [
             weight_digest(state_dict[k]) for k in sorted(
                 (k for k in state_dict if _O_PROJ.search(k)), key=lambda k: int(_O_PROJ.search(k)["l"]))]}
-    if not tensors:
-        path.unlink(missing_ok=True)
-        return None
-    meta = {"version": FORMAT_VERSION, "model": fingerprint, "info": get_pair_info(model)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"kvroute": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return write_maps_file(path, tensors, {"version": FORMAT_VERSION, "model": fingerprint, "info": get_pair_info(model)})
 
 
 def read_pair_maps(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[Pair, LayerMaps]]:
     """Read ``folder/kvroute_pairs.safetensors`` without a model: ``(meta, maps)``, both empty if absent."""
-    from safetensors import safe_open
-
     path = Path(folder) / PAIRS_FILE
-    if not path.is_file():
-        return {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported pairwise-maps format {meta.get('version')!r} (expected {FORMAT_VERSION})")
+    meta, tensors = read_maps_file(path, FORMAT_VERSION, "pairwise-maps")
     maps: dict[Pair, LayerMaps] = {}
     for key in tensors:
         _, l, o, name = key.split(".")

@@ -43,6 +43,18 @@ def calibration_data(
     return chunks
 
 
+def calibration_chunks_of(data: Iterable[str | os.PathLike] | torch.Tensor, tokenizer: Any, tokens: int,
+                          chunk_tokens: int, caller: str) -> torch.Tensor:
+    """``data`` as ``(N, T)`` chunks: token ids given as such (checked), or text read with ``tokenizer``."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.shape[0] < 2:
+            raise ValueError(f"calibration chunks must be (N >= 2, T) token ids, got shape {tuple(data.shape)}")
+        return data
+    if tokenizer is None:
+        raise ValueError(f"{caller} needs the tokenizer to read text data")
+    return calibration_data(tokenizer, data, tokens, chunk_tokens)
+
+
 def _split(chunks: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Every k-th chunk is held out, so both parts span the whole text."""
     n_val = max(1, round(chunks.shape[0] * val_fraction))

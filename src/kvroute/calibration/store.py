@@ -63,8 +63,6 @@ def save_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> Path 
     Returns:
         The file written, or None when the model holds no calibration (an old file is removed).
     """
-    from safetensors.torch import save_file
-
     path = Path(folder) / CALIBRATION_FILE
     tensors: dict[str, torch.Tensor] = {}
     plans: dict[str, Any] = {}
@@ -76,14 +74,38 @@ def save_calibration(model: torch.nn.Module, folder: str | os.PathLike) -> Path 
                 t = getattr(maps, name)
                 if t is not None:
                     tensors[f"{key}.{att.layer_idx}.{name}"] = t.detach().float().cpu().contiguous()
+    return write_maps_file(path, tensors, {"version": FORMAT_VERSION, "model": _fingerprint(model), "plans": plans})
+
+
+def write_maps_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path | None:
+    """Write ``tensors`` with ``meta`` (as JSON) to ``path`` atomically; with no tensors, remove ``path``."""
+    from safetensors.torch import save_file
+
     if not tensors:
         path.unlink(missing_ok=True)
         return None
-    meta = {"version": FORMAT_VERSION, "model": _fingerprint(model), "plans": plans}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"kvroute": json.dumps(meta)})
     os.replace(tmp, path)
     return path
+
+
+def read_maps_file(path: Path, version: int, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(meta, tensors)`` of a file :func:`write_maps_file` wrote, both empty when it is absent.
+
+    Raises:
+        ValueError: when the file has another format ``version`` (``what`` names it).
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("version") != version:
+        raise ValueError(f"{path}: unsupported {what} format {meta.get('version')!r} (expected {version})")
+    return meta, tensors
 
 
 def read_calibration(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[tuple[int, ...], dict[int, LayerMaps]]]:
@@ -94,16 +116,10 @@ def read_calibration(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[tu
         source map, the :class:`LayerMaps` (float32, CPU) of each non-owner layer. Both empty when
         the folder has no calibration.
     """
-    from safetensors import safe_open
-
     path = Path(folder) / CALIBRATION_FILE
-    if not path.is_file():
+    meta, tensors = read_maps_file(path, FORMAT_VERSION, "calibration")
+    if not tensors:
         return {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported calibration format {meta.get('version')!r} (expected {FORMAT_VERSION})")
     maps: dict[tuple[int, ...], dict[int, LayerMaps]] = {}
     for key, plan_info in meta["plans"].items():
         source = tuple(int(x) for x in plan_info["source"])
