@@ -10,7 +10,7 @@ each), the demo's 16 fictional context-QA questions (F1) and a 64-token greedy c
 - ``rcla-pairs-trained``: the demo's R-CLA recipe (60 steps, p=0.6, plan sources, distillation
   from the frozen base, lr 4e-4, bf16) started from ``base+pairs`` with ``--pair-maps``, so the
   maps train with the routes;
-- ``base+pairs-maps-only``: ``base+pairs`` with only the maps trained on R-CLA routes (60 steps,
+- with ``--maps-only`` (not yet measured), also ``base+pairs-maps-only``: ``base+pairs`` with only the maps trained on R-CLA routes (60 steps,
   p=0.6, plan sources, KL to the full cache, lr 1e-3; ``--pair-maps --maps-only``): a
   calibration for every plan with no weight change;
 - for reference, the demo's per-plan calibrations (``base+cal``, ``rcla+cal``) when
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="R-CLA steps (the demo's)")
     parser.add_argument("--pair-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--maps-only", action="store_true", help="also train only the maps of base+pairs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -125,12 +126,13 @@ def main() -> None:
     trained = rcla("rcla-pairs-trained", base_pairs, args.steps, pair_maps=True, pair_lr=args.pair_lr)
     timings["rcla_pairs_trained_minutes"] = (time.perf_counter() - t) / 60
     t = time.perf_counter()
-    maps_only = rcla("base-pairs-maps-only", base_pairs, args.steps, pair_maps=True, maps_only=True, lr=1e-3,
+    maps_only = None if not args.maps_only else rcla("base-pairs-maps-only", base_pairs, args.steps, pair_maps=True, maps_only=True, lr=1e-3,
                      distill_from="self")
     timings["maps_only_minutes"] = (time.perf_counter() - t) / 60
 
     models = {"base": BASE, "base+pairs": base_pairs, "base+pairs-maps-only": maps_only, "rcla": demo_rcla,
               "rcla+pairs": rcla_pairs, "rcla-pairs-trained": trained}
+    models = {k: v for k, v in models.items() if v is not None}
     for name in ("base-cal", "rcla-cal"):
         if (DEMO / name / "kvroute_calibration.safetensors").is_file():
             models[name.replace("-", "+")] = DEMO / name
