@@ -269,7 +269,7 @@ def test_an_interrupted_refinement_leaves_the_closed_form(monkeypatch):
     calibrate(model, "every:2", chunks(), FAST, progress=False)
     closed = {k: v.clone() for k, v in model.model.layers[1].self_attn.calibration.named_buffers()}
 
-    def broken(model, plan, train, config, progress=True):
+    def broken(model, plan, train, config, progress=True, teacher=None):
         for maps in cal._plan_maps(model, plan).values():
             maps.value.add_(1.0)  # half-trained
         raise KeyboardInterrupt
@@ -281,3 +281,44 @@ def test_an_interrupted_refinement_leaves_the_closed_form(monkeypatch):
     assert set(after) == set(closed)
     for name, tensor in after.items():
         torch.testing.assert_close(tensor, closed[name])
+
+
+def test_teacher_logits_are_kept_once_and_match_a_fresh_pass():
+    from kvroute.calibration.fit import TeacherLogits
+    from kvroute.precision import autocast
+
+    model = kvroute.apply(tiny_model("llama", layers=4)).eval()
+    data = chunks()
+    teacher = TeacherLogits(data)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    first = teacher(model, [0, 2], autocast("fp32", "cpu"))
+    again = teacher(model, [2, 0, 1], autocast("fp32", "cpu"))
+    assert len(calls) == 2  # chunk 1 only on the second call
+    torch.testing.assert_close(again[1], first[0])
+    with torch.no_grad():
+        fresh = model(input_ids=data[[2, 0, 1]]).logits.float().log_softmax(-1)
+    torch.testing.assert_close(again, fresh)
+    small = TeacherLogits(data, max_bytes=1)  # over the cap: nothing kept, every call recomputes
+    small(model, [0], autocast("fp32", "cpu"))
+    small(model, [0], autocast("fp32", "cpu"))
+    assert len(calls) == 5  # two teacher passes after the fresh one
+
+
+def test_refinement_with_a_shared_teacher_equals_one_without():
+    from kvroute.calibrate import _plan_maps
+    from kvroute.calibration.fit import TeacherLogits
+
+    data = chunks()
+    config = CalibrationConfig(**{**FAST.__dict__, "query": False, "steps": 5, "lr": 3e-3, "precision": "fp32"})
+    maps = []
+    for shared in (None, TeacherLogits(data)):
+        torch.manual_seed(0)
+        model = kvroute.apply(tiny_model("llama", layers=4))
+        calibrate(model, "every:2", data, CalibrationConfig(**{**config.__dict__, "steps": 0}), progress=False)
+        plan = kvroute.set_plan(model, "every:2")
+        refine(model, plan, data, config, progress=False, teacher=shared)
+        maps.append({k: m.value.clone() for k, m in _plan_maps(model, plan).items()})
+    assert maps[0]
+    for k in maps[0]:
+        torch.testing.assert_close(maps[0][k], maps[1][k])

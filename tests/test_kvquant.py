@@ -26,6 +26,22 @@ def test_round_trip_error_is_within_half_a_step(bits):
     assert quant.entry_bytes(64) == codes.shape[-1] + 2
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantize_into_a_slice_rounds_once_like_the_float32_product(bits):
+    quant = KVQuant(bits)
+    codes, scale = quant.quantize(torch.randn(1, 2, 9, 16))
+    ints = codes
+    if bits == 4:  # unpack by hand: low nibble first
+        ints = torch.stack(((codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8), -1).flatten(-2)
+    expected = (ints.float() * scale.float()).to(torch.bfloat16)
+    out = torch.zeros(1, 2, 12, 16, dtype=torch.bfloat16)
+    quant.dequantize(codes, scale, torch.bfloat16, out=out[:, :, :9])
+    assert torch.equal(out[:, :, :9], expected) and not out[:, :, 9:].any()
+    assert torch.equal(quant.dequantize(codes, scale, torch.bfloat16), expected)
+    with pytest.raises(ValueError, match="expected"):
+        quant.dequantize(codes, scale, torch.bfloat16, out=out)
+
+
 def test_bad_kv_quant_is_a_clear_error():
     assert KVQuant.parse("none") is None and KVQuant.parse(None) is None
     with pytest.raises(ValueError, match="--kv-quant must be one of none, int8, int4, got 'fp3'"):

@@ -48,6 +48,7 @@ import torch
 
 from kvroute.calibration.fit import (  # noqa: F401  (re-exported: the calibration API in one place)
     RIDGES,
+    TeacherLogits,
     _capture,
     _LayerFit,
     _split,
@@ -196,6 +197,7 @@ def calibrate(
     train, val = _split(chunks, config.val_fraction)
     full = SharingPlan.for_model("full", model.config)
     cap_full = None
+    teacher = TeacherLogits(train)  # shared by every plan's refinement
     results = []
     for plan in resolved:
         if plan.is_full:
@@ -222,7 +224,7 @@ def calibrate(
                         for k, m in maps.items()}
             closed_form = lambda: _attach(model, plan.source, {k: LayerMaps(*v) for k, v in snapshot.items()})  # noqa: E731
             try:
-                refine(model, plan, train, config, progress)
+                refine(model, plan, train, config, progress, teacher)
             except BaseException:  # an interrupted refinement leaves the closed form, not half-trained maps
                 closed_form()
                 raise

@@ -80,8 +80,20 @@ class KVQuant:
             codes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
         return codes, scale.half()
 
-    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """(codes, scales) -> values in ``dtype``, written into ``out`` when given (one pass per code
+        plane: the product is taken in float32 and rounded once to ``dtype``)."""
+        shape = (*codes.shape[:-1], codes.shape[-1] * (2 if self.bits == 4 else 1))
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=codes.device)
+        elif tuple(out.shape) != shape or out.dtype != dtype:
+            raise ValueError(f"dequantize: out is {tuple(out.shape)} {out.dtype}, expected {shape} {dtype}")
+        scale = scale.float()
         if self.bits == 4:
-            low, high = (codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8
-            codes = torch.stack((low, high), dim=-1).flatten(-2)
-        return (codes.float() * scale.float()).to(dtype)
+            pairs = out.unflatten(-1, (-1, 2))  # element 2i is the low nibble, 2i+1 the high one
+            torch.mul((codes & 15).to(torch.int8) - 8, scale, out=pairs[..., 0])
+            torch.mul((codes >> 4).to(torch.int8) - 8, scale, out=pairs[..., 1])
+        else:
+            torch.mul(codes, scale, out=out)
+        return out

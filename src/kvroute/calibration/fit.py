@@ -308,22 +308,58 @@ def fit_plan(
 
 
 # ------------------------------------------------------------------------ refinement
+#: teacher logits kept for the refinement up to this size (bytes); past it they are recomputed each step
+TEACHER_CACHE_BYTES = 4 << 30
+
+
+class TeacherLogits:
+    """The model's full-cache logits for the calibration chunks, computed once per chunk.
+
+    The refinement's target does not depend on the plan, so one instance serves every plan
+    of a :func:`kvroute.calibrate` call: each chunk's teacher pass runs once, not once per
+    step that draws it. Logits are kept in the dtype the forward returns (bf16 under bf16
+    autocast, so they are exactly what a fresh pass would give). Past ``max_bytes`` nothing is
+    kept and every call recomputes.
+    """
+
+    def __init__(self, chunks: torch.Tensor, max_bytes: int = TEACHER_CACHE_BYTES) -> None:
+        self.chunks = chunks
+        self.max_bytes = max_bytes
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def __call__(self, model: torch.nn.Module, index: list[int], autocast: Any) -> torch.Tensor:
+        """Full-cache log-probabilities ``(B, T, V)`` (float32) for chunks ``index``."""
+        device = next(model.parameters()).device
+        missing = [i for i in index if i not in self._logits]
+        if missing:
+            full = SharingPlan.for_model("full", model.config)
+            with torch.no_grad(), _running(model, full), autocast:
+                logits = model(input_ids=self.chunks[missing].to(device), use_cache=False).logits
+            if self.chunks.shape[0] * logits[0].numel() * logits.element_size() > self.max_bytes:
+                return logits.float().log_softmax(-1)
+            self._logits.update(zip(missing, logits))
+        return torch.stack([self._logits[i] for i in index]).float().log_softmax(-1)
+
+
 def refine(
     model: torch.nn.Module,
     plan: SharingPlan,
     train: torch.Tensor,
     config: CalibrationConfig,
     progress: bool = True,
+    teacher: TeacherLogits | None = None,
 ) -> None:
     """Train the attached maps of ``plan`` so the model under it matches its own full-cache outputs.
 
     The loss is KL(full-cache next-token distribution || the plan's), averaged over positions;
-    only the maps train (the model's weights are frozen).
+    only the maps train (the model's weights are frozen). ``teacher`` (built on ``train``)
+    shares the full-cache passes between the plans of one call.
     """
     tensors = [t for m in _plan_maps(model, plan).values() for t in (m.query, m.value) if t is not None]
     if not tensors:
         return
-    full = SharingPlan.for_model("full", model.config)
+    if teacher is None or teacher.chunks is not train:
+        teacher = TeacherLogits(train)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -338,17 +374,17 @@ def refine(
         for step in bar:
             if len(order) < config.batch_size:
                 order += torch.randperm(train.shape[0], generator=generator).tolist()
-            batch = train[order[: config.batch_size]].to(device)
+            index = order[: config.batch_size]
             del order[: config.batch_size]
+            batch = train[index].to(device)
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             autocast = precision_autocast(config.precision, device)
-            with torch.no_grad(), _running(model, full), autocast:
-                teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+            target = teacher(model, index, autocast)
             with _running(model, plan), autocast:
                 student = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
-            loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

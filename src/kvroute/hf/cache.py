@@ -148,9 +148,15 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
                 self._codes[i] = torch.cat((self._codes[i], codes), dim=-2)
                 self._scales[i] = torch.cat((self._scales[i], scale), dim=-2)
                 self._rest[i] = x[:, :, aged:]
-        keys, values = (torch.cat((self.quant.dequantize(c, s, self.dtype), r), dim=-2)
-                        for c, s, r in zip(self._codes, self._scales, self._rest))
-        return keys, values
+        return tuple(self._read(c, s, r) for c, s, r in zip(self._codes, self._scales, self._rest))
+
+    def _read(self, codes: torch.Tensor, scale: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The dequantized history followed by the residual, written into one new tensor."""
+        old = codes.shape[-2]
+        out = rest.new_empty((*rest.shape[:-2], old + rest.shape[-2], rest.shape[-1]))
+        self.quant.dequantize(codes, scale, self.dtype, out=out[:, :, :old])
+        out[:, :, old:].copy_(rest)
+        return out
 
     def get_seq_length(self) -> int:
         return self.length
