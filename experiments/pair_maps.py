@@ -13,6 +13,9 @@ each), the demo's 16 fictional context-QA questions (F1) and a 64-token greedy c
 - with ``--maps-only`` (not yet measured), also ``base+pairs-maps-only``: ``base+pairs`` with only the maps trained on R-CLA routes (60 steps,
   p=0.6, plan sources, KL to the full cache, lr 1e-3; ``--pair-maps --maps-only``): a
   calibration for every plan with no weight change;
+- with ``--plan-cal``, also ``rcla-pairs-trained+cal``: ``rcla-pairs-trained`` with the demo's
+  per-plan calibration on top (every:2 and every:4; closed form plus 30 refinement steps on SOTU
+  1990-2006), which takes precedence over the pairs under those two plans;
 - for reference, the demo's per-plan calibrations (``base+cal``, ``rcla+cal``) when
   runs/demo holds them (``make demo``).
 
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("--pair-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--maps-only", action="store_true", help="also train only the maps of base+pairs")
+    parser.add_argument("--plan-cal", action="store_true",
+                        help="also calibrate rcla-pairs-trained per plan (every:2, every:4) on top of its pairs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -130,8 +135,18 @@ def main() -> None:
                      distill_from="self")
     timings["maps_only_minutes"] = (time.perf_counter() - t) / 60
 
+    trained_cal = None
+    if args.plan_cal:
+        trained_cal = OUT / "rcla-pairs-trained-cal"
+        if not (trained_cal / "kvroute_calibration.safetensors").is_file():
+            t = time.perf_counter()
+            calibrate_checkpoint(str(trained), "every:2,every:4", sotu(1990, 2006), CalibrationConfig(steps=30),
+                                 out=trained_cal)
+            timings["plan_cal_minutes"] = (time.perf_counter() - t) / 60
+
     models = {"base": BASE, "base+pairs": base_pairs, "base+pairs-maps-only": maps_only, "rcla": demo_rcla,
-              "rcla+pairs": rcla_pairs, "rcla-pairs-trained": trained}
+              "rcla+pairs": rcla_pairs, "rcla-pairs-trained": trained,
+              "rcla-pairs-trained+cal": trained_cal}
     models = {k: v for k, v in models.items() if v is not None}
     for name in ("base-cal", "rcla-cal"):
         if (DEMO / name / "kvroute_calibration.safetensors").is_file():

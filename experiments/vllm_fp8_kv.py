@@ -5,6 +5,11 @@ same KV pool (64 MiB) and the same prompts (held-out State of the Union text, th
 split). Reports the KV tokens vLLM's pool holds and how the fp8 run's greedy tokens agree with
 the bf16 run's: the share of equal tokens and the position of the first difference.
 
+With ``--ppl`` it also scores held-out perplexity through each engine: ``prompt_logprobs`` over
+256-token chunks with chunked prefill of ``--ppl-step`` tokens, so every step attends to the
+earlier tokens as stored in the (bf16 or fp8) KV cache, as kvroute's own quantized eval does.
+The first step's tokens are not scored (they see no cache).
+
     .venv-vllm/bin/python experiments/vllm_fp8_kv.py [--checkpoint runs/demo/rcla-cal] \
         [--out experiments/results/vllm_fp8_kv.json]
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 from pathlib import Path
 
@@ -30,6 +36,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--kv-cache-memory", type=int, default=64 * 2**20)
+    ap.add_argument("--ppl", action="store_true", help="also held-out perplexity through each engine's cache")
+    ap.add_argument("--ppl-chunks", type=int, default=16, help="256-token chunks scored with --ppl")
+    ap.add_argument("--ppl-step", type=int, default=32, help="chunked-prefill step (tokens) with --ppl")
     ap.add_argument("--out", default="experiments/results/vllm_fp8_kv.json")
     args = ap.parse_args()
 
@@ -44,17 +53,28 @@ def main() -> None:
     step = max(1, (len(ids) - args.prompt_tokens) // args.prompts)
     prompts = [ids[i * step : i * step + args.prompt_tokens] for i in range(args.prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    ppl_len = args.prompt_tokens
+    ppl_step = max(1, (len(ids) - ppl_len) // max(args.ppl_chunks, 1))
+    ppl_chunks = [ids[i * ppl_step : i * ppl_step + ppl_len] for i in range(args.ppl_chunks)] if args.ppl else []
+    scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     runs: dict[str, dict] = {}
     for plan in args.plans.split(","):
         for kv in ("auto", "fp8"):
+            chunked = dict(enable_chunked_prefill=True, max_num_batched_tokens=args.ppl_step) if args.ppl else {}
             llm = LLM(model=args.checkpoint, hf_overrides=hf_overrides(args.checkpoint, plan), dtype="bfloat16",
                       kv_cache_dtype=kv, kv_cache_memory_bytes=args.kv_cache_memory, enforce_eager=True, seed=0,
                       max_model_len=args.prompt_tokens + args.new_tokens, max_num_seqs=args.prompts,
-                      distributed_executor_backend="uni")
+                      distributed_executor_backend="uni", enable_prefix_caching=False, **chunked)
             cache = llm.llm_engine.vllm_config.cache_config
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             runs[f"{plan}/{kv}"] = {"kv_tokens": cache.num_gpu_blocks * cache.block_size,
                                     "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+            if ppl_chunks:
+                scored = llm.generate([{"prompt_token_ids": c} for c in ppl_chunks], scoring, use_tqdm=False)
+                nll = [-lp[t].logprob for o, c in zip(scored, ppl_chunks)
+                       for t, lp in zip(c[args.ppl_step:], o.prompt_logprobs[args.ppl_step:])]
+                runs[f"{plan}/{kv}"]["ppl"] = math.exp(sum(nll) / len(nll))
+                runs[f"{plan}/{kv}"]["ppl_tokens"] = len(nll)
             del llm
             gc.collect()
     rows = []
@@ -66,9 +86,12 @@ def main() -> None:
                  for x, y in zip(ref["tokens"], fp8["tokens"])]
         for kv, run in (("bf16", ref), ("fp8", fp8)):
             rows.append({"plan": plan, "kv_cache_dtype": kv, "kv_tokens": run["kv_tokens"],
-                         "kv_tokens_vs_full_bf16": run["kv_tokens"] / base_tokens})
+                         "kv_tokens_vs_full_bf16": run["kv_tokens"] / base_tokens,
+                         **{k: run[k] for k in ("ppl", "ppl_tokens") if k in run}})
         rows[-1].update({"greedy_agreement_vs_bf16": sum(equal) / sum(len(x) for x in ref["tokens"]),
                          "first_difference_median": sorted(first)[len(first) // 2]})
+        if "ppl" in fp8:
+            rows[-1]["ppl_vs_bf16"] = fp8["ppl"] / ref["ppl"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     for r in rows:
