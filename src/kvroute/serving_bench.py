@@ -143,7 +143,7 @@ def _prompts(config: ServingBenchConfig, vocab: int) -> list[list[int]]:
 def _one_plan(config: ServingBenchConfig, plan: str, prompts: list[list[int]]) -> ServingRow:
     from vllm import LLM, SamplingParams
 
-    from kvroute.vllm_plugin import hf_overrides
+    from kvroute.vllm import hf_overrides
 
     llm = LLM(
         model=config.checkpoint, hf_overrides=hf_overrides(config.checkpoint, plan),
