@@ -180,7 +180,7 @@ def run_serving_bench(config: ServingBenchConfig, progress: bool = True) -> Serv
     import torch
     import vllm
 
-    from kvroute.bench import torch_threads
+    from kvroute.measure import torch_threads
 
     vocab = json.loads((Path(config.checkpoint) / "config.json").read_text()).get("vocab_size", 32000)
     prompts = _prompts(config, vocab)
