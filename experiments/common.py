@@ -4,7 +4,7 @@
   held-out chapters; held-out text = State of the Union 2007+ and Moby Dick chapters
   15, 30, ..., 135 (neither the tokenizer nor any model trains on them);
 - a byte-level BPE tokenizer (4,096 tokens) trained on the training split only;
-- the model shape (a Qwen3-style preset registered in ``kvroute.presets.PRESETS``);
+- the model shape (a Qwen3-style preset registered in ``kvroute.shapes.PRESETS``);
 - training through ``kvroute.train.train(TrainConfig(...))``, evaluation through
   ``kvroute.evaluate.evaluate(EvalConfig(...))``, each run skipped when finished.
 
@@ -75,7 +75,7 @@ EVAL = dict(window=256, stride=128, max_tokens=int(os.environ.get("KVR_EVAL_TOKE
 
 def register_preset() -> None:
     """Add the experiment's shape to kvroute's preset table (public dict; no source change)."""
-    from kvroute.presets import PRESETS
+    from kvroute.shapes import PRESETS
 
     PRESETS.setdefault(PRESET, dict(PRESET_FIELDS))
 

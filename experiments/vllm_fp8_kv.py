@@ -45,7 +45,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     import kvroute
-    from kvroute.vllm_plugin import hf_overrides
+    from kvroute.vllm import hf_overrides
 
     tok = kvroute.load_tokenizer(args.checkpoint)
     text = "\n\n".join(p.read_text() for p in sorted(Path(args.text).glob("*.txt")))

@@ -10,10 +10,10 @@ from conftest import tiny_model
 
 import kvroute
 from kvroute.hf.compat import cache_kwargs
-from kvroute.bench import BASELINE, BenchConfig, cache_nbytes, run_bench, write_report
+from kvroute.bench import BASELINE, BenchConfig, run_bench, write_report
 from kvroute.calibrate import CalibrationConfig, calibrate
 from kvroute.cli import main
-from kvroute.hf.cache import SharedKVCache
+from kvroute.hf.cache import SharedKVCache, cache_nbytes
 from kvroute.models import save_checkpoint
 from kvroute.plan import KVShape
 

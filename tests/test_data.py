@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvroute.data import text as text_data
-from kvroute.data.qa import IGNORE_INDEX, QACollator, QADataset, QARecord, read_qa, split_records
+from kvroute.data.qa import IGNORE_INDEX, QACollator, QADataset, QARecord, qa_prompt_ids, read_qa, split_records
 from kvroute.data.text import load_text, pack, parse_hf_source, resolve_files, token_stream
 from kvroute.models import load_tokenizer
 from textkit import make_tokenizer, write_corpus
@@ -104,6 +104,14 @@ def test_split_records_holds_out_a_fraction():
     records = [QARecord(f"c{i}", "q", "a") for i in range(20)]
     train, val = split_records(records, 0.25, seed=1)
     assert len(val) == 5 and sorted(r.context for r in train + val) == sorted(r.context for r in records)
+
+
+def test_evaluation_prompts_as_qa_fine_tuning_does(tok):
+    """The evaluation prompt is the context-first training example up to its answer."""
+    record = QARecord("w1 w2 w3", "w4 w5", "w6")
+    trained = QADataset([record], tok, seq_len=64).encode(record, question_first=False)
+    prompt = trained["input_ids"][trained["labels"] == IGNORE_INDEX].tolist()
+    assert qa_prompt_ids(tok, record) == prompt
 
 
 def test_collator_masks_exactly_the_non_answer_tokens(tok):

@@ -14,7 +14,8 @@ import kvroute
 from kvroute.calibrate import CalibrationConfig, calibrate, save_calibration
 from kvroute.cli import main
 from kvroute.data.evalsets import MCExample, QAExample, load_mc, load_qa, load_text
-from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_prompt_ids, qa_score
+from kvroute.data.qa import qa_prompt_ids
+from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_score
 from kvroute.models import save_checkpoint
 from kvroute.results import format_table, merge_results
 

@@ -124,7 +124,7 @@ def test_decode_through_the_shared_cache_equals_the_full_forward():
 
 
 def test_vllm_folds_a_plan_taken_from_the_pairs(tmp_path):
-    from kvroute.vllm_plugin import CALIBRATION_TENSOR, plan_calibration, resolve_plan
+    from kvroute.vllm import CALIBRATION_TENSOR, plan_calibration, resolve_plan
 
     model = calibratable("llama")
     fit_pair_maps(model, chunks(), FAST, progress=False)

@@ -46,7 +46,7 @@ import kvroute  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibrate, remove_calibration  # noqa: E402
 from kvroute.hf.compat import cache_kwargs, output_cache  # noqa: E402
 from kvroute.plan import SharingPlan  # noqa: E402
-from kvroute.vllm_plugin import PLAN_KEY, hf_overrides  # noqa: E402
+from kvroute.vllm import PLAN_KEY, hf_overrides  # noqa: E402
 
 LAYERS = 8
 GEMMA3_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2 + ["sliding_attention"] * 2

@@ -20,7 +20,7 @@ from kvroute.cli import main
 from kvroute.hf.attention import LayerMaps
 from kvroute.models import save_checkpoint
 from kvroute.plan import SharingPlan
-from kvroute.vllm_plugin import (
+from kvroute.vllm import (
     PLAN_KEY,
     describe_serving,
     fold_query,
@@ -31,7 +31,7 @@ from kvroute.vllm_plugin import (
     routed_architecture,
     server_command,
 )
-from kvroute.vllm_plugin import default_kv_cache_memory, kv_pool_report, memory_args
+from kvroute.vllm import default_kv_cache_memory, kv_pool_report, memory_args
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 8,
@@ -272,3 +272,25 @@ def test_serve_reports_whether_the_plan_is_calibrated(calibrated, capsys):
     assert "with plan every:2: 2/4 layers keep KV" in err and "; calibrated, 2 layers mapped" in err
     assert main(["serve", str(calibrated), "--plan", "every:4", "--dry-run"]) == rc
     assert "plan every:4: 1/4 layers keep KV (25.0%), owners [0]; not calibrated" in capsys.readouterr().err
+
+
+def test_every_routed_architecture_names_a_model_class_that_exists():
+    """register() hands vLLM ``module:class`` strings it imports only when serving: check them here."""
+    from kvroute.vllm.config import ROUTED_ARCHITECTURES
+    from kvroute.vllm.plugin import MODEL_CLASSES
+
+    assert set(MODEL_CLASSES) == set(ROUTED_ARCHITECTURES.values())
+    for routed, target in MODEL_CLASSES.items():
+        module, name = target.split(":")
+        assert name == routed
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and f"\nclass {name}(" in Path(spec.origin).read_text(), target
+
+
+def test_the_old_plugin_module_still_registers():
+    """Environments installed before the move name ``kvroute.vllm_plugin:register`` as their entry point."""
+    import kvroute.vllm
+    import kvroute.vllm_plugin
+
+    assert kvroute.vllm_plugin.register is kvroute.vllm.register
+    assert kvroute.vllm_plugin.server_command is kvroute.vllm.server_command

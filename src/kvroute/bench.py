@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -30,13 +29,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from kvroute.budget import format_bytes
+from kvroute.hf.cache import cache_nbytes
 from kvroute.hf.compat import cache_kwargs
+from kvroute.measure import PeakMemory, loadavg, sync, torch_threads
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
+from kvroute.plots import bench_plot
 from kvroute.results import plan_label
 
 BASELINE = "hf"
@@ -151,68 +153,20 @@ def load_bench_model(config: BenchConfig) -> torch.nn.Module:
     return model.to(config.device).eval()
 
 
-def cache_nbytes(cache: Any) -> int:
-    """Bytes held by a cache's tensors (``SharedKVCache.nbytes`` or the sum over a DynamicCache's layers)."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 # ---------------------------------------------------------------------- measuring
-class PeakMemory:
-    """Peak process memory since :meth:`reset`: CUDA max allocated, else peak RSS (VmHWM, reset via clear_refs)."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = str(device).startswith("cuda")
-        self.kind = "cuda max_memory_allocated" if self.cuda else "process peak RSS (VmHWM)"
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.kind = "process peak RSS since start (ru_maxrss; could not reset)"
-
-    def peak_bytes(self) -> int:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated()
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def _one_repeat(model: torch.nn.Module, prompt: torch.Tensor, cache: Any, new_tokens: int, device: str):
     """Prefill then ``new_tokens`` greedy decode steps; returns (ttft_s, decode_s). No per-layer Python here."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits = model(input_ids=prompt, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)  # (B, 1)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
         logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -258,19 +212,6 @@ def _measure(variants: list[_Variant], prompt: torch.Tensor, shape: KVShape, cfg
             v.decodes.append(prompt.shape[0] * cfg.new_tokens / dec)
             v.kv = cache_nbytes(cache)
             del cache
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with ``threads`` torch threads (None: as they are), then restore the count:
-    a benchmark called from a library leaves the process's setting alone."""
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progress: bool = True) -> BenchReport:
@@ -348,7 +289,7 @@ def _run_bench(config: BenchConfig, model: torch.nn.Module | None, progress: boo
                 if progress:
                     print(f"  ctx {c:>6} batch {b:>3} {plan_label(row):>10}: KV {row['kv_mb']:.1f} MB, "
                           f"TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_tok_s']:.2f} tok/s", file=sys.stderr)
-    meta["loadavg_end"] = _loadavg()
+    meta["loadavg_end"] = loadavg()
     names = [p.spec if q == "none" else f"{p.spec} + {q}" for p in plans for q in config.kv_quant]
     rows = _with_ratios(measured, config, [BASELINE] * config.baseline + names)
     return BenchReport(config, meta, rows)
@@ -377,13 +318,6 @@ def _with_ratios(measured, config: BenchConfig, order: list[str]) -> list[dict[s
     return rows
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _meta(model: torch.nn.Module, config: BenchConfig, shape: KVShape) -> dict[str, Any]:
     import transformers
 
@@ -406,7 +340,7 @@ def _meta(model: torch.nn.Module, config: BenchConfig, shape: KVShape) -> dict[s
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
                                                "KMP_AFFINITY", "OMP_PROC_BIND")},
         "cpu_count": os.cpu_count(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "kvroute": kvroute.__version__,
@@ -450,38 +384,8 @@ def write_report(report: BenchReport, out_dir: str | os.PathLike, command: str |
     best += [f"| {r['context']} | {r['batch']} | {plan_label(r)} | {r['ttft_ms_best']:.1f} | {r['decode_tok_s_best']:.2f} "
              f"| {r['ttft_ms_all']} | {r['decode_tok_s_all']} |" for r in report.rows]
     paths["md"].write_text("\n".join(header) + "\n\n" + report.table() + "\n" + "\n".join(best) + "\n")
-    png = _plot(report, out / "bench.png")
+    png = bench_plot(report, out / "bench.png")
     if png is not None:
         paths["png"] = png
     return paths
 
-
-def _plot(report: BenchReport, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping bench.png", file=sys.stderr)
-        return None
-    cfg = report.config
-    combos = [(c, b) for c in cfg.contexts for b in cfg.batches]
-    specs = list(dict.fromkeys(plan_label(r) for r in report.rows))
-    metrics = [("kv_mb", "KV cache (MB)"), ("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tok/s)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    width = 0.8 / len(combos)
-    by_key = {(r["context"], r["batch"], plan_label(r)): r for r in report.rows}
-    for ax, (key, label) in zip(axes, metrics):
-        for i, (c, b) in enumerate(combos):
-            xs = [j + (i - (len(combos) - 1) / 2) * width for j in range(len(specs))]
-            ax.bar(xs, [by_key[(c, b, s)][key] for s in specs], width, label=f"ctx {c}, batch {b}")
-        ax.set_xticks(range(len(specs)), specs, rotation=30)
-        ax.set_title(label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"kvroute bench: {report.meta['model']} ({report.meta['dtype']}, {report.meta['device']}, "
-                 f"{report.meta['threads']} threads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

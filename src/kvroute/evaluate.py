@@ -29,15 +29,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvroute.data.evalsets import MCExample, QAExample, TextSet, load_mc, load_qa, load_text
-from kvroute.metrics import exact_match, f1_score, rouge_l
+from kvroute.data.evalsets import MCExample, QAExample, TextSet, load_mc, load_qa, load_text, tokenize_documents
+from kvroute.data.qa import qa_prompt_ids
+from kvroute.metrics import answer_scores
 from kvroute.plan import KVShape, SharingPlan, dtype_bytes, parse_plan_list
 from kvroute.results import ResultWriter, kv_kib_per_token
 
 DEFAULT_PLANS = "full,every:2,every:3,every:4,every:8"
-#: the prompt layout of QA fine-tuning (kvroute.data.qa), context first
-QA_PROMPT_PARTS = ("Context: ", "{context}", "\n", "Question: {question}\n", "Answer:")
-QA_CHAT_PROMPT = "{context}\n\nAnswer the question with a short phrase from the text above.\nQuestion: {question}"
 
 
 # ------------------------------------------------------------------ scorers
@@ -120,24 +118,6 @@ def _window_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int, kv_quan
     return torch.cat(parts, dim=1)[:, -keep:]
 
 
-def tokenize_documents(
-    tokenizer: Any, texts: tuple[str, ...] | list[str], max_tokens: int | None = None
-) -> list[list[int]]:
-    """Token ids per document, stopping once ``max_tokens`` tokens are taken."""
-    docs: list[list[int]] = []
-    taken = 0
-    for text in texts:
-        ids = tokenizer(text, verbose=False)["input_ids"]
-        if max_tokens is not None:
-            ids = ids[: max_tokens - taken]
-        if len(ids) >= 2:
-            docs.append(list(ids))
-            taken += len(ids)
-        if max_tokens is not None and taken >= max_tokens:
-            break
-    return docs
-
-
 class _StopAtNewline:
     """Stop greedy generation once the answer has started and a line ended."""
 
@@ -148,25 +128,6 @@ class _StopAtNewline:
         text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
         stop = "\n" in text.lstrip()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-def qa_prompt_ids(tokenizer: Any, example: QAExample, chat: bool = False) -> list[int]:
-    """Prompt token ids, laid out and tokenized piece by piece as QA fine-tuning does.
-
-    ``[BOS] Context: <context>\\nQuestion: <question>\\nAnswer:``, or with ``chat`` a
-    user message through the tokenizer's chat template (for instruction-tuned models).
-    """
-    if chat:
-        content = QA_CHAT_PROMPT.format(context=example.context, question=example.question)
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if the model uses one
-    for part in QA_PROMPT_PARTS:
-        text = part.format(context=example.context, question=example.question)
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids
 
 
 @torch.inference_mode()
@@ -207,8 +168,7 @@ def qa_score(
             )
             text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             answer = text.strip().split("\n", 1)[0].strip()
-            scores = {"f1": f1_score(answer, ex.answers), "exact_match": exact_match(answer, ex.answers),
-                      "rouge_l": rouge_l(answer, ex.answers)}
+            scores = answer_scores(answer, ex.answers)
             for k, v in scores.items():
                 sums[k] += v
             predictions.append({"id": ex.id, "question": ex.question, "prediction": answer,

@@ -99,6 +99,17 @@ def rouge_l(prediction: str, gold: str | Sequence[str]) -> float:
     return max(_rouge_l_one(prediction, g) for g in _golds(gold))
 
 
+def answer_scores(prediction: str, gold: str | Sequence[str]) -> dict[str, float]:
+    """F1, exact match and ROUGE-L of one prediction, each best over the gold answers.
+
+    Example:
+        >>> answer_scores("Paris", ["paris", "Paris, France"])
+        {'f1': 1.0, 'exact_match': 1.0, 'rouge_l': 1.0}
+    """
+    return {"f1": f1_score(prediction, gold), "exact_match": exact_match(prediction, gold),
+            "rouge_l": rouge_l(prediction, gold)}
+
+
 def qa_metrics(predictions: Iterable[str], golds: Iterable[str | Sequence[str]]) -> dict[str, float]:
     """Mean F1, exact match and ROUGE-L of paired predictions and gold answers.
 
@@ -113,12 +124,11 @@ def qa_metrics(predictions: Iterable[str], golds: Iterable[str | Sequence[str]])
         raise ValueError(f"{len(preds)} predictions but {len(refs)} gold answers")
     if not preds:
         raise ValueError("no QA examples to score")
-    n = len(preds)
-    return {
-        "f1": sum(f1_score(p, g) for p, g in zip(preds, refs)) / n,
-        "exact_match": sum(exact_match(p, g) for p, g in zip(preds, refs)) / n,
-        "rouge_l": sum(rouge_l(p, g) for p, g in zip(preds, refs)) / n,
-    }
+    sums = {"f1": 0.0, "exact_match": 0.0, "rouge_l": 0.0}
+    for p, g in zip(preds, refs):
+        for k, v in answer_scores(p, g).items():
+            sums[k] += v
+    return {k: v / len(preds) for k, v in sums.items()}
 
 
 def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:

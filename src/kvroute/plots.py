@@ -1,6 +1,7 @@
-"""Pareto plots: quality against KV KiB per token, one line per checkpoint.
+"""Plots of results: quality against KV KiB per token (:func:`pareto_plot`), and bench rows (:func:`bench_plot`).
 
-A plan that ran calibrated is drawn as a star and labelled ``every:2 (cal)``.
+In the Pareto plot, one line per checkpoint; a plan that ran calibrated is drawn as a star
+and labelled ``every:2 (cal)``.
 
 Rendered with matplotlib's Agg backend (no display needed); matplotlib is the
 ``kvroute[plot]`` extra.
@@ -8,10 +9,14 @@ Rendered with matplotlib's Agg backend (no display needed); matplotlib is the
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvroute.results import METRICS, PRIMARY, plan_label
+
+if TYPE_CHECKING:
+    from kvroute.bench import BenchReport
 
 
 def pareto_plot(rows: list[dict[str, Any]], out: str | Path, metrics: dict[str, str] | None = None) -> Path:
@@ -76,5 +81,42 @@ def pareto_plot(rows: list[dict[str, Any]], out: str | Path, metrics: dict[str, 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def bench_plot(report: BenchReport, path: str | Path) -> Path | None:
+    """Write a PNG of ``kvroute bench``'s rows: KV MB, TTFT and decode tok/s per plan, one bar per (context, batch).
+
+    Returns:
+        The PNG path, or None (with a note on stderr) when matplotlib is not installed.
+    """
+    path = Path(path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping bench.png", file=sys.stderr)
+        return None
+    cfg = report.config
+    combos = [(c, b) for c in cfg.contexts for b in cfg.batches]
+    specs = list(dict.fromkeys(plan_label(r) for r in report.rows))
+    metrics = [("kv_mb", "KV cache (MB)"), ("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tok/s)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / len(combos)
+    by_key = {(r["context"], r["batch"], plan_label(r)): r for r in report.rows}
+    for ax, (key, label) in zip(axes, metrics):
+        for i, (c, b) in enumerate(combos):
+            xs = [j + (i - (len(combos) - 1) / 2) * width for j in range(len(specs))]
+            ax.bar(xs, [by_key[(c, b, s)][key] for s in specs], width, label=f"ctx {c}, batch {b}")
+        ax.set_xticks(range(len(specs)), specs, rotation=30)
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"kvroute bench: {report.meta['model']} ({report.meta['dtype']}, {report.meta['device']}, "
+                 f"{report.meta['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -143,7 +143,7 @@ def _prompts(config: ServingBenchConfig, vocab: int) -> list[list[int]]:
 def _one_plan(config: ServingBenchConfig, plan: str, prompts: list[list[int]]) -> ServingRow:
     from vllm import LLM, SamplingParams
 
-    from kvroute.vllm_plugin import hf_overrides
+    from kvroute.vllm import hf_overrides
 
     llm = LLM(
         model=config.checkpoint, hf_overrides=hf_overrides(config.checkpoint, plan),
@@ -180,7 +180,7 @@ def run_serving_bench(config: ServingBenchConfig, progress: bool = True) -> Serv
     import torch
     import vllm
 
-    from kvroute.bench import torch_threads
+    from kvroute.measure import torch_threads
 
     vocab = json.loads((Path(config.checkpoint) / "config.json").read_text()).get("vocab_size", 32000)
     prompts = _prompts(config, vocab)

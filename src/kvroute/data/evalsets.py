@@ -167,3 +167,21 @@ def _load_bigbench(p: Path) -> list[MCExample]:
     if not out:
         raise ValueError(f"{p}: empty dataset (no examples with 'input' and 'target_scores')")
     return out
+
+
+def tokenize_documents(
+    tokenizer: Any, texts: tuple[str, ...] | list[str], max_tokens: int | None = None
+) -> list[list[int]]:
+    """Token ids per document, stopping once ``max_tokens`` tokens are taken."""
+    docs: list[list[int]] = []
+    taken = 0
+    for text in texts:
+        ids = tokenizer(text, verbose=False)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[: max_tokens - taken]
+        if len(ids) >= 2:
+            docs.append(list(ids))
+            taken += len(ids)
+        if max_tokens is not None and taken >= max_tokens:
+            break
+    return docs

@@ -9,21 +9,33 @@ Prompt layout (the answer is followed by EOS)::
     Context: <context>            Question: <question>
     Question: <question>    or    Context: <context>
     Answer: <answer></s>          Answer: <answer></s>
+
+Evaluation prompts the context-first layout without the answer (:func:`qa_prompt_ids`),
+tokenized piece by piece as here, or, for instruction-tuned models, a chat message.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvroute.data.jsonl import iter_jsonl
 from kvroute.data.text import HF_PREFIX, load_hf_records, resolve_files
 
+if TYPE_CHECKING:
+    from kvroute.data.evalsets import QAExample
+
 IGNORE_INDEX = -100
 FIELDS = ("context", "question", "answer")
+#: the prompt's pieces, each tokenized on its own
+CONTEXT_HEAD, CONTEXT_TAIL, QUESTION, ANSWER_CUE = "Context: ", "\n", "Question: {question}\n", "Answer:"
+#: the context-first prompt, piece by piece
+QA_PROMPT_PARTS = (CONTEXT_HEAD, "{context}", CONTEXT_TAIL, QUESTION, ANSWER_CUE)
+#: the prompt as a user message, for instruction-tuned models (evaluation with ``chat``)
+QA_CHAT_PROMPT = "{context}\n\nAnswer the question with a short phrase from the text above.\nQuestion: {question}"
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,25 @@ class QARecord:
     context: str
     question: str
     answer: str
+
+
+def qa_prompt_ids(tokenizer: Any, example: QARecord | QAExample, chat: bool = False) -> list[int]:
+    """Prompt token ids, laid out and tokenized piece by piece as :class:`QADataset` does.
+
+    ``[BOS] Context: <context>\\nQuestion: <question>\\nAnswer:``, or with ``chat`` a
+    user message through the tokenizer's chat template (for instruction-tuned models).
+    """
+    if chat:
+        content = QA_CHAT_PROMPT.format(context=example.context, question=example.question)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if the model uses one
+    for part in QA_PROMPT_PARTS:
+        text = part.format(context=example.context, question=example.question)
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def _record(row: dict[str, Any], where: str) -> QARecord:
@@ -120,10 +151,10 @@ class QADataset(torch.utils.data.Dataset):
     def encode(self, record: QARecord, question_first: bool) -> dict[str, torch.Tensor]:
         """Tokenize one example; returns ``input_ids`` and ``labels``, each ``(T,)`` with T <= seq_len."""
         context = self._ids(record.context)
-        question = self._ids("Question: " + record.question + "\n")
-        head = self._ids("Context: ")
-        tail = self._ids("\n")
-        prompt_end = self._ids("Answer:")
+        question = self._ids(QUESTION.format(question=record.question))
+        head = self._ids(CONTEXT_HEAD)
+        tail = self._ids(CONTEXT_TAIL)
+        prompt_end = self._ids(ANSWER_CUE)
         answer = self._ids(" " + record.answer) + [self.tokenizer.eos_token_id]
         fixed = len(self._prefix) + len(question) + len(head) + len(tail) + len(prompt_end) + len(answer)
         room = self.seq_len - fixed

@@ -270,3 +270,15 @@ class SharedKVCache(Cache):
             keys = layer.keys
             total += keys.numel() * keys.element_size() * 2
         return total
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes held by a cache's tensors (``SharedKVCache.nbytes`` or the sum over a DynamicCache's layers)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
