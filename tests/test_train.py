@@ -14,7 +14,7 @@ from kvroute.cli import main as cli_main
 from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.policy import RCLA, FixedPlan
 from kvroute.train import StepInfo, TrainConfig, distill_kl, hidden_distill, train
-from kvroute.trainlog import latest_checkpoint, read_metrics
+from kvroute.train import latest_checkpoint, read_metrics
 from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
 
 
