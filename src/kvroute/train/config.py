@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from kvroute.data.text import TEXT_SUFFIXES, resolve_files
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
-from kvroute.policy import RoutingPolicy, policy_from_spec
-from kvroute.precision import PRECISIONS
+from kvroute.policy import RoutingPolicy, Sources, policy_from_spec
+from kvroute.precision import PRECISIONS, Precision
 from kvroute.presets import PRESETS
 
-SCHEDULES = ("cosine", "linear", "constant")
-DATA_FORMATS = ("auto", "text", "qa", "mix")
+Schedule = Literal["cosine", "linear", "constant"]
+DataFormat = Literal["auto", "text", "qa", "mix"]
+Device = Literal["auto", "cpu", "cuda"]
+Teacher = Literal["self", "base"]
+SCHEDULES = get_args(Schedule)
+DATA_FORMATS = get_args(DataFormat)
 
 
 @dataclass
@@ -24,20 +28,45 @@ class TrainConfig:
     """Everything a training run needs; validated on construction (errors name the CLI flag).
 
     Args:
-        data: text files, folders, globs, ``hf:NAME`` datasets, or JSONL QA files (both: a mixture).
-        output_dir: checkpoints, metrics and the final model go here.
+        data: text files, folders, globs, ``hf:NAME[:CONFIG][@SPLIT]`` datasets, or ``.jsonl`` QA files
+            (text and ``.jsonl`` together: a mixture).
+        output_dir: run folder: checkpoints, metrics and the final model go here.
         model: hub id, folder or ``.gguf`` file to fine-tune (exclusive with ``preset``).
-        preset: a :data:`kvroute.presets.PRESETS` name to pre-train from scratch (CLI ``--config``).
+        preset: a :data:`kvroute.presets.PRESETS` name to pre-train from scratch.
         layers: depth override for ``preset``.
         tokenizer: tokenizer source; default: ``model`` (required with ``preset``).
         data_format: ``text``, ``qa``, ``mix`` or ``auto`` (QA when every source is a ``.jsonl`` file,
             a mix when some are: ``.jsonl`` sources are QA, the others text).
-        routing: ``rcla``, ``cla:K``, ``rdcla:K``, ``none`` or ``plan:SPEC`` (train for that one plan).
+        routing: ``rcla``, ``cla:K``, ``rdcla:K``, ``none`` or ``plan:SPEC`` (train for that one plan,
+            any spec: ``plan:every:2``, ``plan:layers:0,3,7``; the model then serves it only).
         p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
-        sources: rcla source draw, ``uniform`` (paper), ``nearest`` or ``plan``.
+        sources: rcla source draw: ``uniform`` (paper, default), ``nearest`` (geometric distance) or
+            ``plan`` (a random owner set; non-owners read the nearest earlier owner).
         plan: default inference plan saved with the checkpoints; None: SPEC for ``plan:SPEC``
             routing, else ``full``.
         eval_plans: comma-separated plans the eval loss is measured under.
+        seq_len: tokens per training sequence.
+        batch_size: sequences per micro-batch, per process.
+        grad_accum: micro-batches per optimizer step.
+        max_steps: optimizer steps.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay of the matrices.
+        betas: AdamW betas.
+        grad_clip: gradient norm clip (0 disables).
+        warmup: linear warm-up, as a fraction of ``max_steps``.
+        schedule: learning rate after the warm-up: ``cosine``, ``linear`` or ``constant``.
+        min_lr_ratio: where the decay ends, as a fraction of ``lr``.
+        precision: ``bf16`` (autocast), ``fp32``, or ``auto``: bf16 where the device runs it natively
+            (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32 (:mod:`kvroute.precision`).
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        seed: data order, initialisation, dropout and routes.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        lora_r: LoRA rank (0: full fine-tuning).
+        fsdp: shard weights, gradients and optimizer state over the processes (FSDP2; launch with
+            ``torchrun`` or ``accelerate launch``); checkpoints are then sharded (torch distributed checkpoint).
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: LoRA dropout.
+        lora_targets: comma-separated module names LoRA adapts.
         distill: weight of KL(teacher || routed student) on routed passes (0: off).
         distill_hidden: weight of layer-wise hidden-state distillation on routed passes (0: off):
             each decoder layer's output under the route is pulled to the teacher's (full cache),
@@ -51,12 +80,17 @@ class TrainConfig:
         pair_lr: learning rate of the pairwise maps (None: ``lr``); no weight decay applies to them.
         maps_only: with ``pair_maps``, train only the maps; the model's weights stay frozen (a
             calibration for every plan at once, trained on the routes the policy draws).
-        precision: ``bf16`` (autocast), ``fp32``, or ``auto``: bf16 where the device runs it natively
-            (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32 (:mod:`kvroute.precision`).
-        lora_r: LoRA rank (0: full fine-tuning).
-        fsdp: shard weights, gradients and optimizer state over the processes (FSDP2; launch with
-            ``torchrun`` or ``accelerate launch``); checkpoints are then sharded (torch distributed checkpoint).
+        val_fraction: share of the data held out for the eval loss.
+        question_first_p: QA: probability the question comes before the context.
+        eval_every: eval loss every N steps (0 disables).
+        eval_batches: validation batches per eval.
+        save_every: resumable checkpoint every N steps (0: the final model only).
+        keep_checkpoints: newest checkpoints kept (0 keeps all).
+        log_every: metrics record every N steps.
         resume: ``latest`` or a checkpoint folder to continue from.
+        tensorboard: write TensorBoard events too.
+        cache_dir: token cache (default ``~/.cache/kvroute/tokens``).
+        quiet: no progress bars or notices.
     """
 
     data: list[str]
@@ -65,10 +99,10 @@ class TrainConfig:
     preset: str | None = None
     layers: int | None = None
     tokenizer: str | None = None
-    data_format: str = "auto"
+    data_format: DataFormat = "auto"
     routing: str = "rcla"
     p: float | None = None
-    sources: str | None = None
+    sources: Sources | None = None
     plan: str | None = None
     eval_plans: str = "full,every:2,every:4"
     seq_len: int = 256
@@ -80,12 +114,12 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     warmup: float = 0.05
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.0
-    precision: str = "auto"
+    precision: Precision = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     lora_r: int = 0
     fsdp: bool = False
     lora_alpha: float = 16.0
@@ -93,7 +127,7 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     distill: float = 0.0
     distill_hidden: float = 0.0
-    distill_from: str = "self"
+    distill_from: Teacher = "self"
     pair_maps: bool = False
     pair_lr: float | None = None
     maps_only: bool = False
@@ -117,15 +151,15 @@ class TrainConfig:
         if not self.data:
             raise ValueError("--data: give at least one file, folder, glob or hf: dataset")
         if (self.model is None) == (self.preset is None):
-            raise ValueError("give a model to fine-tune or --config PRESET to train from scratch (exactly one)")
+            raise ValueError("give a model to fine-tune or --preset NAME to train from scratch (exactly one)")
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"--config: unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+                raise ValueError(f"--preset: unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
             if self.tokenizer is None:
-                raise ValueError("--config PRESET needs --tokenizer (a hub id or folder) for its vocabulary")
+                raise ValueError("--preset needs --tokenizer (a hub id or folder) for its vocabulary")
         if self.layers is not None:
             if self.preset is None:
-                raise ValueError("--layers only applies to --config PRESET (a pretrained model keeps its depth)")
+                raise ValueError("--layers only applies to --preset (a pretrained model keeps its depth)")
             _positive("layers", self.layers)
         if self.p is not None and not 0.0 <= float(self.p) <= 1.0:
             raise ValueError(f"--p must be in [0, 1] (probability a layer keeps its own KV), got {self.p}")
@@ -140,8 +174,8 @@ class TrainConfig:
             raise ValueError("--data-format mix needs both .jsonl QA files and text sources in --data")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
-        _choice("distill_from", self.distill_from, ("self", "base"))
+        _choice("device", self.device, get_args(Device))
+        _choice("distill_from", self.distill_from, get_args(Teacher))
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
             _positive(name, getattr(self, name))
         for name in ("eval_every", "save_every", "keep_checkpoints", "lora_r"):
@@ -203,7 +237,7 @@ RESUME_FIXED = ("data", "data_format", "model", "preset", "layers", "tokenizer",
 
 
 def _flag(name: str) -> str:
-    return "--" + {"preset": "config"}.get(name, name).replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
 def _positive(name: str, value: int) -> None:
