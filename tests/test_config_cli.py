@@ -9,12 +9,14 @@ import types
 
 import pytest
 
+from kvroute.calibrate import CalibrationConfig
 from kvroute.cli import build_parser, main
 from kvroute.config_cli import config_from_args, field_docs, flag_dests
+from kvroute.evaluate import EvalConfig
 from kvroute.train import TrainConfig
 
 #: command -> the config dataclass its flags come from
-CONFIGS = {"train": TrainConfig}
+CONFIGS = {"train": TrainConfig, "eval": EvalConfig, "calibrate": CalibrationConfig}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -120,3 +122,22 @@ def test_config_preset_still_works_with_a_notice(monkeypatch, capsys, tmp_path):
     assert seen[0].preset == "tiny"
     err = capsys.readouterr().err
     assert "--config tiny" in err and "--preset tiny" in err
+
+
+def test_eval_and_calibrate_read_config_files(tmp_path):
+    from kvroute.config_cli import config_values
+
+    path = tmp_path / "eval.toml"
+    path.write_text('plans = "full,every:2"\ntext = ["a.txt"]\nwindow = 64\n')
+    args = build_parser().parse_args(["eval", "ckpt", "--config", str(path), "--text", "b", "--text", "c"])
+    values = config_values(EvalConfig, args)
+    assert values == {"checkpoints": ["ckpt"], "plans": "full,every:2", "text": ["b", "c"], "window": 64}
+    path = tmp_path / "cal.toml"
+    path.write_text("tokens = 4096\nquery = false\n")
+    args = build_parser().parse_args(["calibrate", "ckpt", "--data", "d", "--config", str(path), "--steps", "3"])
+    assert config_from_args(CalibrationConfig, args) == CalibrationConfig(tokens=4096, query=False, steps=3)
+
+
+def test_eval_without_checkpoints_names_the_problem(capsys):
+    assert main(["eval", "--text", "t"]) == 2
+    assert "give at least one checkpoint" in capsys.readouterr().err
