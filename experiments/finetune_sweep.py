@@ -101,7 +101,7 @@ def run_one(name: str, steps: int, eval_every: int, device: str) -> dict:
     """Train one run (skipped when done) and score it; writes OUT/name/summary.json."""
     from kvroute.evaluate import EvalConfig, evaluate
     from kvroute.train import TrainConfig, train
-    from kvroute.trainlog import read_metrics
+    from kvroute.train import read_metrics
 
     out = OUT / name
     summary_file = out / "summary.json"
@@ -155,7 +155,7 @@ def machine(device: str) -> dict:
 # ----------------------------------------------------------------------------- report
 def report(names: list[str]) -> dict:
     """Collect finished runs into the result JSON, the plot and the markdown page."""
-    from kvroute.trainlog import read_metrics
+    from kvroute.train import read_metrics
 
     runs = {n: json.loads((OUT / n / "summary.json").read_text()) for n in names
             if (OUT / n / "summary.json").is_file()}

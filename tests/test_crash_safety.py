@@ -15,7 +15,7 @@ import pytest
 
 import kvroute
 from kvroute.train import TrainConfig, train
-from kvroute.trainlog import STATE_DIR, latest_checkpoint, read_metrics
+from kvroute.train import STATE_DIR, latest_checkpoint, read_metrics
 from textkit import make_model_dir, write_corpus
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -11,7 +11,7 @@ import torch
 
 import kvroute
 from kvroute.train import TrainConfig, train
-from kvroute.trainlog import read_metrics
+from kvroute.train import read_metrics
 from dist_helpers import torchrun
 from textkit import make_model_dir, write_corpus
 

@@ -107,12 +107,12 @@ def test_mixed_attention_budget_keeps_the_first_layer_of_each_type():
     assert max_owners_for_memory(shape, per_token * (7 + 100 + 7), 1, 100) == 3
 
 
-def test_presets_live_with_the_named_shapes_and_keep_their_old_module():
-    """One table object under both names: a preset an experiment registers is seen by training."""
-    import kvroute.presets
+def test_presets_live_with_the_named_shapes():
+    """One table: a preset an experiment registers in kvroute.shapes is the one training checks."""
     from kvroute.shapes import PRESETS, preset_config
+    from kvroute.train.config import PRESETS as checked
 
-    assert kvroute.presets.PRESETS is PRESETS and kvroute.presets.preset_config is preset_config
+    assert checked is PRESETS
     cfg = preset_config("tiny", vocab_size=100, layers=2)
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.vocab_size) == ("qwen3", 2, 100)
     with pytest.raises(ValueError, match="unknown preset"):

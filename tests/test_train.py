@@ -14,7 +14,7 @@ from kvroute.cli import main as cli_main
 from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.policy import RCLA, FixedPlan
 from kvroute.train import StepInfo, TrainConfig, distill_kl, hidden_distill, train
-from kvroute.trainlog import latest_checkpoint, read_metrics
+from kvroute.train import latest_checkpoint, read_metrics
 from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
 
 
@@ -323,8 +323,8 @@ BAD_CONFIGS = [
     (dict(routing="plan"), ValueError, r"--routing: routing 'plan:': give the plan to train for"),
     (dict(model=None), ValueError, r"exactly one"),
     (dict(preset="huge"), ValueError, r"exactly one"),
-    (dict(model=None, preset="huge"), ValueError, r"--config: unknown preset"),
-    (dict(model=None, preset="tiny"), ValueError, r"--config PRESET needs --tokenizer"),
+    (dict(model=None, preset="huge"), ValueError, r"--preset: unknown preset"),
+    (dict(model=None, preset="tiny"), ValueError, r"--preset needs --tokenizer"),
     (dict(layers=2), ValueError, r"--layers only applies"),
     (dict(batch_size=0), ValueError, r"--batch-size must be a positive"),
     (dict(warmup=1.5), ValueError, r"--warmup must be in"),

@@ -81,7 +81,7 @@ from kvroute.calibration.store import (  # noqa: F401
 from kvroute.hf.attention import LayerMaps
 from kvroute.hf.patch import get_router
 from kvroute.plan import SharingPlan
-from kvroute.precision import resolve_precision
+from kvroute.precision import Precision, resolve_precision
 from kvroute.router import route_key
 from kvroute.search import mean_loss, read_texts
 
@@ -116,7 +116,7 @@ class CalibrationConfig:
     value_maps: str = "head"
     steps: int = 0
     lr: float = 1e-3
-    precision: str = "auto"
+    precision: Precision = "auto"
     batch_size: int = 4
     seed: int = 0
 

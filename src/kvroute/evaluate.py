@@ -232,13 +232,15 @@ class EvalConfig:
         qa: context-QA JSONL files.
         mc: multiple choice JSONL files or BIG-bench ``task.json`` files.
         out: folder for ``results.json``, ``results.csv``, ``predictions.jsonl`` and ``pareto.png``.
-        window, stride: sliding windows of the language-modelling loss; default: 1024 tokens or the
-            model's context if shorter, and half the window.
+        window: sliding window of the language-modelling loss, tokens (None: 1024, or the model's
+            context if shorter).
+        stride: stride of that window, tokens (None: half the window).
         max_tokens: tokens taken from each text dataset (None: all).
         limit: examples taken from each QA / multiple choice dataset (None: all).
         max_new_tokens: answer length limit for QA.
         chat: wrap QA prompts in the tokenizer's chat template.
-        dtype, device: how the model is loaded.
+        dtype: dtype the model is loaded in.
+        device: device the model runs on.
         kv_dtype: dtype the KV KiB/token figure assumes (default: the model's).
         kv_quant: KV cache storage, comma-separated: ``none``, ``int8``, ``int4``; every plan runs
             under each (quantized: through the cache, see :func:`lm_score`).

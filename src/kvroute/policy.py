@@ -21,7 +21,7 @@ reproduces its routes step by step.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
@@ -30,7 +30,8 @@ from kvroute.plan import SharingPlan
 Route = tuple[int, ...]
 
 #: the source draws of :class:`RCLA`.
-SOURCES = ("uniform", "nearest", "plan")
+Sources = Literal["uniform", "nearest", "plan"]
+SOURCES = get_args(Sources)
 
 #: deeper than any model: the most layers a plan spec is checked against before a model is known.
 _MAX_CHECK_LAYERS = 4096

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS = get_args(Precision)
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

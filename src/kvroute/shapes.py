@@ -160,7 +160,7 @@ def preset_config(
     from transformers import Qwen3Config
 
     if name not in PRESETS:
-        raise ValueError(f"--config: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        raise ValueError(f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     if layers is not None and layers <= 0:
         raise ValueError(f"--layers must be a positive integer, got {layers}")
     fields = dict(PRESETS[name])

@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvroute.budget import parse_bytes
-    from kvroute.vllm_plugin import (
+    from kvroute.vllm import (
         PLAN_KEY, default_kv_cache_memory, describe_serving, hf_overrides, kv_pool_report, memory_args,
         server_command,
     )

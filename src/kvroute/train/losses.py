@@ -1,0 +1,105 @@
+"""Losses: next-token LM loss (answer-only where labels mask the prompt with -100), distillation
+(KL on logits, layer-wise on hidden states), and the validation loss under each plan."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kvroute.data.qa import IGNORE_INDEX
+from kvroute.hf.patch import PlanMismatchWarning, get_router, set_plan
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over labels != -100 (``mean`` or ``sum``). logits: (B, T, V); labels: (B, T)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               reduction: str = "mean") -> torch.Tensor:
+    """KL(teacher || student) over the positions the LM loss counts (``mean`` or ``sum``). logits: (B, T, V)."""
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    s = student_logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
+    t = teacher_logits[:, :-1][mask].float().log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.sum() if reduction == "sum" else kl.mean()
+
+
+def hidden_distill(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], labels: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Layer-wise hidden-state distillation over the positions the LM loss counts (``mean`` or ``sum``).
+
+    Per position: ``||h_s - h_t||^2 / ||h_t||^2`` of each decoder layer's output (the embeddings
+    are skipped), averaged over the layers. student, teacher: ``output_hidden_states`` tuples of
+    ``(B, T, hidden)``; labels: ``(B, T)``.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"hidden-state distillation: the student has {len(student) - 1} layers, "
+                         f"the teacher {len(teacher) - 1}")
+    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): the positions whose next token is scored
+    per_token = 0.0
+    for s, t in zip(student[1:], teacher[1:]):
+        s, t = s[:, :-1][mask].float(), t[:, :-1][mask].float()  # (N, hidden)
+        per_token = per_token + (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)
+    per_token = per_token / (len(student) - 1)
+    return per_token.sum() if reduction == "sum" else per_token.mean()
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a batch's losses count: next-token positions whose label is not -100."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return _forward(model, batch).logits
+
+
+def _forward(model, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
+    """The model's output on ``batch`` (with every layer's hidden states when ``hidden``)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                 output_hidden_states=hidden)
+
+
+@torch.no_grad()
+def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], plans: list[str],
+                   autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
+    """Mean validation loss per plan (eval mode), then back to training mode and the saved plan.
+
+    Args:
+        model: the model to call (possibly wrapped by DDP/FSDP).
+        plain: the same model unwrapped (a routed transformers model).
+        val_batches: batches with ``input_ids``, ``labels`` (and ``attention_mask``).
+        plans: plan specs, e.g. ``["full", "every:2"]``.
+
+    Every process evaluates all ``val_batches`` (a few), so wrapped models see the
+    same forward calls on every rank. A model trained for one plan (``plan:SPEC``) is
+    measured under the others without a warning: they were asked for.
+    """
+    train_plan = get_router(plain).plan
+    device = next(plain.parameters()).device
+    model.eval()
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanMismatchWarning)
+        try:
+            for spec in plans:
+                set_plan(plain, spec)
+                total = torch.zeros(2, dtype=torch.float64)  # summed token loss, tokens
+                for batch in val_batches:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                    with autocast():
+                        logits = _forward_logits(model, batch)
+                    total += torch.stack([causal_lm_loss(logits, batch["labels"], "sum").double(), n.double()]).cpu()
+                out[spec] = float(total[0] / total[1].clamp(min=1))
+        finally:
+            set_plan(plain, train_plan)
+            model.train()
+    return out
