@@ -17,7 +17,7 @@ from kvroute.data.evalsets import MCExample, QAExample, load_mc, load_qa, load_t
 from kvroute.data.qa import qa_prompt_ids
 from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_score
 from kvroute.models import save_checkpoint
-from kvroute.results import format_table, merge_results
+from kvroute.results import ResultWriter, compare_results, format_table, merge_results
 
 TEXT = "The lighthouse keeper of Stusasol counted ships every night and wrote their names in a book.\n"
 
@@ -375,3 +375,31 @@ def test_lm_windows_follow_the_model_context_and_the_stride_the_window(eval_inpu
     assert "--stride must be in 1..--window (8), got 16" in capsys.readouterr().err
     assert main(["eval", str(ckpt), "--text", str(root / "text"), "--window", "512"]) == 2
     assert "is longer than" in capsys.readouterr().err
+
+
+def _results_file(folder, checkpoint: str, losses: dict[str, float]):
+    writer = ResultWriter(folder, run={"checkpoints": [checkpoint]})
+    for plan, loss in losses.items():
+        info = {"checkpoint": checkpoint, "plan": plan, "calibrated": False, "retention": 1.0 if plan == "full" else 0.5,
+                "kv_kib_per_token": 1.0, "task": "lm", "data": "text"}
+        writer.add(info, {"loss": loss})
+    return writer.json_path
+
+
+def test_compare_results_merges_and_writes(tmp_path):
+    a = _results_file(tmp_path / "a", "ckpt", {"full": 2.0, "every:2": 2.5})
+    b = _results_file(tmp_path / "b", "ckpt", {"every:2": 2.25})  # a later file wins on the same row
+    c = _results_file(tmp_path / "c", "other", {"full": 3.0})
+    writer = compare_results([tmp_path / "a", b, c], tmp_path / "merged")
+    assert {(r["checkpoint"], r["plan"]): r["value"] for r in writer.rows} == {
+        ("ckpt", "full"): 2.0, ("ckpt", "every:2"): 2.25, ("other", "full"): 3.0}
+    assert next(r for r in writer.rows if r["plan"] == "every:2")["delta_vs_full"] == pytest.approx(0.25)
+    assert writer.json_path == tmp_path / "merged" / "results.json" and writer.csv_path.is_file()
+    doc = json.loads(writer.json_path.read_text())
+    assert doc["run"] == {"compare": [str(tmp_path / "a"), str(b), str(c)]} and doc["rows"] == writer.rows
+    assert {r["source_file"] for r in doc["rows"] if r["plan"] == "every:2"} == {str(b)}
+    assert a.is_file()
+    with pytest.raises(ValueError, match="at least one results.json"):
+        compare_results([], tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="result file not found"):
+        compare_results([tmp_path / "missing"], tmp_path / "none")

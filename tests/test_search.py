@@ -11,7 +11,15 @@ from textkit import make_model_dir, write_corpus
 
 import kvroute
 from kvroute.cli import main
-from kvroute.search import PlanScorer, calibration_chunks, read_texts, search_plan, uniform_plans
+from kvroute.search import (
+    PlanScorer,
+    calibration_chunks,
+    read_texts,
+    search_checkpoint,
+    search_plan,
+    split_heldout,
+    uniform_plans,
+)
 
 LAYERS = 8
 
@@ -128,3 +136,35 @@ def test_cli_search_bad_budget(tmp_path, capsys, budget, match):
 def test_cli_search_needs_weights(capsys):
     assert main(["plan", "search", "smollm2-135m", "--budget", "0.5", "--data", "x.txt"]) == 2
     assert "needs a checkpoint" in capsys.readouterr().err
+
+
+def test_split_heldout():
+    chunks = _chunks(n=4)
+    search, held = split_heldout(chunks, 0.5)
+    assert torch.equal(search, chunks[:2]) and torch.equal(held, chunks[2:])
+    search, held = split_heldout(chunks, 0.0)
+    assert torch.equal(search, chunks) and held is None
+    search, held = split_heldout(chunks[:1], 0.9)  # at least one chunk is searched on
+    assert len(search) == 1 and held is None
+    with pytest.raises(ValueError, match="--heldout must be in"):
+        split_heldout(chunks, 1.0)
+
+
+def test_search_checkpoint_reports_and_saves(tmp_path):
+    folder = make_model_dir(tmp_path / "m", layers=4)
+    corpus = write_corpus(tmp_path / "corpus", docs=4, length=50)
+    lines: list[str] = []
+    run = search_checkpoint(str(folder), "0.5", [str(corpus)], chunk_tokens=16, max_chunks=4, progress=False,
+                            log=lines.append)
+    assert lines == ["searching 2/4 owner layers on 2 chunks of 16 tokens (2 held out)"]
+    assert run.chunks == 4 and run.heldout_chunks == 2 and len(run.result.plan.owners) == 2
+    report = run.report()
+    assert report.startswith(run.result.table()) and report.endswith(f"plan: {run.result.plan.spec}")
+    assert f"\n\n{run.result.evaluations} plans evaluated\n" in report
+    saved = json.loads(run.save(tmp_path / "r.json").read_text())
+    assert saved == json.loads(json.dumps(run.to_dict()))
+    assert saved["model"] == str(folder) and saved["budget"] == "0.5" and saved["data"] == [str(corpus)]
+    assert saved["chunks"] == 4 and saved["chunk_tokens"] == 16 and saved["plan"]["owners"] == list(
+        run.result.plan.owners)
+    with pytest.raises(ValueError, match="--heldout"):
+        search_checkpoint(str(folder), "0.5", [str(corpus)], heldout=-0.1)

@@ -167,6 +167,27 @@ def merge_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return with_deltas(list(merged.values()))
 
 
+def compare_results(paths: list[str | Path], out_dir: str | Path) -> ResultWriter:
+    """Merge result files (:func:`merge_results`) and write the merged ``results.json`` and ``results.csv``.
+
+    Args:
+        paths: ``results.json`` files or the folders holding them; a later one wins on the same row.
+        out_dir: folder for the merged files; the run records the files merged (``{"compare": [...]}``).
+
+    Returns:
+        The writer, with the merged ``rows`` and the paths it wrote.
+
+    Example:
+        >>> writer = compare_results(["runs/a", "runs/b/results.json"], "runs/ab")  # doctest: +SKIP
+        >>> print(format_table(writer.rows))                                        # doctest: +SKIP
+    """
+    rows = merge_results(paths)
+    writer = ResultWriter(out_dir, run={"compare": [str(p) for p in paths]})
+    writer.rows = rows
+    writer.flush()
+    return writer
+
+
 def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
     if value is None:
         return "-"

@@ -36,20 +36,15 @@ def run(args: argparse.Namespace) -> int:
 
     from kvroute.config_cli import config_values
     from kvroute.evaluate import EvalConfig
-    from kvroute.results import format_table, merge_results
+    from kvroute.results import compare_results, format_table
 
     values = {"checkpoints": [], **config_values(EvalConfig, args)}
     out = values.get("out", EvalConfig.out)
     if args.compare:
-        from kvroute.results import ResultWriter
-
         if any(values.get(name) for name in ("checkpoints", "text", "qa", "mc")):
             raise ValueError("--compare merges result files; give no checkpoints or datasets with it")
-        rows = merge_results(args.compare)
-        writer = ResultWriter(out, run={"compare": list(args.compare)})
-        writer.rows = rows
-        writer.flush()
-        errors = 0
+        writer = compare_results(args.compare, out)
+        rows, errors = writer.rows, 0
     else:
         from kvroute.evaluate import evaluate
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 NAME = "plan"
@@ -59,59 +58,38 @@ def run(args: argparse.Namespace) -> int:
     return args._action(args)
 
 
-def _shape(model: str):
-    from kvroute.plan import KVShape
-    from kvroute.shapes import resolve_config
-
-    config = resolve_config(model)
-    return config, KVShape.from_config(config)
-
-
 def _show(args: argparse.Namespace) -> int:
     from kvroute.budget import plan_report
-    from kvroute.plan import SharingPlan
+    from kvroute.plan import KVShape, SharingPlan
+    from kvroute.shapes import resolve_config
 
-    config, shape = _shape(args.model)
+    config = resolve_config(args.model)
     plan = SharingPlan.for_model(args.plan, config)
-    print(plan_report(plan, shape, args.batch, args.context, args.dtype, args.kv_quant))
+    print(plan_report(plan, KVShape.from_config(config), args.batch, args.context, args.dtype, args.kv_quant))
     return 0
 
 
 def _budget(args: argparse.Namespace) -> int:
     from kvroute.budget import budget_report, parse_bytes
+    from kvroute.plan import KVShape
+    from kvroute.shapes import resolve_config
 
-    _, shape = _shape(args.model)
+    shape = KVShape.from_config(resolve_config(args.model))
     owners, text = budget_report(shape, parse_bytes(args.memory), args.batch, args.context, args.dtype)
     print(text)
     return 0 if owners else 1
 
 
 def _search(args: argparse.Namespace) -> int:
-    from kvroute.budget import owners_for_budget
-    from kvroute.models import load, load_tokenizer
-    from kvroute.plan import KVShape
-    from kvroute.search import calibration_chunks, read_texts, search_plan
-    from kvroute.shapes import is_shape
+    from kvroute.search import search_checkpoint
 
-    if is_shape(args.model):
-        raise ValueError(f"plan search needs a checkpoint with weights and a tokenizer, not the shape {args.model!r}")
-    if not 0.0 <= args.heldout < 1.0:
-        raise ValueError(f"--heldout must be in [0, 1), got {args.heldout}")
-    model = load(args.model, dtype=args.model_dtype)
-    owners = owners_for_budget(args.budget, KVShape.from_config(model.config), args.batch, args.context, args.dtype)
-    chunks = calibration_chunks(load_tokenizer(args.model), read_texts(args.data), args.chunk_tokens, args.max_chunks)
-    n_search = max(1, round(len(chunks) * (1 - args.heldout)))
-    search, heldout = chunks[:n_search], chunks[n_search:] if n_search < len(chunks) else None
-    print(f"searching {owners}/{model.config.num_hidden_layers} owner layers on {len(search)} chunks of "
-          f"{args.chunk_tokens} tokens ({0 if heldout is None else len(heldout)} held out)", file=sys.stderr)
-    result = search_plan(model, search, owners, heldout, beam=args.beam, shortlist=args.shortlist, refine=args.refine,
-                         batch_size=args.batch_size)
-    print(result.table())
-    print(f"\n{result.evaluations} plans evaluated")
-    print(f"plan: {result.plan.spec}")
+    run = search_checkpoint(
+        args.model, args.budget, args.data, chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks,
+        heldout=args.heldout, beam=args.beam, shortlist=args.shortlist, refine=args.refine,
+        batch_size=args.batch_size, model_dtype=args.model_dtype, batch=args.batch, context=args.context,
+        kv_dtype=args.dtype, log=lambda line: print(line, file=sys.stderr),
+    )
+    print(run.report())
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"plan": result.plan.to_dict(), "loss": result.loss, "rows": result.rows,
-                       "evaluations": result.evaluations, "budget": args.budget, "data": args.data,
-                       "chunk_tokens": args.chunk_tokens, "chunks": len(chunks), "model": args.model}, f, indent=2)
+        run.save(args.out)
     return 0
