@@ -104,11 +104,19 @@ def test_budget_below_one_sequence_is_reported_not_raised():
     ({"batches": []}, "--batch"),
     ({"repeats": 0}, "--repeats"),
     ({"kv_budget": -1}, "--kv-budget"),
+    ({"kv_budget": "lots"}, "--kv-budget: cannot read memory size 'lots'"),
+    ({"contexts": "8,x"}, "--context: expected comma-separated integers"),
     ({"plans": [], "baseline": False}, "nothing to benchmark"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BenchConfig(**kwargs)
+
+
+def test_config_reads_sizes_and_comma_lists():
+    config = BenchConfig(plans="full,every:2", contexts="8,16", batches=2, kv_budget="1KiB", kv_quant="none,int8")
+    assert (config.plans, config.contexts, config.batches) == (["full", "every:2"], [8, 16], [2])
+    assert config.kv_budget == 1024 and config.kv_quant == ["none", "int8"]
 
 
 def test_bad_plan_for_the_model():
@@ -165,6 +173,9 @@ def test_serving_bench_rejects_bad_input_before_any_engine(tmp_path):
         ServingBenchConfig(checkpoint=str(tmp_path), requests=0)
     with pytest.raises(ValueError, match="--plans"):
         ServingBenchConfig(checkpoint=str(tmp_path), plans="")
+    with pytest.raises(ValueError, match="--kv-cache-memory: cannot read memory size"):
+        ServingBenchConfig(checkpoint=str(tmp_path), kv_cache_memory="lots")
+    assert ServingBenchConfig(checkpoint=str(tmp_path)).kv_cache_memory == 64 * 2**20
 
 
 def test_threads_apply_to_the_run_only():

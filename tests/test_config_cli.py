@@ -9,14 +9,17 @@ import types
 
 import pytest
 
+from kvroute.bench import BenchConfig
 from kvroute.calibrate import CalibrationConfig
 from kvroute.cli import build_parser, main
 from kvroute.config_cli import config_from_args, field_docs, flag_dests
 from kvroute.evaluate import EvalConfig
+from kvroute.serving_bench import ServingBenchConfig
 from kvroute.train import TrainConfig
 
-#: command -> the config dataclass its flags come from
-CONFIGS = {"train": TrainConfig, "eval": EvalConfig, "calibrate": CalibrationConfig}
+#: command -> the config dataclasses its flags come from
+CONFIGS = {"train": (TrainConfig,), "eval": (EvalConfig,), "calibrate": (CalibrationConfig,),
+           "bench": (BenchConfig, ServingBenchConfig)}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -26,15 +29,17 @@ def _subparser(command: str) -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))
 def test_every_field_has_a_flag_and_every_flag_a_field(command):
-    cli_only = set(importlib.import_module(f"kvroute.commands.{command}").CLI_ONLY)
-    fields = {f.name for f in dataclasses.fields(CONFIGS[command])}
+    module = importlib.import_module(f"kvroute.commands.{command}")
+    cli_only, renamed = set(module.CLI_ONLY), getattr(module, "FIELD_DESTS", {})
+    fields = {renamed.get(f.name, f.name) for cls in CONFIGS[command] for f in dataclasses.fields(cls)}
     dests = flag_dests(_subparser(command))
     assert fields - dests == set(), "config fields without a flag"
     assert dests - fields - {"_run"} == cli_only, "flags that are no config field (declare them in CLI_ONLY)"
     assert cli_only <= dests, "CLI_ONLY names a flag the command does not have"
 
 
-@pytest.mark.parametrize("cls", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("cls", [c for classes in CONFIGS.values() for c in classes],
+                         ids=[c.__name__ for classes in CONFIGS.values() for c in classes])
 def test_every_field_is_documented(cls):
     docs = field_docs(cls)
     assert [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)] == []
@@ -141,3 +146,58 @@ def test_eval_and_calibrate_read_config_files(tmp_path):
 def test_eval_without_checkpoints_names_the_problem(capsys):
     assert main(["eval", "--text", "t"]) == 2
     assert "give at least one checkpoint" in capsys.readouterr().err
+
+
+def _bench_config(*argv: str):
+    from kvroute.commands.bench import config
+
+    return config(build_parser().parse_args(["bench", *argv]))
+
+
+def test_bench_flags_keep_their_spellings():
+    config = _bench_config("ckpt", "--plans", "full,every:4", "--context", "512,2048", "--batch", "1,2",
+                           "--new-tokens", "8", "--kv-budget", "1GiB", "--kv-quant", "none,int8", "--no-baseline",
+                           "--random-weights", "--threads", "2", "--dtype", "bfloat16")
+    assert config == BenchConfig(model="ckpt", plans=["full", "every:4"], contexts=[512, 2048], batches=[1, 2],
+                                 new_tokens=8, kv_budget=2**30, kv_quant=["none", "int8"], baseline=False,
+                                 random_weights=True, threads=2, dtype="bfloat16")
+    assert _bench_config("--contexts", "64", "--batches", "4") == BenchConfig(contexts=[64], batches=[4])
+    assert _bench_config() == BenchConfig()  # smollm2-135m, every:1,2,4,8, 32 new tokens, float32
+    with pytest.raises(SystemExit):
+        _bench_config("--context", "5x")  # argparse: expected comma-separated int values
+
+
+def test_bench_vllm_flags_and_defaults(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    config = _bench_config(str(tmp_path), "--engine", "vllm", "--kv-cache-memory", "32MiB", "--requests", "4",
+                           "--prompt-tokens", "16", "--max-num-seqs", "8", "--threads", "1", "--seed", "3")
+    assert config == ServingBenchConfig(checkpoint=str(tmp_path), kv_cache_memory=32 * 2**20, requests=4,
+                                        prompt_tokens=16, max_num_seqs=8, threads=1, seed=3)
+    # the engine's own defaults where the flag is not given: 96 new tokens, bfloat16, full,every:2,every:4
+    assert (config.new_tokens, config.dtype, config.plans) == (96, "bfloat16", ["full", "every:2", "every:4"])
+    assert _bench_config(str(tmp_path), "--engine", "vllm", "--new-tokens", "5").new_tokens == 5
+    with pytest.raises(FileNotFoundError, match="needs a checkpoint folder"):
+        _bench_config("--engine", "vllm")  # the default model is a named shape, not a folder
+
+
+def test_bench_config_file(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    path = tmp_path / "bench.toml"
+    path.write_text(f'model = "{tmp_path}"\ncontexts = "256,512"\nbatches = [1, 4]\nkv_budget = "1MiB"\n'
+                    'requests = 6\nnew_tokens = 4\n')  # fields of both engines' configs
+    config = _bench_config("--config", str(path), "--batch", "2")
+    assert config == BenchConfig(model=str(tmp_path), contexts=[256, 512], batches=[2], kv_budget=2**20,
+                                 new_tokens=4)
+    config = _bench_config("--config", str(path), "--engine", "vllm")
+    assert config.checkpoint == str(tmp_path) and config.requests == 6 and config.new_tokens == 4
+    path.write_text("contexts = [8]\nrequestz = 1\n")
+    with pytest.raises(ValueError, match="unknown option 'requestz'"):
+        _bench_config("--config", str(path))
+
+
+def test_comma_list():
+    from kvroute.config_cli import comma_list
+
+    assert comma_list(int)("512, 1024,") == [512, 1024] and comma_list()("a,b") == ["a", "b"]
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated int values, got '1,x'"):
+        comma_list(int)("1,x")

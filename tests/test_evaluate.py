@@ -380,8 +380,8 @@ def test_lm_windows_follow_the_model_context_and_the_stride_the_window(eval_inpu
 def _results_file(folder, checkpoint: str, losses: dict[str, float]):
     writer = ResultWriter(folder, run={"checkpoints": [checkpoint]})
     for plan, loss in losses.items():
-        info = {"checkpoint": checkpoint, "plan": plan, "calibrated": False, "retention": 1.0 if plan == "full" else 0.5,
-                "kv_kib_per_token": 1.0, "task": "lm", "data": "text"}
+        info = {"checkpoint": checkpoint, "plan": plan, "calibrated": False, "kv_kib_per_token": 1.0,
+                "retention": 1.0 if plan == "full" else 0.5, "task": "lm", "data": "text"}
         writer.add(info, {"loss": loss})
     return writer.json_path
 

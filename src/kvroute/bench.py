@@ -51,17 +51,18 @@ class BenchConfig:
 
     Args:
         model: a named shape (random weights, see :mod:`kvroute.shapes`) or a checkpoint folder.
-        plans: plan specs; the default is ``every:1,2,4,8``.
-        contexts: prompt lengths in tokens.
-        batches: batch sizes.
+        plans: plan specs (a list, or comma-separated: ``every:1,2,4,8``, the default).
+        contexts: prompt lengths in tokens (a list, or comma-separated: ``512,2048``).
+        batches: batch sizes (a list, or comma-separated).
         new_tokens: decode steps per repeat.
         repeats: timed repeats (medians are reported).
         warmup: untimed repeats first.
         dtype: model and cache dtype.
         device: ``cpu`` or ``cuda``.
         threads: torch intra-op threads (default: leave torch's setting).
-        kv_budget: KV memory budget in bytes for the largest-batch column (None: skip).
-        kv_quant: KV storage of the plans' caches, each measured: ``none``, ``int8``, ``int4``.
+        kv_budget: KV memory budget for the largest-batch column: bytes, or a size such as ``1GiB`` (None: skip).
+        kv_quant: KV storage of the plans' caches, each measured: ``none``, ``int8``, ``int4`` (a list, or
+            comma-separated).
         baseline: include the unmodified-transformers row.
         random_weights: for a checkpoint, use its config with random weights.
         seed: seed of the weights (shapes) and of the prompt tokens.
@@ -77,7 +78,7 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None
-    kv_budget: int | None = None
+    kv_budget: int | str | None = None
     kv_quant: list[str] = field(default_factory=lambda: ["none"])
     baseline: bool = True
     random_weights: bool = False
@@ -88,6 +89,13 @@ class BenchConfig:
             self.plans = parse_plan_list(self.plans)
         for name in ("contexts", "batches"):
             values = getattr(self, name)
+            if isinstance(values, (str, int)):  # "512,2048" (a flag or a config file), or one number
+                flag = "--context" if name == "contexts" else "--batch"
+                try:
+                    values = [int(v) for v in str(values).split(",") if v.strip()]
+                except ValueError:
+                    raise ValueError(f"{flag}: expected comma-separated integers, got {values!r}") from None
+                setattr(self, name, values)
             if not values or any(int(v) <= 0 for v in values):
                 raise ValueError(f"--{name[:-1] if name != 'batches' else 'batch'}: positive integers required, got {values}")
         for name, low in (("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
@@ -95,6 +103,13 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if isinstance(self.kv_budget, str):
+            from kvroute.budget import parse_bytes
+
+            try:
+                self.kv_budget = parse_bytes(self.kv_budget)
+            except ValueError as err:
+                raise ValueError(f"--kv-budget: {err}") from None
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"--kv-budget must be positive, got {self.kv_budget}")
         from kvroute.kvquant import KVQuant

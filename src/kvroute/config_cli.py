@@ -70,32 +70,41 @@ def _base_type(annotation: Any) -> Any:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: set[str] | frozenset[str] = frozenset(),
-                     groups: dict[str, str] | None = None, **overrides: dict[str, Any]) -> None:
+                     groups: dict[str, str] | None = None, config_file: bool = True,
+                     **overrides: dict[str, Any]) -> None:
     """Add ``--config FILE`` and one flag per field of dataclass ``cls`` to ``parser``.
 
     Args:
         parser: the subcommand's parser.
         cls: the config dataclass.
         skip: fields the command declares itself (positionals, say).
-        groups: field -> argument group title (the group is made on first use).
+        groups: field -> argument group title (the group is made on first use, or found by its title).
+        config_file: add ``--config FILE`` (False for a second config class on the same parser).
         overrides: field -> keyword arguments for ``add_argument`` that replace the generated ones;
-            ``flags=[...]`` replaces the option strings (``["--output-dir", "-o"]``).
+            ``flags=[...]`` replaces the option strings (``["--output-dir", "-o"]``: the first is the
+            name shown, the others aliases), ``type=`` parses the text (:func:`comma_list`), ``None`` drops
+            a generated keyword (``nargs=None, action=None``: one value, stored).
 
     Flags default to ``argparse.SUPPRESS``, so :func:`config_from_args` sees only what was typed.
+    A field whose dest the parser has already (one shared by two config classes) gets no second flag.
     """
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="TOML or YAML file setting any of the options below (flags override it)")
+    if config_file:
+        parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="TOML or YAML file setting any of the options below (flags override it)")
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    made: dict[str, Any] = {}
+    made: dict[str, Any] = {g.title: g for g in parser._action_groups}
+    taken = flag_dests(parser)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.name in taken:
             continue
         kwargs = _flag_kwargs(f, _base_type(hints[f.name]), docs.get(f.name, ""))
         kwargs.update(overrides.get(f.name, {}))
         flags = kwargs.pop("flags")
         title = (groups or {}).get(f.name)
-        target = parser if title is None else made.setdefault(title, parser.add_argument_group(title))
+        if title is not None and title not in made:
+            made[title] = parser.add_argument_group(title)
+        target = parser if title is None else made[title]
         target.add_argument(*flags, **{k: v for k, v in kwargs.items() if v is not None})  # None: left out
 
 
@@ -125,6 +134,19 @@ def _flag_kwargs(f: dataclasses.Field, kind: Any, doc: str) -> dict[str, Any]:
     return kwargs
 
 
+def comma_list(kind: type = str) -> Any:
+    """An argparse ``type`` reading ``512,1024`` as ``[512, 1024]`` (of ``kind``; empty items skipped)."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {getattr(kind, '__name__', 'value')} values, got {text!r}") from None
+
+    return parse
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a ``.toml``, ``.yaml`` or ``.yml`` file."""
     path = Path(path)
@@ -149,24 +171,29 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def config_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The settings for ``cls``: the ``--config`` file's values, then the flags typed (field names only)."""
+def config_values(cls: type, args: argparse.Namespace, *, also: tuple[type, ...] = ()) -> dict[str, Any]:
+    """The settings for ``cls``: the ``--config`` file's values, then the flags typed (field names only).
+
+    ``also``: other config classes of the same command; the file may set their fields too (left out here).
+    """
     names = [f.name for f in dataclasses.fields(cls)]
+    known = list(dict.fromkeys(names + [f.name for other in also for f in dataclasses.fields(other)]))
     values: dict[str, Any] = {}
     path = getattr(args, CONFIG_FLAG, None)
     if path is not None:
         for key, value in load_config_file(path).items():
             name = str(key).replace("-", "_")
-            if name not in names:
-                raise ValueError(f"--config {path}: unknown option {key!r}; expected one of {', '.join(names)}")
-            values[name] = value
+            if name not in known:
+                raise ValueError(f"--config {path}: unknown option {key!r}; expected one of {', '.join(known)}")
+            if name in names:
+                values[name] = value
     values.update({name: getattr(args, name) for name in names if hasattr(args, name)})
     return values
 
 
-def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """``cls`` built from field defaults < ``--config FILE`` < flags (< ``extra``)."""
-    values = {**config_values(cls, args), **extra}
+def config_from_args(cls: type, args: argparse.Namespace, *, also: tuple[type, ...] = (), **extra: Any) -> Any:
+    """``cls`` from field defaults < ``--config FILE`` < flags (< ``extra``); ``also``: see :func:`config_values`."""
+    values = {**config_values(cls, args, also=also), **extra}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

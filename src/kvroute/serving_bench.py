@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvroute.budget import format_bytes
+from kvroute.budget import format_bytes, parse_bytes
 from kvroute.plan import parse_plan_list
 
 
@@ -37,8 +37,8 @@ class ServingBenchConfig:
 
     Args:
         checkpoint: a local checkpoint folder (Llama, Mistral, Qwen2, Qwen3 or Gemma3 text).
-        plans: plan specs, each served by its own engine.
-        kv_cache_memory: bytes of KV pool, the same for every plan.
+        plans: plan specs, each served by its own engine (a list, or comma-separated).
+        kv_cache_memory: KV pool of every plan: bytes, or a size such as ``64MiB``.
         requests: requests sent at once.
         prompt_tokens: tokens per prompt (random ids).
         new_tokens: tokens generated per request (EOS ignored).
@@ -50,7 +50,7 @@ class ServingBenchConfig:
 
     checkpoint: str
     plans: list[str] = field(default_factory=lambda: ["full", "every:2", "every:4"])
-    kv_cache_memory: int = 64 * 2**20
+    kv_cache_memory: int | str = "64MiB"
     requests: int = 48
     prompt_tokens: int = 200
     new_tokens: int = 96
@@ -64,6 +64,11 @@ class ServingBenchConfig:
             self.plans = parse_plan_list(self.plans)
         if not self.plans:
             raise ValueError("--plans: give at least one plan")
+        if isinstance(self.kv_cache_memory, str):
+            try:
+                self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+            except ValueError as err:
+                raise ValueError(f"--kv-cache-memory: {err}") from None
         for name in ("kv_cache_memory", "requests", "prompt_tokens", "new_tokens", "max_num_seqs"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
