@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kvroute.budget import format_bytes
+from kvroute.budget import format_bytes, size_option
 from kvroute.hf.cache import cache_nbytes
 from kvroute.hf.compat import cache_kwargs
 from kvroute.measure import PeakMemory, loadavg, sync, torch_threads
@@ -87,29 +87,23 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if isinstance(self.plans, str):
             self.plans = parse_plan_list(self.plans)
-        for name in ("contexts", "batches"):
+        for name, flag in (("contexts", "--context"), ("batches", "--batch")):
             values = getattr(self, name)
             if isinstance(values, (str, int)):  # "512,2048" (a flag or a config file), or one number
-                flag = "--context" if name == "contexts" else "--batch"
                 try:
                     values = [int(v) for v in str(values).split(",") if v.strip()]
                 except ValueError:
                     raise ValueError(f"{flag}: expected comma-separated integers, got {values!r}") from None
                 setattr(self, name, values)
             if not values or any(int(v) <= 0 for v in values):
-                raise ValueError(f"--{name[:-1] if name != 'batches' else 'batch'}: positive integers required, got {values}")
+                raise ValueError(f"{flag}: positive integers required, got {values}")
         for name, low in (("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if isinstance(self.kv_budget, str):
-            from kvroute.budget import parse_bytes
-
-            try:
-                self.kv_budget = parse_bytes(self.kv_budget)
-            except ValueError as err:
-                raise ValueError(f"--kv-budget: {err}") from None
+            self.kv_budget = size_option("--kv-budget", self.kv_budget)
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"--kv-budget must be positive, got {self.kv_budget}")
         from kvroute.kvquant import KVQuant

@@ -38,6 +38,14 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def size_option(flag: str, value: str | int) -> int:
+    """:func:`parse_bytes` for an option: the error names ``flag``."""
+    try:
+        return parse_bytes(value)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
 def has_unit(text: str) -> bool:
     """Whether a budget string names a memory size (``6GiB``) rather than a fraction or layer count."""
     return bool(re.search(r"[0-9.]\s*[a-zA-Z]+\s*$", str(text))) and not str(text).strip().lower().endswith("e")

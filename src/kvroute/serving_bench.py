@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvroute.budget import format_bytes, parse_bytes
+from kvroute.budget import format_bytes, size_option
 from kvroute.plan import parse_plan_list
 
 
@@ -65,10 +65,7 @@ class ServingBenchConfig:
         if not self.plans:
             raise ValueError("--plans: give at least one plan")
         if isinstance(self.kv_cache_memory, str):
-            try:
-                self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
-            except ValueError as err:
-                raise ValueError(f"--kv-cache-memory: {err}") from None
+            self.kv_cache_memory = size_option("--kv-cache-memory", self.kv_cache_memory)
         for name in ("kv_cache_memory", "requests", "prompt_tokens", "new_tokens", "max_num_seqs"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
