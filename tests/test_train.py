@@ -153,6 +153,18 @@ def test_distill_is_zero_without_routing(assets, tmp_path):
     assert distilled.losses == plain.losses
 
 
+def test_the_self_distillation_teacher_draws_no_route(assets, tmp_path):
+    """The teacher runs an explicit identity route: the student's routes are those of a run without it."""
+    runs = {}
+    for name, distill in (("plain", 0.0), ("distill", 0.5)):
+        infos: list[StepInfo] = []
+        train(config(assets, tmp_path / name, max_steps=3, grad_accum=2, distill=distill, distill_from="self"),
+              callbacks=[infos.append])
+        runs[name] = [i.routes for i in infos]
+    assert runs["distill"] == runs["plain"]
+    assert len({r for step in runs["plain"] for r in step}) > 1
+
+
 @pytest.mark.parametrize("source", ["self", "base"])
 def test_distill_adds_a_term_under_routing(assets, tmp_path, source):
     infos: list[StepInfo] = []

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvroute.data.qa import IGNORE_INDEX
-from kvroute.hf.patch import PlanMismatchWarning, get_router, set_plan
+from kvroute.hf.patch import ROUTE_ARG, PlanMismatchWarning, get_router, set_plan
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -61,10 +61,12 @@ def _forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return _forward(model, batch).logits
 
 
-def _forward(model, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
-    """The model's output on ``batch`` (with every layer's hidden states when ``hidden``)."""
+def _forward(model, batch: dict[str, torch.Tensor], hidden: bool = False, route: tuple[int, ...] | None = None) -> Any:
+    """The model's output on ``batch`` (with every layer's hidden states when ``hidden``), under ``route``
+    if given (passed by value as the forward's :data:`~kvroute.hf.patch.ROUTE_ARG`), else as routed now."""
+    extra = {ROUTE_ARG: route} if route is not None else {}
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-                 output_hidden_states=hidden)
+                 output_hidden_states=hidden, **extra)
 
 
 @torch.no_grad()
