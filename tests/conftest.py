@@ -52,3 +52,13 @@ def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0, attn: str 
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def record_routes(model) -> list[tuple[int, ...]]:
+    """From now on, the route of every forward pass of a routed model, read from the pass itself
+    (a decoder pre-hook that runs after kvroute's, on whichever copy of the model runs)."""
+    from kvroute.hf.patch import ROUTER_ATTR, _decoder
+
+    routes: list[tuple[int, ...]] = []
+    _decoder(model).register_forward_pre_hook(lambda m, args: routes.append(getattr(m, ROUTER_ATTR).current.route))
+    return routes

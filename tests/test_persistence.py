@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvroute
-from conftest import tiny_model
+from conftest import record_routes, tiny_model
 from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.models import saved_routing
 from kvroute.policy import RCLA, RDCLA, FixedPlan, NoRouting
@@ -138,8 +138,9 @@ def test_plan_policy_defaults_to_its_plan_and_warns_off_it(no_plan_warning):
     assert router.policy == FixedPlan("every:2")
     assert router.plan.spec == "every:2" and model.config.kvroute["plan"] == "every:2"
     model.train()
+    routes = record_routes(model)
     model(tokens(1, 5))
-    assert router.last_route == (0, 0, 2, 2, 4, 4)  # training routes as the plan does
+    assert routes == [(0, 0, 2, 2, 4, 4)]  # training routes as the plan does
     model.eval()
     for plan in ("full", "every:3", "layers:0,3"):
         with pytest.warns(UserWarning, match=rf"fine-tuned for plan 'every:2' only .*under plan '{plan}' it may be "

@@ -191,6 +191,28 @@ def test_kv_bytes_counts_sliding_windows_and_batch():
         SharingPlan.from_spec("full", 3).kv_bytes_per_token(shape)
 
 
+def test_kvshape_accounts_for_each_layer_and_plans_sum_their_owners():
+    config = _config(4, 4, 2, 8, layer_types=[S, S, F, S], sliding_window=8)
+    shape = KVShape.from_config(config)
+    assert shape.token_bytes("fp32") == 2 * 2 * 8 * 4
+    assert shape.token_bytes("fp32", "int8") == 2 * 2 * (8 + 2)  # codes + a float16 scale per head
+    assert shape.layer_bytes(0, 100, batch=3, dtype="fp32") == 7 * 128 * 3  # sliding: the window's worth
+    assert shape.layer_bytes(2, 100, batch=3, dtype="fp32") == 100 * 128 * 3
+    from kvroute.kvquant import KVQuant
+
+    quant = KVQuant.parse("int8")
+    full, quantized = quant.split(1000)
+    assert shape.layer_bytes(2, 1000, dtype="fp32", kv_quant="int8") == full * 128 + quantized * 40
+    assert shape.layer_bytes(0, 1000, dtype="fp32", kv_quant="int8") == 7 * 128  # sliding layers stay unquantized
+    for spec in ("full", "layers:0,2", "source:0,0,2,0"):
+        plan = SharingPlan.for_model(spec, config)
+        for kw in ({}, {"kv_quant": "int4"}, {"batch": 2, "dtype": "fp16"}):
+            assert plan.kv_bytes(shape, 300, **kw) == sum(
+                shape.layer_bytes(o, 300, kw.get("batch", 1), kw.get("dtype", "bf16"), kw.get("kv_quant"))
+                for o in plan.owners)
+        assert plan.kv_bytes_per_token(shape, "fp16") == len(plan.owners) * shape.token_bytes("fp16")
+
+
 def test_kvshape_defaults():
     config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64)
     shape = KVShape.from_config(config)

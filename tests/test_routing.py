@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 import kvroute
 from kvroute.hf.compat import cache_kwargs, output_cache
-from conftest import FAMILIES, tiny_config, tiny_model
+from conftest import FAMILIES, record_routes, tiny_config, tiny_model
 from kvroute.hf.cache import DummyLayer, SharedKVCache
 from kvroute.plan import KVShape
 from kvroute.policy import RoutingPolicy
@@ -212,7 +212,7 @@ def test_generate_batched_left_padding(family_):
 
 # ------------------------------------------------------------ training paths
 def train_step(family, policy, seed, layers=6, **kwargs):
-    """One training forward + backward; returns the model, output and gradients."""
+    """One training forward + backward; returns the model, output, gradients and the pass's route."""
     model = tiny_model(family, layers=layers)
     kvroute.apply(model, policy=policy, plan="every:2", seed=seed)
     checkpointing = kwargs.pop("checkpointing", False)
@@ -221,19 +221,19 @@ def train_step(family, policy, seed, layers=6, **kwargs):
         model.gradient_checkpointing_enable()
     model.train()
     ids = tokens(2, 12)
+    routes = record_routes(model)
     out = model(ids, labels=ids, **kwargs)
     if teacher_between:  # another pass of the same model before backward (self-distillation's teacher)
         with torch.no_grad():
             model(tokens(2, 9, seed=5), use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return model, out, grads
+    return model, out, grads, routes[0]
 
 
 @pytest.mark.parametrize("family_", ["llama", "qwen3", "gemma3_text"])
 def test_cache_and_checkpointing_do_not_change_routing(family_):
-    model, ref, ref_grads = train_step(family_, "rcla:p=0.5", seed=0, use_cache=False)
-    route = kvroute.get_router(model).last_route
+    model, ref, ref_grads, route = train_step(family_, "rcla:p=0.5", seed=0, use_cache=False)
     assert route != tuple(range(6))  # the seed draws a real routing
     cache = DynamicCache(config=model.config)
     runs = {
@@ -244,9 +244,8 @@ def test_cache_and_checkpointing_do_not_change_routing(family_):
         "checkpointing, teacher pass before backward": train_step(
             family_, "rcla:p=0.5", seed=0, checkpointing=True, teacher_between=True),
     }
-    for name, (model, out, grads) in runs.items():
-        if "teacher" not in name:
-            assert kvroute.get_router(model).last_route == route, name
+    for name, (model, out, grads, drawn) in runs.items():
+        assert drawn == route, name
         close(out.logits, ref.logits)
         close(out.loss, ref.loss)
         assert grads.keys() == ref_grads.keys(), name
@@ -259,10 +258,11 @@ def test_sdpa_and_eager_agree_under_routing(family):
     logits = {}
     for attn in ("sdpa", "eager"):
         model = kvroute.apply(tiny_model(family, layers=6, attn=attn), policy="rcla:p=0.3", plan="every:3", seed=2)
+        routes = record_routes(model)
         with torch.no_grad():
             logits[attn, "eval"] = model(ids).logits
             logits[attn, "train"] = model.train()(ids).logits
-        assert kvroute.get_router(model).last_route != tuple(range(6))
+        assert routes[0] == kvroute.get_router(model).plan.source and routes[1] != tuple(range(6))
     close(logits["sdpa", "eval"], logits["eager", "eval"])
     close(logits["sdpa", "train"], logits["eager", "train"])
 
@@ -287,9 +287,9 @@ def test_reentrant_checkpointing_is_refused():
 
 
 def test_gradients_reach_the_source_projections():
-    _, _, own = train_step("llama", "none", seed=0, layers=2)
-    model, _, routed = train_step("llama", "cla:2", seed=0, layers=2)
-    assert kvroute.get_router(model).last_route == (0, 0)
+    *_, own, _ = train_step("llama", "none", seed=0, layers=2)
+    model, _, routed, route = train_step("llama", "cla:2", seed=0, layers=2)
+    assert route == (0, 0)
     for proj in ("k_proj", "v_proj"):
         src = f"model.layers.0.self_attn.{proj}.weight"
         assert f"model.layers.1.self_attn.{proj}.weight" not in routed  # never computed
@@ -302,15 +302,15 @@ def test_gradients_reach_the_source_projections():
 def test_skipped_projections_are_never_called_in_training(family):
     model = kvroute.apply(tiny_model(family, layers=6), policy="rcla:p=0.4", seed=1).train()
     calls = count_kv_calls(model)
-    router = kvroute.get_router(model)
+    routes = record_routes(model)
     seen = set()
     for step in range(6):
         for recorded in calls.values():
             recorded.clear()
         model(tokens(1, 6, seed=step))
-        producers = sorted(set(router.last_route))
+        producers = sorted(set(routes[-1]))
         assert calls["k"] == producers and calls["v"] == producers
-        seen.add(router.last_route)
+        seen.add(routes[-1])
     assert len(seen) > 1 and any(len(set(r)) < 6 for r in seen)
 
 
@@ -326,12 +326,12 @@ def test_skipped_projections_are_never_called_in_inference(family):
 
 def test_drawn_routes_reach_the_model():
     model = kvroute.apply(tiny_model("llama", layers=4), policy="rcla:p=0.3", seed=5).train()
-    router = kvroute.get_router(model)
+    routes = record_routes(model)
     ids = tokens(2, 8)
     with torch.no_grad():
         for _ in range(4):
             logits = model(ids).logits
-            route = router.last_route
+            route = routes[-1]
             kvroute.apply(model, policy=Fixed(route))
             close(model(ids).logits, logits)
             kvroute.apply(model, policy="rcla:p=0.3")
@@ -340,7 +340,7 @@ def test_drawn_routes_reach_the_model():
         for route in [(0, 0, 1, 3), (0, 0, 0, 3), (0, 1, 2, 3)]:
             kvroute.apply(model, policy=Fixed(route))
             outs.append(model(ids).logits)
-            assert router.last_route == route
+            assert routes[-1] == route
     assert (outs[0] - outs[1]).abs().max() > 1e-4 and (outs[0] - outs[2]).abs().max() > 1e-4
 
 
@@ -444,8 +444,9 @@ def test_a_copy_routes_on_its_own_router(family, how):
     ids = tokens(2, 8)
     routes = []
     for m in (model, twin):
+        recorded = record_routes(m)
         m(ids, use_cache=False)
-        routes.append(kvroute.get_router(m).last_route)
+        routes += recorded
     assert routes[0] == routes[1]
 
 
@@ -516,11 +517,10 @@ def test_torch_compile_routes_every_pass_like_eager():
     with torch.no_grad():
         close(compiled.eval()(ids, use_cache=False).logits, eager.eval()(ids, use_cache=False).logits)
     compiled.train(), eager.train()
-    routes = []
+    routes, eager_routes = record_routes(compiled_model), record_routes(eager)
     for _ in range(4):
         a, b = compiled(ids, labels=ids), eager(ids, labels=ids)
-        routes.append(kvroute.get_router(compiled_model).last_route)
-        assert routes[-1] == kvroute.get_router(eager).last_route
+        assert routes[-1] == eager_routes[-1]
         close(a.loss, b.loss)
         a.loss.backward(), b.loss.backward()
     assert len(set(routes)) > 1

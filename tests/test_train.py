@@ -153,6 +153,18 @@ def test_distill_is_zero_without_routing(assets, tmp_path):
     assert distilled.losses == plain.losses
 
 
+def test_the_self_distillation_teacher_draws_no_route(assets, tmp_path):
+    """The teacher runs an explicit identity route: the student's routes are those of a run without it."""
+    runs = {}
+    for name, distill in (("plain", 0.0), ("distill", 0.5)):
+        infos: list[StepInfo] = []
+        train(config(assets, tmp_path / name, max_steps=3, grad_accum=2, distill=distill, distill_from="self"),
+              callbacks=[infos.append])
+        runs[name] = [i.routes for i in infos]
+    assert runs["distill"] == runs["plain"]
+    assert len({r for step in runs["plain"] for r in step}) > 1
+
+
 @pytest.mark.parametrize("source", ["self", "base"])
 def test_distill_adds_a_term_under_routing(assets, tmp_path, source):
     infos: list[StepInfo] = []
@@ -431,3 +443,29 @@ def test_qa_validation_split_does_not_follow_the_seed(assets):
     tok = load_tokenizer(str(assets["model"]))
     splits = [load_qa([str(assets["qa"])], tok, 48, 0.25, seed=s)[1] for s in (0, 7)]
     assert [r.question for r in splits[0].records] == [r.question for r in splits[1].records]
+
+
+def test_one_loss_under_a_plan_for_search_calibration_and_training():
+    """mean_loss is the transformers loss on plain chunks, counts only labelled tokens of dict batches,
+    and is what search (search.mean_loss) and training's validation (evaluate_plans) report."""
+    from conftest import tiny_model
+    from kvroute import search
+    from kvroute.train import evaluate_plans, mean_loss
+
+    model = kvroute.apply(tiny_model("llama", layers=4), policy="rcla", plan="every:2")
+    assert search.mean_loss is mean_loss
+    chunks = torch.randint(3, 90, (5, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = sum(float(model(rows, labels=rows, use_cache=False).loss) * rows.shape[0] for rows in chunks.split(2))
+    assert mean_loss(model, chunks, batch_size=2) == pytest.approx(reference / 5, rel=1e-5)  # equal rows: mean of means
+    labels = chunks.clone()
+    labels[:, :6] = -100  # the prompt half is not counted
+    batches = [{"input_ids": chunks[:3], "labels": labels[:3]}, {"input_ids": chunks[3:], "labels": labels[3:]}]
+    masked = mean_loss(model, batches)
+    assert masked != pytest.approx(mean_loss(model, chunks))
+    model.train()
+    plans = evaluate_plans(model, model, batches, ["full", "every:2"])
+    assert model.training and kvroute.get_router(model).plan.spec == "every:2"
+    assert plans["every:2"] == mean_loss(model.eval(), batches)
+    kvroute.set_plan(model, "full")
+    assert plans["full"] == mean_loss(model, batches) != plans["every:2"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kvroute.plan import KVShape, dtype_bytes
+from kvroute.plan import KVShape
 
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -67,15 +67,8 @@ def mandatory_owners(shape: KVShape) -> list[int]:
 
 
 def layer_bytes(shape: KVShape, context: int, batch: int = 1, dtype: Any = "bf16") -> list[int]:
-    """KV bytes each layer costs when it owns a cache (sliding-window layers hold at most a window)."""
-    per_token = 2 * shape.kv_heads * shape.head_dim * dtype_bytes(dtype) * batch
-    out = []
-    for layer in range(shape.num_layers):
-        held = context
-        if shape.slides(layer):
-            held = min(context, shape.sliding_window - 1)
-        out.append(held * per_token)
-    return out
+    """KV bytes each layer costs when it owns a cache (:meth:`KVShape.layer_bytes`)."""
+    return [shape.layer_bytes(layer, context, batch, dtype) for layer in range(shape.num_layers)]
 
 
 def max_owners_for_memory(shape: KVShape, memory: int, batch: int, context: int, dtype: Any = "bf16") -> int:

@@ -53,6 +53,32 @@ class KVShape:
             return False
         return self.uniform_sliding or (self.layer_types is not None and self.layer_types[layer] == "sliding_attention")
 
+    def token_bytes(self, dtype: Any = "bf16", kv_quant: Any = None) -> int:
+        """KV bytes one token costs in one layer's cache (keys and values); with ``kv_quant``
+        (``"int8"``, ``"int4"``), a token past the full-precision residual window, scales included."""
+        from kvroute.kvquant import KVQuant
+
+        quant = KVQuant.parse(kv_quant)
+        entry = quant.entry_bytes(self.head_dim) if quant else self.head_dim * dtype_bytes(dtype)
+        return 2 * self.kv_heads * entry
+
+    def layer_bytes(self, layer: int, tokens: int, batch: int = 1, dtype: Any = "bf16", kv_quant: Any = None) -> int:
+        """KV bytes ``layer`` holds for ``batch`` sequences of ``tokens`` tokens when it owns a cache.
+
+        A sliding-window layer holds at most ``sliding_window - 1`` tokens, as the transformers
+        cache keeps them. With ``kv_quant``, another layer holds its newest ``residual`` tokens in
+        ``dtype`` and the older ones quantized, scales included.
+        """
+        from kvroute.kvquant import KVQuant
+
+        quant = KVQuant.parse(kv_quant)
+        if self.slides(layer):
+            return min(tokens, self.sliding_window - 1) * self.token_bytes(dtype) * batch
+        if quant is not None:
+            full, quantized = quant.split(tokens)
+            return (full * self.token_bytes(dtype) + quantized * self.token_bytes(dtype, quant)) * batch
+        return tokens * self.token_bytes(dtype) * batch
+
     @classmethod
     def from_config(cls, config: Any) -> KVShape:
         """Read the shape from a transformers config (or anything with the same fields)."""
@@ -249,35 +275,14 @@ class SharingPlan:
     def kv_bytes_per_token(self, shape: KVShape, dtype: Any = "bf16", kv_quant: Any = None) -> int:
         """KV bytes one token costs under this plan (keys and values, all owners); with ``kv_quant``
         (``"int8"``, ``"int4"``), a token past the full-precision residual window, scales included."""
-        from kvroute.kvquant import KVQuant
-
         self._check_shape(shape)
-        quant = KVQuant.parse(kv_quant)
-        entry = quant.entry_bytes(shape.head_dim) if quant else shape.head_dim * dtype_bytes(dtype)
-        return 2 * len(self.owners) * shape.kv_heads * entry
+        return len(self.owners) * shape.token_bytes(dtype, kv_quant)
 
     def kv_bytes(self, shape: KVShape, tokens: int, batch: int = 1, dtype: Any = "bf16", kv_quant: Any = None) -> int:
-        """KV bytes for ``batch`` sequences of ``tokens`` tokens.
-
-        Sliding-window owners hold at most ``sliding_window - 1`` tokens, as the
-        transformers cache keeps them. With ``kv_quant``, the other owners hold their newest
-        ``residual`` tokens in ``dtype`` and the older ones quantized, scales included.
-        """
-        from kvroute.kvquant import KVQuant
-
+        """KV bytes for ``batch`` sequences of ``tokens`` tokens: what the owners hold
+        (:meth:`KVShape.layer_bytes`: sliding windows and ``kv_quant`` included)."""
         self._check_shape(shape)
-        quant = KVQuant.parse(kv_quant)
-        full_entry = shape.head_dim * dtype_bytes(dtype)
-        total = 0
-        for owner in self.owners:
-            if shape.slides(owner):
-                total += min(tokens, shape.sliding_window - 1) * full_entry
-            elif quant is not None:
-                full, quantized = quant.split(tokens)
-                total += full * full_entry + quantized * quant.entry_bytes(shape.head_dim)
-            else:
-                total += tokens * full_entry
-        return total * 2 * shape.kv_heads * batch
+        return sum(shape.layer_bytes(owner, tokens, batch, dtype, kv_quant) for owner in self.owners)
 
     def describe(self) -> str:
         """One line for logs: spec, owners and retention."""

@@ -27,6 +27,32 @@ def parse_route_key(key: str) -> Route:
     return tuple(int(x) for x in key[1:].split("_"))
 
 
+def check_route(route: Route, num_layers: int, layer_types: tuple[str, ...] | None = None) -> Route:
+    """``route`` as a tuple of ints, checked: one entry per layer, ``0 <= route[l] <= l``, and a layer
+    reads only a layer of its own attention type.
+
+    Unlike a plan's source map, a route is not resolved: ``route[l] == j`` means layer ``l`` reads
+    layer ``j``'s own KV, whatever ``j`` reads itself.
+
+    Raises:
+        ValueError: naming the first entry that breaks a rule.
+    """
+    try:
+        route = tuple(int(s) for s in route)
+    except (TypeError, ValueError):
+        raise ValueError(f"a route is a sequence of layer indices, got {route!r}") from None
+    if len(route) != num_layers:
+        raise ValueError(f"route {route} has {len(route)} entries but the model has {num_layers} layers")
+    for layer, s in enumerate(route):
+        if not 0 <= s <= layer:
+            raise ValueError(f"route {route}: layer {layer} reads layer {s}; a layer can only read itself "
+                             "or an earlier layer (0 <= route[l] <= l)")
+        if layer_types is not None and layer_types[s] != layer_types[layer]:
+            raise ValueError(f"route {route}: layer {layer} ({layer_types[layer]}) cannot read layer {s} "
+                             f"({layer_types[s]})")
+    return route
+
+
 @dataclass
 class RoutingPass:
     """The routing of one forward pass; every routed layer reads it from the model's :class:`Router`.
@@ -51,7 +77,10 @@ class Router:
     """Holds the routing setup of one model: the training policy, the inference plan, the RNG.
 
     In training mode each forward pass draws a fresh route from the policy; in eval
-    mode the route is the plan's source map.
+    mode the route is the plan's source map. A forward may instead name its route
+    (``model(ids, kvroute_route=route)``, see :data:`kvroute.hf.patch.ROUTE_ARG`): the training
+    loop draws each step's route with :meth:`sample` and passes it, so it knows the route
+    without reading it back, and its self-distillation teacher passes :meth:`identity`.
 
     It also holds the pass in progress (:meth:`enter` / :meth:`exit`, called by hooks on
     the decoder), so per-pass state lives on the model itself and not in the arguments
@@ -78,7 +107,6 @@ class Router:
         self.policy = policy or NoRouting()
         self.layer_types = layer_types
         self.generator = torch.Generator().manual_seed(seed)
-        self.last_route: Route = plan.source
         self._plan_pass: tuple[SharingPlan, frozenset[int], str] | None = None
         #: route_key -> what was fitted for that plan (kvroute.calibrate); the maps live on the layers
         self.calibration_info: dict[str, dict[str, Any]] = {}
@@ -110,9 +138,9 @@ class Router:
             stack = self._local.stack = []
         return stack
 
-    def enter(self, training: bool) -> RoutingPass:
+    def enter(self, training: bool, route: Route | None = None) -> RoutingPass:
         """Start a forward pass of the model: route it (:meth:`begin_pass`) and make it current."""
-        routing = self.begin_pass(training)
+        routing = self.begin_pass(training, route)
         self._stack.append(routing)
         return routing
 
@@ -137,17 +165,36 @@ class Router:
     def num_layers(self) -> int:
         return self.plan.num_layers
 
-    def begin_pass(self, training: bool) -> RoutingPass:
-        """Route one forward pass: draw from the policy when training, else use the plan."""
+    def sample(self) -> Route:
+        """Draw the next training route from the policy (advances :attr:`generator`)."""
+        return self.policy.sample(self.num_layers, self.layer_types, self.generator)
+
+    def identity(self) -> Route:
+        """The route under which every layer reads its own KV (the unrouted model)."""
+        return tuple(range(self.num_layers))
+
+    def begin_pass(self, training: bool, route: Route | None = None) -> RoutingPass:
+        """Route one forward pass.
+
+        Args:
+            training: with no ``route``, draw one from the policy (:meth:`sample`) when training,
+                else run the plan's source map.
+            route: an explicit route for this pass (checked by :func:`check_route`); the policy
+                draws nothing then.
+
+        Returns:
+            The pass; its :attr:`RoutingPass.route` is the route the pass runs.
+        """
+        if route is not None:
+            route = check_route(route, self.num_layers, self.layer_types)
+            return RoutingPass(route, frozenset(route), key=route_key(route))
         if training:
-            route = self.policy.sample(self.num_layers, self.layer_types, self.generator)
-            self.last_route = route
+            route = self.sample()
             return RoutingPass(route, frozenset(route), key=route_key(route))
         plan = self.plan
         if self._plan_pass is None or self._plan_pass[0] is not plan:  # once per plan, not per decoded token
             self._plan_pass = (plan, frozenset(plan.source), route_key(plan.source))
         _, producers, key = self._plan_pass
-        self.last_route = plan.source
         return RoutingPass(plan.source, producers, key=key)
 
     def state_dict(self) -> dict[str, Any]:

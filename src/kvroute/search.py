@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from kvroute.budget import mandatory_owners
 from kvroute.hf.patch import get_router, set_plan
 from kvroute.plan import KVShape, SharingPlan
+from kvroute.train.losses import mean_loss  # noqa: F401  (re-exported: search.mean_loss)
 
 Owners = tuple[int, ...]
 
@@ -91,20 +92,6 @@ def calibration_chunks(
 
 
 # ------------------------------------------------------------------------- scoring
-@torch.inference_mode()
-def mean_loss(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token loss of ``model`` (as routed now) on ``chunks``."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in chunks.split(batch_size):
-        batch = batch.to(device)
-        out = model(input_ids=batch, labels=batch, use_cache=False)
-        n = batch.shape[0] * (batch.shape[1] - 1)
-        total += out.loss.float().item() * n
-        count += n
-    return total / count
-
-
 class PlanScorer:
     """Mean next-token loss of a routed model under a plan, cached per owner set.
 

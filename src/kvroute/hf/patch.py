@@ -27,6 +27,9 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 CONFIG_VERSION = 1
 #: the decoder's attribute that holds its router (the hooks find it there, so a copy finds its own)
 ROUTER_ATTR = "kvroute_router"
+#: the forward keyword that names the route of one pass explicitly (a tuple of ints, passed by value,
+#: so it reaches the decoder through any wrapper): ``model(ids, kvroute_route=(0, 0, 2, 2))``
+ROUTE_ARG = "kvroute_route"
 #: a cache's attribute naming the plan the hooks laid it out for
 LAYOUT_ATTR = "_kvroute_plan"
 
@@ -202,11 +205,12 @@ def _write_config(model: nn.Module, router: Router) -> None:
 def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Decoder pre-hook: route this forward pass on the decoder's own router; lay out the cache.
 
-    Module-level, holding no model object: a deep copy or a pickle of the model runs the same
-    hook on its own router.
+    The route is the forward's :data:`ROUTE_ARG` if given (taken out of the kwargs here), else
+    drawn from the policy (training) or the plan's (eval). Module-level, holding no model
+    object: a deep copy or a pickle of the model runs the same hook on its own router.
     """
     router: Router = getattr(module, ROUTER_ATTR)
-    router.enter(module.training)
+    routing = router.enter(module.training, kwargs.pop(ROUTE_ARG, None))
     if module.training:
         if router.policy.routes:
             _check_checkpointing(module)
@@ -214,6 +218,11 @@ def _enter_pass(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     name = CACHE_ARG if CACHE_ARG in kwargs else "past_key_values" if "past_key_values" in kwargs else "cache"
     cache = kwargs.get(name)
     plan = router.plan
+    if routing.route != plan.source and (cache is not None or kwargs.get("use_cache") is not False):
+        raise ValueError(
+            f"kvroute: an explicit {ROUTE_ARG} other than the plan's source map runs without a cache; "
+            "pass use_cache=False, or set_plan() to decode under a plan"
+        )
     if cache is None:
         use_cache = kwargs.get("use_cache")
         if use_cache if use_cache is not None else getattr(module.config, "use_cache", False):

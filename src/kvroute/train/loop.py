@@ -30,7 +30,6 @@ import torch
 from kvroute import sharding
 from kvroute.hf.patch import apply, get_router
 from kvroute.plan import parse_plan_list
-from kvroute.policy import NoRouting, RoutingPolicy
 from kvroute.precision import autocast, resolve_precision
 from kvroute.train.checkpoint import latest_checkpoint, remove_partial_checkpoints, restore_run, save_run
 from kvroute.train.config import TrainConfig, _check_inputs
@@ -155,15 +154,15 @@ class _Run:
             last = k == c.grad_accum - 1
             sharding.set_gradient_sync(model, last)
             with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(model):
-                with self.autocast():
-                    out = _forward(model, batch, hidden)  # draws the route
-                logits = out.logits
-                route = self.router.last_route
+                route = self.router.sample()  # this pass's route, passed to the forward explicitly
                 routes.append(route)
+                with self.autocast():
+                    out = _forward(model, batch, hidden, route)
+                logits = out.logits
                 lm = causal_lm_loss(logits, batch["labels"], reduction="sum")
                 dist = torch.zeros((), device=lm.device)
                 dist_hidden = torch.zeros((), device=lm.device)
-                if (c.distill > 0 or hidden) and route != tuple(range(len(route))):  # only routed passes
+                if (c.distill > 0 or hidden) and route != self.router.identity():  # only routed passes
                     teacher = self.teacher(batch, hidden)
                     if c.distill > 0:
                         dist = distill_kl(logits, teacher.logits, batch["labels"], reduction="sum")
@@ -204,7 +203,7 @@ class _Run:
         return self.accelerator.reduce(values.clone(), "sum") if self.accelerator.num_processes > 1 else values
 
     def teacher(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
-        """The unrouted output: the frozen base copy, else the model itself with the identity route.
+        """The unrouted output: the frozen base copy, else the model itself under an explicit identity route.
 
         Routes are equal on all ranks, so all ranks make this call alike (DDP-safe).
         """
@@ -212,8 +211,8 @@ class _Run:
             if self.base is not None:
                 return _forward(self.base, batch, hidden)
             off = self.plain.disable_adapter() if self.adapters_off_teacher else contextlib.nullcontext()
-            with _policy(self.router, NoRouting()), off:
-                return _forward(self.model, batch, hidden)
+            with off:
+                return _forward(self.model, batch, hidden, self.router.identity())
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_plans(self.model, self.plain, self.val_batches, parse_plan_list(self.config.eval_plans),
@@ -297,13 +296,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _policy(router: Any, policy: RoutingPolicy):
-    saved = router.policy
-    router.policy = policy
-    try:
-        yield
-    finally:
-        router.policy = saved

@@ -1,17 +1,18 @@
 """Losses: next-token LM loss (answer-only where labels mask the prompt with -100), distillation
-(KL on logits, layer-wise on hidden states), and the validation loss under each plan."""
+(KL on logits, layer-wise on hidden states), and the loss under a plan (:func:`mean_loss`)."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from kvroute.data.qa import IGNORE_INDEX
-from kvroute.hf.patch import PlanMismatchWarning, get_router, set_plan
+from kvroute.hf.patch import ROUTE_ARG, PlanMismatchWarning, get_router, set_plan
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -57,20 +58,51 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return _forward(model, batch).logits
-
-
-def _forward(model, batch: dict[str, torch.Tensor], hidden: bool = False) -> Any:
-    """The model's output on ``batch`` (with every layer's hidden states when ``hidden``)."""
+def _forward(model, batch: dict[str, torch.Tensor], hidden: bool = False, route: tuple[int, ...] | None = None) -> Any:
+    """The model's output on ``batch`` (with every layer's hidden states when ``hidden``), under ``route``
+    if given (passed by value as the forward's :data:`~kvroute.hf.patch.ROUTE_ARG`), else as routed now."""
+    extra = {ROUTE_ARG: route} if route is not None else {}
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-                 output_hidden_states=hidden)
+                 output_hidden_states=hidden, **extra)
 
 
 @torch.no_grad()
+def mean_loss(model, batches: torch.Tensor | Iterable[dict[str, torch.Tensor]], batch_size: int = 4,
+              autocast: Callable = contextlib.nullcontext) -> float:
+    """Mean next-token loss of ``model`` as it is routed now, over every labelled token of ``batches``.
+
+    The one "loss under a plan" of kvroute: plan search, calibration reports and training's
+    validation (:func:`evaluate_plans`) all use it. It leaves the model's mode and plan alone.
+
+    Args:
+        model: a routed model (possibly wrapped by DDP/FSDP), called without a cache.
+        batches: ``(N, T)`` token ids, cut into ``batch_size`` rows with every token labelled; or
+            batches with ``input_ids``, ``labels`` (``-100``: not counted) and optionally ``attention_mask``.
+        batch_size: rows per forward pass when ``batches`` is a tensor.
+        autocast: a context manager each forward runs in (e.g. :func:`kvroute.precision.autocast`).
+
+    Returns:
+        Summed token loss / labelled tokens (0.0 when nothing is labelled).
+
+    Example:
+        >>> loss = mean_loss(model, chunks)  # doctest: +SKIP
+    """
+    if isinstance(batches, torch.Tensor):
+        batches = ({"input_ids": rows, "labels": rows} for rows in batches.split(batch_size))
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64)  # summed token loss, tokens
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = _forward(model, batch).logits
+        total += torch.tensor([float(causal_lm_loss(logits, batch["labels"], "sum")), labelled_tokens(batch)],
+                              dtype=torch.float64)
+    return float(total[0] / total[1].clamp(min=1))
+
+
 def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], plans: list[str],
                    autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
-    """Mean validation loss per plan (eval mode), then back to training mode and the saved plan.
+    """:func:`mean_loss` per plan (eval mode), then back to training mode and the saved plan.
 
     Args:
         model: the model to call (possibly wrapped by DDP/FSDP).
@@ -83,7 +115,6 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
     measured under the others without a warning: they were asked for.
     """
     train_plan = get_router(plain).plan
-    device = next(plain.parameters()).device
     model.eval()
     out: dict[str, float] = {}
     with warnings.catch_warnings():
@@ -91,14 +122,7 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
         try:
             for spec in plans:
                 set_plan(plain, spec)
-                total = torch.zeros(2, dtype=torch.float64)  # summed token loss, tokens
-                for batch in val_batches:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-                    with autocast():
-                        logits = _forward_logits(model, batch)
-                    total += torch.stack([causal_lm_loss(logits, batch["labels"], "sum").double(), n.double()]).cpu()
-                out[spec] = float(total[0] / total[1].clamp(min=1))
+                out[spec] = mean_loss(model, val_batches, autocast=autocast)
         finally:
             set_plan(plain, train_plan)
             model.train()

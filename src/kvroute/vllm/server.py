@@ -117,7 +117,7 @@ def kv_pool_report(checkpoint: str | Path, plan: SharingPlan | str | None, kv_ca
     what vLLM's ``--dtype auto`` picks: the checkpoint's own, with float32 served in bfloat16.
     """
     from kvroute.budget import format_bytes
-    from kvroute.plan import KVShape, dtype_bytes
+    from kvroute.plan import KVShape
 
     config = read_config(checkpoint)
     resolved = resolve_plan(config, plan)
@@ -125,8 +125,7 @@ def kv_pool_report(checkpoint: str | Path, plan: SharingPlan | str | None, kv_ca
     if dtype in (None, "auto"):
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
         dtype = "bfloat16" if dtype in ("float32", "float") else dtype
-    per_layer = 2 * shape.kv_heads * shape.head_dim * dtype_bytes(dtype)
-    tokens = kv_cache_memory // (per_layer * len(resolved.owners))
-    full = kv_cache_memory // (per_layer * shape.num_layers)
+    tokens = kv_cache_memory // resolved.kv_bytes_per_token(shape, dtype)
+    full = kv_cache_memory // (shape.token_bytes(dtype) * shape.num_layers)
     return (f"KV pool {format_bytes(kv_cache_memory)} ({dtype}): about {tokens:,} tokens under {resolved.spec} "
             f"against {full:,} under full ({tokens / max(full, 1):.2f}x)")
