@@ -14,22 +14,27 @@ from kvroute.calibrate import CalibrationConfig
 from kvroute.cli import build_parser, main
 from kvroute.config_cli import config_from_args, field_docs, flag_dests
 from kvroute.evaluate import EvalConfig
+from kvroute.search_run import SearchConfig
 from kvroute.serving_bench import ServingBenchConfig
 from kvroute.train import TrainConfig
 
 #: command -> the config dataclasses its flags come from
 CONFIGS = {"train": (TrainConfig,), "eval": (EvalConfig,), "calibrate": (CalibrationConfig,),
-           "bench": (BenchConfig, ServingBenchConfig)}
+           "bench": (BenchConfig, ServingBenchConfig), "plan search": (SearchConfig,)}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return sub.choices[command]
+    """The parser of ``command``; ``"plan search"``: an action of a command."""
+    parser = build_parser()
+    for name in command.split():
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
 
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))
 def test_every_field_has_a_flag_and_every_flag_a_field(command):
-    module = importlib.import_module(f"kvroute.commands.{command}")
+    module = importlib.import_module(f"kvroute.commands.{command.split()[0]}")
     cli_only, renamed = set(module.CLI_ONLY), getattr(module, "FIELD_DESTS", {})
     fields = {renamed.get(f.name, f.name) for cls in CONFIGS[command] for f in dataclasses.fields(cls)}
     dests = flag_dests(_subparser(command))

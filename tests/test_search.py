@@ -11,15 +11,8 @@ from textkit import make_model_dir, write_corpus
 
 import kvroute
 from kvroute.cli import main
-from kvroute.search import (
-    PlanScorer,
-    calibration_chunks,
-    read_texts,
-    search_checkpoint,
-    search_plan,
-    split_heldout,
-    uniform_plans,
-)
+from kvroute.search import PlanScorer, calibration_chunks, read_texts, search_plan, uniform_plans
+from kvroute.search_run import SearchConfig, search_checkpoint, split_heldout
 
 LAYERS = 8
 
@@ -154,8 +147,8 @@ def test_search_checkpoint_reports_and_saves(tmp_path):
     folder = make_model_dir(tmp_path / "m", layers=4)
     corpus = write_corpus(tmp_path / "corpus", docs=4, length=50)
     lines: list[str] = []
-    run = search_checkpoint(str(folder), "0.5", [str(corpus)], chunk_tokens=16, max_chunks=4, progress=False,
-                            log=lines.append)
+    config = SearchConfig(str(folder), "0.5", [str(corpus)], chunk_tokens=16, max_chunks=4)
+    run = search_checkpoint(config, progress=False, log=lines.append)
     assert lines == ["searching 2/4 owner layers on 2 chunks of 16 tokens (2 held out)"]
     assert run.chunks == 4 and run.heldout_chunks == 2 and len(run.result.plan.owners) == 2
     report = run.report()
@@ -167,4 +160,30 @@ def test_search_checkpoint_reports_and_saves(tmp_path):
     assert saved["chunks"] == 4 and saved["chunk_tokens"] == 16 and saved["plan"]["owners"] == list(
         run.result.plan.owners)
     with pytest.raises(ValueError, match="--heldout"):
-        search_checkpoint(str(folder), "0.5", [str(corpus)], heldout=-0.1)
+        SearchConfig(str(folder), "0.5", [str(corpus)], heldout=-0.1)
+
+
+@pytest.mark.parametrize("field, value, match", [("beam", 0, "--beam must be at least 1"),
+                                                 ("shortlist", 0, "--shortlist must be at least 1"),
+                                                 ("refine", -1, "--refine must be >= 0"),
+                                                 ("data", [], "--data: give at least one")])
+def test_search_config_errors_name_the_flag(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SearchConfig(**{"model": "m", "budget": "0.5", "data": ["d"], field: value})
+
+
+def test_cli_search_config_file(tmp_path, monkeypatch, capsys):
+    import kvroute.search_run
+
+    seen: list[SearchConfig] = []
+
+    def fake(config, **_):
+        seen.append(config)
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(kvroute.search_run, "search_checkpoint", fake)
+    (tmp_path / "s.toml").write_text('budget = "0.25"\ndata = ["a.txt"]\nbeam = 3\nkv_dtype = "fp32"\n')
+    assert main(["plan", "search", "m", "--config", str(tmp_path / "s.toml"), "--beam", "2", "--dtype", "int8"]) == 2
+    assert seen == [SearchConfig("m", "0.25", ["a.txt"], beam=2, kv_dtype="int8")]  # flags win over the file
+    assert main(["plan", "search", "m", "--data", "a.txt"]) == 2
+    assert "--budget: required" in capsys.readouterr().err

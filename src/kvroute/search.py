@@ -12,7 +12,8 @@ The search is greedy with an optional beam, then a local refinement:
    (``every:k`` where one matches) on the search chunks: that plan is a candidate too.
 
 Every plan's loss is computed once (cached by owner set). The search is deterministic:
-fixed chunks, eval mode, ties broken by the owner tuple.
+fixed chunks, eval mode, ties broken by the owner tuple. :mod:`kvroute.search_run` runs it
+on a checkpoint (``kvroute plan search``).
 
 Example:
     >>> result = search_plan(model, chunks, owners=8)          # doctest: +SKIP
@@ -278,118 +279,3 @@ def _refine(scorer: PlanScorer, best: Owners, must: Owners, layers: int, rounds:
             break
         best = top
     return best
-
-
-# ------------------------------------------------------------ a checkpoint, end to end
-@dataclass
-class CheckpointSearch:
-    """A plan search run on a checkpoint (``kvroute plan search``): the result and what it ran on.
-
-    Attributes:
-        result: the searched plan and its comparison table.
-        checkpoint: the checkpoint searched.
-        budget: the budget as given (fraction, owner count or memory size).
-        data: the calibration text files or folders.
-        chunk_tokens: tokens per chunk.
-        chunks: chunks read in total (search and held out).
-        heldout_chunks: chunks held out for the comparison.
-    """
-
-    result: SearchResult
-    checkpoint: str
-    budget: str | float | int
-    data: list[str]
-    chunk_tokens: int
-    chunks: int
-    heldout_chunks: int = 0
-
-    def report(self) -> str:
-        """The comparison table, the count of plans evaluated and the plan found."""
-        return f"{self.result.table()}\n\n{self.result.evaluations} plans evaluated\nplan: {self.result.plan.spec}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """What ``kvroute plan search --out`` writes: the plan, its loss, the table and the setup."""
-        r = self.result
-        return {"plan": r.plan.to_dict(), "loss": r.loss, "rows": r.rows, "evaluations": r.evaluations,
-                "budget": self.budget, "data": self.data, "chunk_tokens": self.chunk_tokens, "chunks": self.chunks,
-                "model": self.checkpoint}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path``."""
-        import json
-
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
-
-
-def split_heldout(chunks: torch.Tensor, heldout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``chunks`` split into search chunks and the last ``heldout`` fraction (None when that is no chunk).
-
-    At least one chunk is always searched on.
-    """
-    if not 0.0 <= heldout < 1.0:
-        raise ValueError(f"--heldout must be in [0, 1), got {heldout}")
-    n_search = max(1, round(len(chunks) * (1 - heldout)))
-    return chunks[:n_search], chunks[n_search:] if n_search < len(chunks) else None
-
-
-def search_checkpoint(
-    checkpoint: str,
-    budget: str | float | int,
-    data: list[str],
-    *,
-    chunk_tokens: int = 256,
-    max_chunks: int | None = 8,
-    heldout: float = 0.5,
-    beam: int = 1,
-    shortlist: int | None = None,
-    refine: int = 20,
-    batch_size: int = 8,
-    model_dtype: str = "float32",
-    batch: int = 1,
-    context: int | None = None,
-    kv_dtype: Any = "bf16",
-    progress: bool = True,
-    log: Any = None,
-) -> CheckpointSearch:
-    """Load ``checkpoint``, read calibration text and search the best plan for ``budget``.
-
-    Args:
-        checkpoint: checkpoint folder, hub id or ``.gguf`` (weights and tokenizer are loaded).
-        budget: fraction of layers (``0.25``), owner layers (``8``) or memory (``"6GiB"``, needs ``context``);
-            see :func:`kvroute.budget.owners_for_budget`.
-        data: calibration text files or folders (:func:`read_texts`).
-        chunk_tokens, max_chunks: chunking of the text (:func:`calibration_chunks`).
-        heldout: fraction of the chunks (the last ones) held out, scored only for the comparison.
-        beam, shortlist, refine, batch_size, progress: as in :func:`search_plan`.
-        model_dtype: dtype the model runs in.
-        batch, context, kv_dtype: sequences, tokens per sequence and KV dtype a memory budget is sized for.
-        log: called with one line saying what is searched, before the search (e.g. ``print``).
-
-    Returns:
-        The search result with its setup; ``.report()`` prints it, ``.save(path)`` writes JSON.
-
-    Example:
-        >>> run = search_checkpoint("runs/rcla/final", "0.25", ["heldout/"])  # doctest: +SKIP
-        >>> print(run.report())                                               # doctest: +SKIP
-    """
-    from kvroute.budget import owners_for_budget
-    from kvroute.models import load, load_tokenizer
-    from kvroute.shapes import is_shape
-
-    if is_shape(checkpoint):
-        raise ValueError(f"plan search needs a checkpoint with weights and a tokenizer, not the shape {checkpoint!r}")
-    if not 0.0 <= heldout < 1.0:
-        raise ValueError(f"--heldout must be in [0, 1), got {heldout}")
-    model = load(checkpoint, dtype=model_dtype)
-    owners = owners_for_budget(budget, KVShape.from_config(model.config), batch, context, kv_dtype)
-    chunks = calibration_chunks(load_tokenizer(checkpoint), read_texts(data), chunk_tokens, max_chunks)
-    search, held = split_heldout(chunks, heldout)
-    n_held = 0 if held is None else len(held)
-    if log is not None:
-        log(f"searching {owners}/{model.config.num_hidden_layers} owner layers on {len(search)} chunks of "
-            f"{chunk_tokens} tokens ({n_held} held out)")
-    result = search_plan(model, search, owners, held, beam=beam, shortlist=shortlist, refine=refine,
-                         batch_size=batch_size, progress=progress)
-    return CheckpointSearch(result, str(checkpoint), budget, [str(d) for d in data], chunk_tokens, len(chunks), n_held)

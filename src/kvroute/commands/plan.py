@@ -6,10 +6,16 @@ import argparse
 import sys
 
 NAME = "plan"
+#: dests of ``plan search`` that are no SearchConfig field (``plan show`` and ``plan budget`` have no config:
+#: their few flags are declared by hand)
+CLI_ONLY = ("config", "out")
 HELP = "Show a sharing plan's KV memory, size a memory budget, or search the best plan for a budget."
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from kvroute.config_cli import add_config_flags
+    from kvroute.search_run import SearchConfig
+
     sub = p.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
     model_help = "named shape (smollm2-135m, qwen3-8b, qwen3-8b-mini, llama-3.1-8b), checkpoint folder or .gguf"
 
@@ -28,23 +34,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     search = sub.add_parser("search", help="the owner set that minimizes loss on calibration text")
     search.add_argument("model", help="checkpoint folder, hub id or .gguf (weights and tokenizer are loaded)")
-    search.add_argument("--budget", required=True,
-                        help="fraction of layers (0.25), number of owner layers (8) or memory (6GiB, with --context)")
-    search.add_argument("--data", nargs="+", required=True, help="calibration text files or folders (.txt, .md, .jsonl)")
-    search.add_argument("--chunk-tokens", type=int, default=256, help="tokens per calibration chunk (default 256)")
-    search.add_argument("--max-chunks", type=int, default=8, help="chunks read in total (default 8)")
-    search.add_argument("--heldout", type=float, default=0.5,
-                        help="fraction of the chunks (the last ones) held out for the comparison (default 0.5)")
-    search.add_argument("--beam", type=int, default=1, help="owner sets kept per greedy step (default 1)")
-    search.add_argument("--shortlist", type=int,
-                        help="lazy greedy: after the first step, try only the N layers that did best in the "
-                             "previous step (default: try all)")
-    search.add_argument("--refine", type=int, default=20,
-                        help="rounds of moving single owners to neighbouring layers (default 20, 0: none)")
-    search.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass")
-    search.add_argument("--model-dtype", default="float32", help="dtype the model runs in (default float32)")
+    add_config_flags(search, SearchConfig, skip={"model"}, kv_dtype={"flags": ["--dtype"]})  # as show, budget
     search.add_argument("--out", help="write the result (plan, table) as JSON here")
-    _memory_args(search, batch=1, context=None)
     search.set_defaults(_action=_search)
 
 
@@ -81,14 +72,10 @@ def _budget(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from kvroute.search import search_checkpoint
+    from kvroute.config_cli import config_from_args
+    from kvroute.search_run import SearchConfig, search_checkpoint
 
-    run = search_checkpoint(
-        args.model, args.budget, args.data, chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks,
-        heldout=args.heldout, beam=args.beam, shortlist=args.shortlist, refine=args.refine,
-        batch_size=args.batch_size, model_dtype=args.model_dtype, batch=args.batch, context=args.context,
-        kv_dtype=args.dtype, log=lambda line: print(line, file=sys.stderr),
-    )
+    run = search_checkpoint(config_from_args(SearchConfig, args), log=lambda line: print(line, file=sys.stderr))
     print(run.report())
     if args.out:
         run.save(args.out)
