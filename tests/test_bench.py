@@ -178,13 +178,34 @@ def test_serving_bench_rejects_bad_input_before_any_engine(tmp_path):
     assert ServingBenchConfig(checkpoint=str(tmp_path)).kv_cache_memory == 64 * 2**20
 
 
-def test_threads_apply_to_the_run_only():
+def test_the_library_leaves_threads_alone_and_records_them():
     import torch
 
     before = torch.get_num_threads()
-    want = 1 if before != 1 else 2
     config = BenchConfig(plans=["full"], contexts=[8], new_tokens=1, repeats=1, warmup=0, baseline=False,
-                         threads=want)
+                         threads=1 if before != 1 else 2)
     report = run_bench(config, model=tiny_model("llama", layers=LAYERS), progress=False)
-    assert report.meta["threads"] == want  # measured with the threads asked for
-    assert torch.get_num_threads() == before  # and the process's own setting is back
+    assert torch.get_num_threads() == before  # only the command line entry point sets threads
+    assert report.meta["threads"] == before  # and the report says what the run had
+
+
+def test_bench_command_sets_threads_once(monkeypatch):
+    import torch
+
+    import kvroute.bench
+    from kvroute.cli import main
+
+    seen: list[int] = []
+
+    def fake(config, **_):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stopped before measuring")
+
+    monkeypatch.setattr(kvroute.bench, "run_bench", fake)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        assert main(["bench", "--plans", "full", "--threads", str(want)]) == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [want]

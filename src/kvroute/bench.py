@@ -36,7 +36,7 @@ import torch
 from kvroute.budget import format_bytes, size_option
 from kvroute.hf.cache import cache_nbytes
 from kvroute.hf.compat import cache_kwargs
-from kvroute.measure import PeakMemory, loadavg, sync, torch_threads
+from kvroute.measure import PeakMemory, loadavg, sync
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.plots import bench_plot
 from kvroute.results import plan_label
@@ -59,7 +59,8 @@ class BenchConfig:
         warmup: untimed repeats first.
         dtype: model and cache dtype.
         device: ``cpu`` or ``cuda``.
-        threads: torch intra-op threads (default: leave torch's setting).
+        threads: torch intra-op threads, set by the command line entry point (``kvroute bench``) before the
+            run; the library leaves the process's setting alone and records the count it ran with.
         kv_budget: KV memory budget for the largest-batch column: bytes, or a size such as ``1GiB`` (None: skip).
         kv_quant: KV storage of the plans' caches, each measured: ``none``, ``int8``, ``int4`` (a list, or
             comma-separated).
@@ -239,11 +240,6 @@ def run_bench(config: BenchConfig, model: torch.nn.Module | None = None, progres
     Returns:
         The report; :func:`write_report` writes it as JSON, markdown and PNG.
     """
-    with torch_threads(config.threads):
-        return _run_bench(config, model, progress)
-
-
-def _run_bench(config: BenchConfig, model: torch.nn.Module | None, progress: bool) -> BenchReport:
     import copy
 
     from kvroute.calibrate import is_calibrated, load_calibration

@@ -44,7 +44,8 @@ class ServingBenchConfig:
         new_tokens: tokens generated per request (EOS ignored).
         max_num_seqs: vLLM's cap on running requests (high, so that KV memory is the limit).
         dtype: vLLM's model dtype (the KV cache follows it).
-        threads: torch threads of the engine (vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND`` is left alone).
+        threads: torch threads of the engine, set by the command line entry point (``kvroute bench``); the
+            library records the count it ran with (vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND`` is left alone).
         seed: seed of the prompt tokens and of the engines.
     """
 
@@ -182,18 +183,15 @@ def run_serving_bench(config: ServingBenchConfig, progress: bool = True) -> Serv
     import torch
     import vllm
 
-    from kvroute.measure import torch_threads
-
     vocab = json.loads((Path(config.checkpoint) / "config.json").read_text()).get("vocab_size", 32000)
     prompts = _prompts(config, vocab)
     rows = []
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    with torch_threads(config.threads):
-        for plan in config.plans:
-            if progress:
-                print(f"kvroute bench --engine vllm: serving {plan} ...", file=sys.stderr, flush=True)
-            rows.append(_one_plan(config, plan, prompts))
-        threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
+    for plan in config.plans:
+        if progress:
+            print(f"kvroute bench --engine vllm: serving {plan} ...", file=sys.stderr, flush=True)
+        rows.append(_one_plan(config, plan, prompts))
     env = {
         "vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,

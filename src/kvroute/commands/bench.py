@@ -67,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
     from kvroute.serving_bench import run_serving_bench, write_serving_report
 
     run_, write = (run_bench, write_report) if args.engine == "hf" else (run_serving_bench, write_serving_report)
-    report = run_(config(args))
+    cfg = config(args)
+    if cfg.threads is not None:  # the one place torch's thread count is set; the library only records it
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    report = run_(cfg)
     command = "kvroute " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     paths = write(report, args.out, command=command)
     print(report.table())
