@@ -1,4 +1,5 @@
-"""Tiny models of every supported family, built from configs (no downloads)."""
+"""Tiny models of every supported family, built from configs (no downloads); textkit.py adds the text,
+tokenizers and checkpoint folders around them."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
-def tiny_config(family: str, layers: int = 4, attn: str = "sdpa"):
+def tiny_config(family: str, layers: int = 4, attn: str = "sdpa", vocab: int = 97):
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
@@ -41,11 +42,12 @@ def tiny_config(family: str, layers: int = 4, attn: str = "sdpa"):
     return config
 
 
-def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0, attn: str = "sdpa"):
+def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0, attn: str = "sdpa", vocab: int = 97):
+    """A random tiny causal LM in eval mode (``vocab``: see textkit.py's tokenizers)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, attn), attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, attn, vocab), attn_implementation=attn)
     return model.eval()
 
 

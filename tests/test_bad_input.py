@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textkit import make_model_dir, write_corpus
 
-from eval_helpers import save_tiny_checkpoint
 from kvroute.cli import main
-from textkit import write_corpus
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
-    ckpt = save_tiny_checkpoint(root / "ckpt")
+    ckpt = make_model_dir(root / "ckpt", tokenizer="chars")
     latin1 = root / "latin1"
     latin1.mkdir()
     (latin1 / "a.txt").write_text("plain text " * 20)

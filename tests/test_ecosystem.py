@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_routes
+from textkit import tiny_lm, tiny_tokenizer
 
 import kvroute
-from eval_helpers import tiny_lm, tiny_tokenizer
-from conftest import record_routes
 
 pytest.importorskip("accelerate")
 datasets = pytest.importorskip("datasets")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from eval_helpers import greedy_without_cache, save_tiny_checkpoint, tiny_lm, tiny_tokenizer
+from textkit import greedy_without_cache, make_model_dir, tiny_lm, tiny_tokenizer
 
 import kvroute
 from kvroute.calibrate import CalibrationConfig, calibrate, save_calibration
@@ -148,7 +148,7 @@ def test_bigbench_task_json(tmp_path):
 @pytest.fixture(scope="module")
 def eval_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    ckpt = save_tiny_checkpoint(root / "ckpt", layers=4, seed=4)
+    ckpt = make_model_dir(root / "ckpt", layers=4, seed=4, tokenizer="chars")
     (root / "text").mkdir()
     (root / "text" / "a.txt").write_text(TEXT * 2)
     (root / "text" / "b.txt").write_text(TEXT)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
-from eval_helpers import greedy_without_cache
-from textkit import make_tokenizer
+from textkit import greedy_without_cache, make_tokenizer
 
 import kvroute
 from kvroute.calibrate import CalibrationConfig, calibrate

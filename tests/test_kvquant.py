@@ -99,11 +99,11 @@ def test_memory_multiplies_every4_int4_under_a_fourteenth_of_full_bf16():
 def test_eval_runs_every_plan_under_each_kv_quant(tmp_path, capsys):
     import json
 
-    from eval_helpers import save_tiny_checkpoint
-    from kvroute.cli import main
-    from textkit import write_corpus
+    from textkit import make_model_dir, write_corpus
 
-    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", layers=4)
+    from kvroute.cli import main
+
+    ckpt = make_model_dir(tmp_path / "ckpt", layers=4, tokenizer="chars")
     text = write_corpus(tmp_path / "text", docs=3, length=80)
     out = tmp_path / "out"
     assert main(["eval", str(ckpt), "--plans", "full,every:2", "--text", str(text), "--out", str(out),

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from eval_helpers import save_tiny_checkpoint, tiny_tokenizer  # noqa: E402
+from textkit import make_model_dir, tiny_tokenizer  # noqa: E402
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 
@@ -23,7 +23,7 @@ def test_kvroute_model_runs_local_tasks_under_a_plan(tmp_path, monkeypatch):
     from kvroute.data.evalsets import MCExample
     from kvroute.evaluate import choice_logprobs
 
-    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", layers=4, seed=6)
+    ckpt = make_model_dir(tmp_path / "ckpt", layers=4, seed=6, tokenizer="chars")
     tasks = TaskManager(include_path=str(TASKS), include_defaults=False)  # no indexing of lm-eval's own tasks
     results = lm_eval.simple_evaluate(
         model="kvroute", model_args=f"pretrained={ckpt},plan=every:2", tasks=["kvroute_tiny_mc", "kvroute_tiny_qa"],

@@ -1,4 +1,4 @@
-"""kvroute plan show / budget, and budgets: memory figures from a config alone, clear errors."""
+"""budget.py and `kvroute plan show / budget`: memory figures from a config alone, budgets to owners, clear errors."""
 
 from __future__ import annotations
 
