@@ -437,11 +437,11 @@ def test_lora_fine_tunes_follow_the_seed(assets, tmp_path):
 
 
 def test_qa_validation_split_does_not_follow_the_seed(assets):
-    from kvroute.data.qa import load_qa
+    from kvroute.data.qa import load_qa_splits
     from kvroute.models import load_tokenizer
 
     tok = load_tokenizer(str(assets["model"]))
-    splits = [load_qa([str(assets["qa"])], tok, 48, 0.25, seed=s)[1] for s in (0, 7)]
+    splits = [load_qa_splits([str(assets["qa"])], tok, 48, 0.25, seed=s)[1] for s in (0, 7)]
     assert [r.question for r in splits[0].records] == [r.question for r in splits[1].records]
 
 
