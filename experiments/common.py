@@ -88,6 +88,15 @@ def _chapter(path: Path) -> int:
     return int(path.stem.split("_", 1)[1])
 
 
+def sotu(first: int, last: int) -> list[str]:
+    """The State of the Union split: the files of the years ``first``..``last``, sorted.
+
+    Example:
+        >>> train, held = sotu(1790, 2006), sotu(2007, 2100)  # doctest: +SKIP
+    """
+    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= _year(f) <= last]
+
+
 def prepare_data() -> dict:
     """Copy the text files into train/ and held-out folders (once); returns the split summary."""
     manifest = DATA / "split.json"
@@ -100,7 +109,8 @@ def prepare_data() -> dict:
     split: dict[str, list[str]] = {"train": [], "sotu_2007plus": [], "moby_heldout": []}
     for folder in ("train", "heldout_sotu", "heldout_moby"):
         (tmp / folder).mkdir(parents=True)
-    for f in sorted(SOTU.glob("*.txt")):
+    for name in sotu(1700, 2100):
+        f = Path(name)
         held = _year(f) >= HELDOUT_SOTU_FROM
         shutil.copy(f, tmp / ("heldout_sotu" if held else "train") / f"sotu_{f.name}")
         split["sotu_2007plus" if held else "train"].append(f"sotu/{f.name}")
