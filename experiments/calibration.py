@@ -40,9 +40,9 @@ import torch  # noqa: E402
 import kvroute  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibration_data, mean_loss  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
+from common import sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOTU = ROOT / "assets" / "text" / "sotu" / "data"
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
 RESULTS = ROOT / "experiments" / "results" / "calibration.json"
 CHECKPOINTS = {
@@ -51,10 +51,6 @@ CHECKPOINTS = {
     "rcla": ROOT / "runs" / "demo" / "rcla" / "final",
 }
 EVAL_TOKENS = 8192
-
-
-def sotu(first: int, last: int) -> list[str]:
-    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= int(f.name[:4]) <= last]
 
 
 def variant_config(name: str, steps: int) -> CalibrationConfig:

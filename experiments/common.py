@@ -4,7 +4,7 @@
   held-out chapters; held-out text = State of the Union 2007+ and Moby Dick chapters
   15, 30, ..., 135 (neither the tokenizer nor any model trains on them);
 - a byte-level BPE tokenizer (4,096 tokens) trained on the training split only;
-- the model shape (a Qwen3-style preset registered in ``kvroute.shapes.PRESETS``);
+- the model shape (a Qwen3-style preset definition, given to ``TrainConfig(preset=...)``);
 - training through ``kvroute.train.train(TrainConfig(...))``, evaluation through
   ``kvroute.evaluate.evaluate(EvalConfig(...))``, each run skipped when finished.
 
@@ -54,7 +54,6 @@ HELDOUT_MOBY_CHAPTERS = set(range(15, 136, 15))  # 15, 30, ..., 135
 VOCAB = 4096
 
 #: the model: Qwen3-style, 8 layers, hidden 128, GQA 4 query / 2 KV heads of 32 dims.
-PRESET = "exp-h128"
 PRESET_FIELDS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
 LAYERS = 8
@@ -73,13 +72,6 @@ DEVICE = os.environ.get("KVR_DEVICE", "cpu")
 EVAL = dict(window=256, stride=128, max_tokens=int(os.environ.get("KVR_EVAL_TOKENS", "20000")))
 
 
-def register_preset() -> None:
-    """Add the experiment's shape to kvroute's preset table (public dict; no source change)."""
-    from kvroute.shapes import PRESETS
-
-    PRESETS.setdefault(PRESET, dict(PRESET_FIELDS))
-
-
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -96,6 +88,15 @@ def _chapter(path: Path) -> int:
     return int(path.stem.split("_", 1)[1])
 
 
+def sotu(first: int, last: int) -> list[str]:
+    """The State of the Union split: the files of the years ``first``..``last``, sorted.
+
+    Example:
+        >>> train, held = sotu(1790, 2006), sotu(2007, 2100)  # doctest: +SKIP
+    """
+    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= _year(f) <= last]
+
+
 def prepare_data() -> dict:
     """Copy the text files into train/ and held-out folders (once); returns the split summary."""
     manifest = DATA / "split.json"
@@ -108,7 +109,8 @@ def prepare_data() -> dict:
     split: dict[str, list[str]] = {"train": [], "sotu_2007plus": [], "moby_heldout": []}
     for folder in ("train", "heldout_sotu", "heldout_moby"):
         (tmp / folder).mkdir(parents=True)
-    for f in sorted(SOTU.glob("*.txt")):
+    for name in sotu(1700, 2100):
+        f = Path(name)
         held = _year(f) >= HELDOUT_SOTU_FROM
         shutil.copy(f, tmp / ("heldout_sotu" if held else "train") / f"sotu_{f.name}")
         split["sotu_2007plus" if held else "train"].append(f"sotu/{f.name}")
@@ -159,10 +161,9 @@ def train_tokenizer() -> Path:
 
 
 def setup() -> dict:
-    """Data split + tokenizer + preset; returns the split summary."""
+    """Data split + tokenizer; returns the split summary."""
     summary = prepare_data()
     train_tokenizer()
-    register_preset()
     return summary
 
 
@@ -187,7 +188,7 @@ def train_run(name: str, routing: str, p: float | None = None, layers: int = LAY
             return summary
         log(f"{name}: the finished run in {out} has other settings; training it again")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(data=[str(TRAIN_DIR)], output_dir=str(out), preset=PRESET, layers=layers,
+    cfg = TrainConfig(data=[str(TRAIN_DIR)], output_dir=str(out), preset=dict(PRESET_FIELDS), layers=layers,
                       tokenizer=str(TOKENIZER), routing=routing, p=p, device=DEVICE, tensorboard=False,
                       quiet=True, log_every=10, eval_plans=overrides.pop("eval_plans", "full,every:2,every:4"),
                       **{**TRAIN, **overrides})

@@ -35,12 +35,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import sotu  # noqa: E402
 from jobs import log, run_parallel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 MODEL = ASSETS / "smollm2-135m"
-SOTU = ASSETS / "text" / "sotu" / "data"
 OUT = ROOT / "runs" / "finetune_sweep"
 RESULT = ROOT / "experiments" / "results" / "finetune_sweep.json"
 PLOT = ROOT / "docs" / "img" / "finetune_sweep.png"
@@ -77,20 +77,18 @@ def prepare_data() -> dict[str, Path]:
     """Train/held-out split of State of the Union by year, and fictional QA (written once)."""
     from kvroute.data.fictional import write_fictional_qa
 
-    files = sorted(SOTU.glob("*.txt"))
-    if not files or not (MODEL / "config.json").is_file():
+    if not sotu(1700, 2100) or not (MODEL / "config.json").is_file():
         sys.exit("finetune_sweep: assets missing; run `make assets` first")
     data = OUT / "data"
     paths = {"train_text": data / "sotu_1790_2006", "heldout_text": data / "sotu_2007_2021"}
-    for key, keep in (("train_text", lambda y: y <= 2006), ("heldout_text", lambda y: y >= 2007)):
+    for key, files in (("train_text", sotu(1700, 2006)), ("heldout_text", sotu(2007, 2100))):
         folder = paths[key]
         if not folder.is_dir():
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for f in files:
-                if keep(int(f.name[:4])):
-                    shutil.copy(f, tmp / f.name)
+                shutil.copy(f, tmp / Path(f).name)
             tmp.rename(folder)
     qa = write_fictional_qa(data / "fictional", train=QA_TRAIN, test=QA_TEST, seed=0)
     return {**paths, "qa_train": Path(qa["train"]), "qa_test": Path(qa["test"])}

@@ -29,17 +29,13 @@ import torch  # noqa: E402
 import kvroute  # noqa: E402
 from kvroute.calibrate import calibration_data, is_calibrated, mean_loss  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
+from common import sotu  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOTU = ROOT / "assets" / "text" / "sotu" / "data"
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
 BASE = ROOT / "assets" / "smollm2-135m"
 RESULTS = ROOT / "experiments" / "results" / "one_plan.json"
-
-
-def sotu(first: int, last: int) -> list[str]:
-    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= int(f.name[:4]) <= last]
 
 
 def main() -> None:

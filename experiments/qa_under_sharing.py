@@ -37,7 +37,7 @@ import kvroute  # noqa: E402
 from kvroute.calibrate import (  # noqa: E402
     CalibrationConfig, calibrate, calibrate_checkpoint, calibration_data, is_calibrated, mean_loss,
 )
-from kvroute.data.evalsets import load_qa  # noqa: E402
+from kvroute.data.qa import read_qa  # noqa: E402
 from kvroute.data.fictional import write_fictional_qa  # noqa: E402
 from kvroute.evaluate import qa_score  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
@@ -128,9 +128,9 @@ def main() -> None:
     if args.recipe == "rcla" and cal:
         calibrate(model, "every:2,every:4", sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
     held = calibration_data(tok, sotu(2007, 2100), 4096, 256)
-    scores = score(model, tok, plans, held, load_qa(data["test"]))
+    scores = score(model, tok, plans, held, read_qa([data["test"]]))
     base = kvroute.load(BASE)
-    base_scores = score(base, tok, ["full"], held, load_qa(data["test"]))["full"]
+    base_scores = score(base, tok, ["full"], held, read_qa([data["test"]]))["full"]
     row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None, "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
            "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],

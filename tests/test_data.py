@@ -10,7 +10,7 @@ import torch
 
 from kvroute.data import text as text_data
 from kvroute.data.qa import IGNORE_INDEX, QACollator, QADataset, QARecord, qa_prompt_ids, read_qa, split_records
-from kvroute.data.text import load_text, pack, parse_hf_source, resolve_files, token_stream
+from kvroute.data.text import load_text_splits, pack, parse_hf_source, resolve_files, token_stream
 from kvroute.models import load_tokenizer
 from textkit import make_tokenizer, write_corpus
 
@@ -74,7 +74,7 @@ def test_token_cache_skips_tokenizing_and_follows_file_changes(tmp_path, tok, mo
 def test_empty_text_is_refused(tmp_path, tok):
     (tmp_path / "a.txt").write_text("")
     with pytest.raises(ValueError, match="no text"):
-        load_text([str(tmp_path)], tok, seq_len=8, cache_dir=False)
+        load_text_splits([str(tmp_path)], tok, seq_len=8, cache_dir=False)
 
 
 def test_hf_source_syntax():
@@ -90,7 +90,7 @@ def test_read_qa_names_the_bad_line(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"context": "c", "question": "q", "answer": "a"}) + "\n"
                     + json.dumps({"context": "c", "question": "q"}) + "\n")
-    with pytest.raises(ValueError, match=r"qa.jsonl:2: missing field\(s\) \['answer'\]"):
+    with pytest.raises(ValueError, match=r"qa.jsonl:2: missing field\(s\) 'answer'"):
         read_qa([str(path)])
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match="qa.jsonl:1: not valid JSON"):
@@ -101,21 +101,21 @@ def test_read_qa_names_the_bad_line(tmp_path):
 
 
 def test_split_records_holds_out_a_fraction():
-    records = [QARecord(f"c{i}", "q", "a") for i in range(20)]
+    records = [QARecord(f"c{i}", "q", ("a",)) for i in range(20)]
     train, val = split_records(records, 0.25, seed=1)
     assert len(val) == 5 and sorted(r.context for r in train + val) == sorted(r.context for r in records)
 
 
 def test_evaluation_prompts_as_qa_fine_tuning_does(tok):
     """The evaluation prompt is the context-first training example up to its answer."""
-    record = QARecord("w1 w2 w3", "w4 w5", "w6")
+    record = QARecord("w1 w2 w3", "w4 w5", ("w6",))
     trained = QADataset([record], tok, seq_len=64).encode(record, question_first=False)
     prompt = trained["input_ids"][trained["labels"] == IGNORE_INDEX].tolist()
     assert qa_prompt_ids(tok, record) == prompt
 
 
 def test_collator_masks_exactly_the_non_answer_tokens(tok):
-    records = [QARecord("w1 w2 w3 w4", "w5 w6", "w7 w8"), QARecord("w9", "w10", "w11")]
+    records = [QARecord("w1 w2 w3 w4", "w5 w6", ("w7 w8",)), QARecord("w9", "w10", ("w11",))]
     ds = QADataset(records, tok, seq_len=64)
     batch = QACollator(tok.pad_token_id)([ds.encode(records[0], False), ds.encode(records[1], True)])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
@@ -132,7 +132,7 @@ def test_collator_masks_exactly_the_non_answer_tokens(tok):
 
 
 def test_question_order_is_a_seeded_fair_coin(tok):
-    record = QARecord("w1 w2", "w3", "w4")
+    record = QARecord("w1 w2", "w3", ("w4",))
     ds = QADataset([record] * 400, tok, seq_len=64, seed=3)
     firsts = [ds.question_first(i) for i in range(400)]
     assert 160 < sum(firsts) < 240
@@ -147,9 +147,43 @@ def test_question_order_is_a_seeded_fair_coin(tok):
 
 
 def test_long_context_is_cut_so_the_answer_fits(tok):
-    record = QARecord(" ".join(["w1"] * 100), "w2", "w3 w4")
+    record = QARecord(" ".join(["w1"] * 100), "w2", ("w3 w4",))
     item = QADataset([record], tok, seq_len=20).encode(record, False)
     assert len(item["input_ids"]) == 20
     assert item["labels"][-3:].tolist() == [*tok.convert_tokens_to_ids(["w3", "w4"]), tok.eos_token_id]
     with pytest.raises(ValueError, match="more than --seq-len"):
         QADataset([record], tok, seq_len=5).encode(record, False)
+
+
+def test_one_text_resolver_serves_training_evaluation_and_calibration(tmp_path):
+    from kvroute.data.text import load_eval_text, read_documents, read_texts
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("alpha")
+    (tmp_path / "c" / "b.md").write_text("  ")
+    lines = tmp_path / "t.jsonl"
+    lines.write_text(json.dumps({"text": "beta"}) + "\n" + json.dumps({"text": "gamma"}) + "\n")
+    assert read_texts([tmp_path / "c", lines]) == ["alpha", "  ", "beta", "gamma"]
+    assert [name for name, _ in read_documents([lines])] == [f"{lines}:1", f"{lines}:2"]
+    held = load_eval_text(tmp_path / "c")
+    assert held.texts == ("alpha",) and held.files == (str(tmp_path / "c" / "a.txt"),)
+    with pytest.raises(FileNotFoundError, match="--text: file not found"):
+        load_eval_text(tmp_path / "missing.txt")
+    lines.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="t.jsonl:1: no 'text' text field"):
+        read_texts([lines])
+
+
+def test_one_qa_record_for_training_and_evaluation(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"context": "c", "question": "q", "answer": ["a", "b"], "id": "x"}) + "\n"
+                    + json.dumps({"context": "c", "question": "q", "answer": {"text": ["s"]}}) + "\n")
+    first, second = read_qa([str(path)])
+    assert first == QARecord("c", "q", ("a", "b"), "x") and first.answer == "a"
+    assert second.answers == ("s",) and second.id == "2"
+    assert read_qa([str(path)], limit=1) == [first]
+    with pytest.raises(ValueError, match="non-empty tuple of strings"):
+        QARecord("c", "q", "a")
+    path.write_text(json.dumps({"context": "c", "question": "q", "answer": []}) + "\n")
+    with pytest.raises(ValueError, match="qa.jsonl:1: 'answer' must be a string or a non-empty list"):
+        read_qa([str(path)])

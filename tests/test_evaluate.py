@@ -13,8 +13,9 @@ from textkit import greedy_without_cache, make_model_dir, tiny_lm, tiny_tokenize
 import kvroute
 from kvroute.calibrate import CalibrationConfig, calibrate, save_calibration
 from kvroute.cli import main
-from kvroute.data.evalsets import MCExample, QAExample, load_mc, load_qa, load_text
-from kvroute.data.qa import qa_prompt_ids
+from kvroute.data.choice import MCExample, load_mc
+from kvroute.data.qa import QARecord, qa_prompt_ids, read_qa
+from kvroute.data.text import load_eval_text
 from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_score
 from kvroute.models import save_checkpoint
 from kvroute.results import ResultWriter, compare_results, format_table, merge_results
@@ -78,7 +79,7 @@ def test_qa_generates_through_the_shared_cache_like_a_full_forward():
     from kvroute.hf.cache import DummyLayer
 
     tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan="every:2")
-    ex = QAExample("0", "Hunaes is the capital.", "What is the capital?", ("Hunaes",))
+    ex = QARecord("Hunaes is the capital.", "What is the capital?", ("Hunaes",), "0")
     caches = []  # runs after kvroute's own hook: sees the cache the layers get
     model.model.register_forward_pre_hook(
         lambda module, args, kwargs: caches.append(kwargs.get("cache", kwargs.get("past_key_values"))), with_kwargs=True
@@ -115,21 +116,21 @@ def test_dataset_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "question": "q", "answer": "a"}\n{"context": "c", "answer": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field\(s\) 'question'"):
-        load_qa(bad)
+        read_qa([bad])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty dataset"):
-        load_qa(empty)
+        read_qa([empty])
     with pytest.raises(ValueError, match="empty dataset"):
         load_mc(empty)
     mc = tmp_path / "mc.jsonl"
     mc.write_text('{"context": "c", "choices": ["a", "b"], "answer": "z"}\n')
     with pytest.raises(ValueError, match="not one of the choices"):
         load_mc(mc)
-    with pytest.raises(FileNotFoundError, match="QA data not found"):
-        load_qa(tmp_path / "nope.jsonl")
-    with pytest.raises(ValueError, match="no .txt files"):
-        load_text(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--qa: file not found"):
+        read_qa([tmp_path / "nope.jsonl"], flag="--qa")
+    with pytest.raises(FileNotFoundError, match="--text: folder .* has no .txt"):
+        load_eval_text(tmp_path)
 
 
 def test_bigbench_task_json(tmp_path):
@@ -303,7 +304,7 @@ def test_bad_inputs_give_clear_messages(eval_inputs, tmp_path, capsys):
     assert main(["eval", str(ckpt), "--plans", "full,bogus:3", *base]) == 2
     assert "unknown kind 'bogus'" in capsys.readouterr().err
     assert main(["eval", str(ckpt), "--qa", str(tmp_path / "none.jsonl")]) == 2
-    assert "QA data not found" in capsys.readouterr().err
+    assert "--qa: file not found" in capsys.readouterr().err
     assert main(["eval", str(ckpt)]) == 2
     assert "at least one dataset" in capsys.readouterr().err
 
@@ -349,7 +350,7 @@ def test_window_longer_than_the_model_context_is_refused(eval_inputs, tmp_path):
 def test_greedy_qa_ignores_the_checkpoints_generation_config():
     """A repetition penalty saved with a checkpoint must not change greedy QA scores."""
     tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan="every:2")
-    ex = QAExample("0", "Hunaes is the capital.", "What is the capital?", ("Hunaes",))
+    ex = QARecord("Hunaes is the capital.", "What is the capital?", ("Hunaes",), "0")
     _, plain = qa_score(model, tok, [ex], max_new_tokens=6)
     model.generation_config.repetition_penalty = 50.0
     model.generation_config.no_repeat_ngram_size = 1

@@ -20,7 +20,7 @@ def test_kvroute_model_runs_local_tasks_under_a_plan(tmp_path, monkeypatch):
 
     import kvroute
     import kvroute.lm_eval_adapter  # noqa: F401  registers the "kvroute" model
-    from kvroute.data.evalsets import MCExample
+    from kvroute.data.choice import MCExample
     from kvroute.evaluate import choice_logprobs
 
     ckpt = make_model_dir(tmp_path / "ckpt", layers=4, seed=6, tokenizer="chars")

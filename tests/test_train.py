@@ -437,11 +437,11 @@ def test_lora_fine_tunes_follow_the_seed(assets, tmp_path):
 
 
 def test_qa_validation_split_does_not_follow_the_seed(assets):
-    from kvroute.data.qa import load_qa
+    from kvroute.data.qa import load_qa_splits
     from kvroute.models import load_tokenizer
 
     tok = load_tokenizer(str(assets["model"]))
-    splits = [load_qa([str(assets["qa"])], tok, 48, 0.25, seed=s)[1] for s in (0, 7)]
+    splits = [load_qa_splits([str(assets["qa"])], tok, 48, 0.25, seed=s)[1] for s in (0, 7)]
     assert [r.question for r in splits[0].records] == [r.question for r in splits[1].records]
 
 
@@ -469,3 +469,17 @@ def test_one_loss_under_a_plan_for_search_calibration_and_training():
     assert plans["every:2"] == mean_loss(model.eval(), batches)
     kvroute.set_plan(model, "full")
     assert plans["full"] == mean_loss(model, batches) != plans["every:2"]
+
+
+def test_a_preset_definition_trains_without_touching_the_table():
+    from kvroute.shapes import PRESETS, preset_config
+    from kvroute.train import TrainConfig
+
+    fields = dict(PRESETS["tiny"], hidden_size=32, intermediate_size=64, head_dim=8)
+    before = {k: dict(v) for k, v in PRESETS.items()}
+    cfg = preset_config(fields, vocab_size=50, layers=2)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (32, 2, 50)
+    assert TrainConfig(data=["x.txt"], preset=fields, tokenizer="t").preset == fields
+    assert PRESETS == before
+    with pytest.raises(ValueError, match="--preset: a preset definition needs head_dim"):
+        TrainConfig(data=["x.txt"], preset={k: v for k, v in fields.items() if k != "head_dim"}, tokenizer="t")

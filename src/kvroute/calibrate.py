@@ -83,7 +83,8 @@ from kvroute.hf.patch import get_router
 from kvroute.plan import SharingPlan
 from kvroute.precision import Precision, resolve_precision
 from kvroute.router import route_key
-from kvroute.search import mean_loss, read_texts
+from kvroute.data.text import read_texts
+from kvroute.search import mean_loss
 
 MIN_TOKENS = 512
 

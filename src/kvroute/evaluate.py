@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvroute.data.evalsets import MCExample, QAExample, TextSet, load_mc, load_qa, load_text, tokenize_documents
-from kvroute.data.qa import qa_prompt_ids
+from kvroute.data.choice import MCExample, load_mc
+from kvroute.data.qa import QARecord, qa_prompt_ids, read_qa
+from kvroute.data.text import TextSet, load_eval_text, tokenize_documents
 from kvroute.metrics import answer_scores
 from kvroute.plan import KVShape, SharingPlan, dtype_bytes, parse_plan_list
 from kvroute.results import ResultWriter, kv_kib_per_token
@@ -134,7 +135,7 @@ class _StopAtNewline:
 def qa_score(
     model: torch.nn.Module,
     tokenizer: Any,
-    examples: list[QAExample],
+    examples: list[QARecord],
     max_new_tokens: int = 32,
     chat: bool = False,
     progress: bool = False,
@@ -296,15 +297,15 @@ class EvalConfig:
 @dataclass
 class _Datasets:
     text: list[TextSet]
-    qa: list[tuple[str, list[QAExample]]]
+    qa: list[tuple[str, list[QARecord]]]
     mc: list[tuple[str, list[MCExample]]]
 
 
 def load_datasets(config: EvalConfig) -> _Datasets:
     """Read and check every dataset before any model is loaded."""
     return _Datasets(
-        [load_text(p) for p in config.text],
-        [(p, load_qa(p, config.limit)) for p in config.qa],
+        [load_eval_text(p, "--text") for p in config.text],
+        [(p, read_qa([p], config.limit, "--qa")) for p in config.qa],
         [(p, load_mc(p, config.limit)) for p in config.mc],
     )
 

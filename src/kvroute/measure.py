@@ -33,15 +33,23 @@ class PeakMemory:
     def peak_bytes(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated()
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        peak = proc_bytes("/proc/self/status", "VmHWM")
+        if peak is not None:
+            return peak
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def proc_bytes(path: str, key: str) -> int | None:
+    """A ``KEY: N kB`` field of a ``/proc`` file in bytes; None where the file or field is missing."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def sync(device: str) -> None:

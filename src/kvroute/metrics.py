@@ -44,15 +44,19 @@ def _golds(gold: str | Sequence[str]) -> list[str]:
     return golds
 
 
+def _f_measure(overlap: int, n_pred: int, n_ref: int) -> float:
+    """Harmonic mean of precision ``overlap / n_pred`` and recall ``overlap / n_ref``."""
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / n_pred, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
 def _f1_one(prediction: str, gold: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not pred or not ref:  # SQuAD v2: an empty answer only matches an empty answer
         return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref))
 
 
 def f1_score(prediction: str, gold: str | Sequence[str]) -> float:
@@ -87,11 +91,7 @@ def _rouge_l_one(prediction: str, gold: str) -> float:
     pred, ref = rouge_tokens(prediction), rouge_tokens(gold)
     if not pred or not ref:
         return 0.0
-    lcs = _lcs(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(_lcs(pred, ref), len(pred), len(ref))
 
 
 def rouge_l(prediction: str, gold: str | Sequence[str]) -> float:

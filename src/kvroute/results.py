@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kvroute.data.jsonl import read_json
 from kvroute.plan import KVShape, SharingPlan
 
 #: metric -> whether higher is better
@@ -140,12 +141,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"result file not found: {p}")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{p}: not a kvroute results.json ({err.msg})") from None
+    doc = read_json(p, "result file", "not a kvroute results.json")
     if not isinstance(doc, dict) or "rows" not in doc:
         raise ValueError(f"{p}: not a kvroute results.json (no 'rows')")
     return doc

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvroute.budget import mandatory_owners
+from kvroute.data.text import read_texts
 from kvroute.hf.patch import get_router, set_plan
 from kvroute.plan import KVShape, SharingPlan
 from kvroute.train.losses import mean_loss  # noqa: F401  (re-exported: search.mean_loss)
@@ -42,31 +43,6 @@ Owners = tuple[int, ...]
 
 
 # ------------------------------------------------------------------- calibration data
-def read_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Texts from files and folders (``.txt``/``.md`` files of a folder, sorted; ``.jsonl`` lines' "text")."""
-    import json
-
-    from kvroute.data.text import read_text_file
-
-    texts: list[str] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md"))
-            if not files:
-                raise FileNotFoundError(f"no .txt or .md files in {path}")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise FileNotFoundError(f"calibration data not found: {path}")
-        for f in files:
-            if f.suffix == ".jsonl":
-                texts += [json.loads(line)["text"] for line in read_text_file(f).splitlines() if line.strip()]
-            else:
-                texts.append(read_text_file(f))
-    return texts
-
-
 def calibration_chunks(
     tokenizer: Any, texts: list[str], chunk_tokens: int = 256, max_chunks: int | None = None
 ) -> torch.Tensor:

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the fields a preset definition must give (the rest take ``Qwen3Config``'s defaults)
+PRESET_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_preset_fields(fields: Mapping[str, Any]) -> None:
+    """Check a preset definition (a dict of ``Qwen3Config`` fields) before any model is built.
+
+    Raises:
+        ValueError: naming the missing fields.
+    """
+    missing = [k for k in PRESET_FIELDS if k not in fields]
+    if missing:
+        raise ValueError(f"--preset: a preset definition needs {', '.join(missing)}")
+
+
 def preset_config(
-    name: str,
+    name: str | Mapping[str, Any],
     vocab_size: int,
     layers: int | None = None,
     max_positions: int | None = None,
@@ -145,7 +162,8 @@ def preset_config(
     """A fresh ``Qwen3Config`` for a preset.
 
     Args:
-        name: one of :data:`PRESETS`.
+        name: one of :data:`PRESETS`, or a preset definition of its own (a dict of ``Qwen3Config``
+            fields like the table's entries; the table is left as it is).
         vocab_size: the tokenizer's vocabulary size.
         layers: override the depth (the paper's shallower baselines).
         max_positions: raise the maximum sequence length, if needed.
@@ -159,11 +177,13 @@ def preset_config(
     """
     from transformers import Qwen3Config
 
-    if name not in PRESETS:
+    if isinstance(name, Mapping):
+        check_preset_fields(name)
+    elif name not in PRESETS:
         raise ValueError(f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     if layers is not None and layers <= 0:
         raise ValueError(f"--layers must be a positive integer, got {layers}")
-    fields = dict(PRESETS[name])
+    fields = dict(name if isinstance(name, Mapping) else PRESETS[name])
     if layers is not None:
         fields["num_hidden_layers"] = layers
     if max_positions is not None:

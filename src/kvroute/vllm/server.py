@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from kvroute.measure import proc_bytes
 from kvroute.plan import SharingPlan
 from kvroute.vllm.config import as_config, read_config, resolve_plan
 from kvroute.vllm.plugin import hf_overrides
@@ -79,12 +80,9 @@ MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--kv-cache-memory", "--gpu-memory-ut
 
 def available_memory() -> int:
     """Bytes of host memory available now (``MemAvailable``; all physical memory where unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
