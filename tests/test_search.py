@@ -11,7 +11,8 @@ from textkit import make_model_dir, write_corpus
 
 import kvroute
 from kvroute.cli import main
-from kvroute.search import PlanScorer, calibration_chunks, read_texts, search_plan, uniform_plans
+from kvroute.data.text import read_texts
+from kvroute.search import PlanScorer, calibration_chunks, search_plan, uniform_plans
 from kvroute.search_run import SearchConfig, search_checkpoint, split_heldout
 
 LAYERS = 8

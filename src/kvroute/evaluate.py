@@ -39,7 +39,6 @@ from kvroute.results import ResultWriter, kv_kib_per_token
 DEFAULT_PLANS = "full,every:2,every:3,every:4,every:8"
 
 
-# ------------------------------------------------------------------ scorers
 @dataclass(frozen=True)
 class LMScore:
     """Language-modelling result; ``tokens_scored`` tokens each counted once."""

@@ -1,13 +1,11 @@
-"""How a benchmark measures: peak memory, device sync, torch threads, machine load.
+"""How a benchmark measures: peak memory, device sync, machine load.
 
 Shared by :mod:`kvroute.bench` (the HF path) and :mod:`kvroute.serving_bench` (vLLM).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,19 +54,6 @@ def sync(device: str) -> None:
     """Wait for the device's queued work (CUDA), so a timer reads the work done."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with ``threads`` torch threads (None: as they are), then restore the count:
-    a benchmark called from a library leaves the process's setting alone."""
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def loadavg() -> list[float] | None:

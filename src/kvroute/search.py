@@ -24,17 +24,14 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from kvroute.budget import mandatory_owners
-from kvroute.data.text import read_texts
 from kvroute.hf.patch import get_router, set_plan
 from kvroute.plan import KVShape, SharingPlan
 from kvroute.train.losses import mean_loss  # noqa: F401  (re-exported: search.mean_loss)

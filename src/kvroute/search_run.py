@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from kvroute.plan import KVShape
-from kvroute.search import SearchResult, calibration_chunks, read_texts, search_plan
+from kvroute.data.text import read_texts
+from kvroute.search import SearchResult, calibration_chunks, search_plan
 
 
 @dataclass
