@@ -102,8 +102,9 @@ class CalibrationConfig:
         value_maps: ``"head"`` (one value map per query head) or ``"group"`` (one per KV head).
         steps: end-to-end refinement steps (0: closed form only).
         lr: refinement learning rate (Adam, cosine decay).
-        precision: ``"bf16"`` runs the refinement's forward passes under bfloat16 autocast
-            (about 2x faster on CPUs with AMX and on GPUs; the maps stay float32), ``"fp32"`` does not,
+        precision: ``"bf16"`` runs the model's forward passes (the captures, the sequential fit's
+            pass and the refinement) under bfloat16 autocast (faster on CPUs with AMX and on GPUs; the
+            fits themselves and the maps stay float32), ``"fp32"`` does not,
             ``"auto"`` picks bf16 where the hardware runs it natively (:mod:`kvroute.precision`).
         batch_size: chunks per forward pass (captures, losses, refinement; the sequential fit
             runs all chunks in one pass, so each layer is fitted on all of them).
@@ -210,7 +211,7 @@ def calibrate(
         with _running(model, plan):
             loss_plain = mean_loss(model, val, config.batch_size)
         if cap_full is None:
-            cap_full = _capture(model, full, torch.cat([train, val]), config.batch_size)
+            cap_full = _capture(model, full, torch.cat([train, val]), config.batch_size, config.precision)
         try:
             ridges = fit_plan(model, plan, train, val, config, cap_full, progress)
         except BaseException:

@@ -76,7 +76,9 @@ class _Captured:
 
 
 @torch.inference_mode()
-def _capture(model: torch.nn.Module, plan: SharingPlan, chunks: torch.Tensor, batch_size: int) -> _Captured:
+def _capture(model: torch.nn.Module, plan: SharingPlan, chunks: torch.Tensor, batch_size: int,
+             precision: str = "fp32") -> _Captured:
+    """Each attention layer's inputs and RoPE under ``plan``; the passes run under ``precision``."""
     layers = _attention_layers(model)
     inputs: list[list[torch.Tensor]] = [[] for _ in layers]
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -93,7 +95,7 @@ def _capture(model: torch.nn.Module, plan: SharingPlan, chunks: torch.Tensor, ba
     handles = [att.register_forward_pre_hook(hook(i), with_kwargs=True) for i, att in enumerate(layers)]
     device = next(model.parameters()).device
     try:
-        with _running(model, plan):
+        with _running(model, plan), precision_autocast(precision, device):
             for batch in chunks.split(batch_size):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
@@ -271,13 +273,23 @@ def fit_plan(
 
     chunks = torch.cat([train, val])
     if cap_full is None:
-        cap_full = _capture(model, SharingPlan.for_model("full", model.config), chunks, config.batch_size)
+        cap_full = _capture(model, SharingPlan.for_model("full", model.config), chunks, config.batch_size,
+                            config.precision)
     layers = _attention_layers(model)
     key = route_key(plan.source)
     todo = [l for l in range(plan.num_layers) if plan.source[l] != l]
     owner_inputs: dict[int, torch.Tensor] = {}
     ridges: dict[int, float] = {}
     bar = tqdm(total=len(todo), desc=f"calibrate {plan.spec}", leave=False, disable=not progress)
+
+    def fit_layer(module: RoutedAttention, idx: int, owner: int, hidden: torch.Tensor) -> None:
+        dev = hidden.device
+        fit = _LayerFit(module, layers[owner], cap_full.inputs[idx].to(dev), hidden, owner_inputs[owner],
+                        cap_full.cos[idx].to(dev), cap_full.sin[idx].to(dev), train.shape[0], config)
+        query = fit.query_map() if config.query else None
+        value, ridges[idx] = fit.value_map(query)
+        param = next(module.parameters())
+        module.calibration[key] = LayerMaps(query, value).to(param.device)  # the layers after it see it
 
     def hook(idx: int):
         def f(module, args, kwargs):
@@ -286,21 +298,17 @@ def fit_plan(
             if owner == idx:
                 owner_inputs[idx] = hidden
                 return
-            dev = hidden.device
-            fit = _LayerFit(module, layers[owner], cap_full.inputs[idx].to(dev), hidden, owner_inputs[owner],
-                            cap_full.cos[idx].to(dev), cap_full.sin[idx].to(dev), train.shape[0], config)
-            query = fit.query_map() if config.query else None
-            value, ridges[idx] = fit.value_map(query)
-            param = next(module.parameters())
-            module.calibration[key] = LayerMaps(query, value).to(param.device)  # the layers after it see it
+            with torch.autocast(hidden.device.type, enabled=False):  # the fit itself runs in float32
+                fit_layer(module, idx, owner, hidden)
             bar.update()
         return f
 
     remove_calibration(model, plan)
     handles = [att.register_forward_pre_hook(hook(i), with_kwargs=True) for i, att in enumerate(layers)]
     try:
-        with torch.no_grad(), _running(model, plan):
-            _decoder(model)(input_ids=chunks.to(next(model.parameters()).device), use_cache=False)
+        device = next(model.parameters()).device
+        with torch.no_grad(), _running(model, plan), precision_autocast(config.precision, device):
+            _decoder(model)(input_ids=chunks.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
