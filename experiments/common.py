@@ -1,12 +1,15 @@
-"""Shared setup of the from-scratch experiments (pretrain.py, ablation.py).
+"""Shared setup of the experiments: the from-scratch ones (pretrain.py, ablation.py) and their command line.
 
 - the data split: training text = State of the Union 1790-2006 + Moby Dick minus the
   held-out chapters; held-out text = State of the Union 2007+ and Moby Dick chapters
-  15, 30, ..., 135 (neither the tokenizer nor any model trains on them);
+  15, 30, ..., 135 (neither the tokenizer nor any model trains on them); :func:`sotu`
+  is the one State of the Union split helper of every experiment;
 - a byte-level BPE tokenizer (4,096 tokens) trained on the training split only;
 - the model shape (a Qwen3-style preset definition, given to ``TrainConfig(preset=...)``);
 - training through ``kvroute.train.train(TrainConfig(...))``, evaluation through
-  ``kvroute.evaluate.evaluate(EvalConfig(...))``, each run skipped when finished.
+  ``kvroute.evaluate.evaluate(EvalConfig(...))``, each run skipped when finished;
+- :func:`run_experiment`, the command line of every multi-run experiment (``--jobs``,
+  ``--runs``, ``--threads``, plus a script's own options; finetune_sweep.py brings its own data).
 
 CPU: the machine has 2 cores shared with other work, so every run uses one torch
 thread and ``OMP_WAIT_POLICY=PASSIVE`` (busy-waiting OpenMP threads slow down
@@ -27,6 +30,7 @@ import csv  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -35,8 +39,8 @@ import torch  # noqa: E402
 
 from jobs import log, run_parallel  # noqa: E402
 
+#: torch threads per run (``--threads``; :func:`run_experiment` sets them)
 THREADS = 1
-torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "experiments"
@@ -255,17 +259,26 @@ def carried_entries(results_file: Path, names: list[str], key_of: Callable[[str]
     return {n: runs[n] for n in names if n in runs and runs[n].get("key") == key_of(n)}
 
 
-def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict],
+def run_experiment(script: str, names: list[str], run_one: Callable[..., dict],
                    collect: Callable[[dict[str, dict]], None], argv: list[str] | None = None,
-                   results_file: Path | None = None, key_of: Callable[[str], dict] | None = None) -> None:
+                   results_file: Path | None = None, key_of: Callable[[str], dict] | None = None, *,
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                   setup: Callable[[], object] | None = setup, runs_dir: Path = RUNS) -> None:
     """The experiments' command line: run ``names`` (``--jobs N`` at a time), then ``collect`` their results.
 
-    ``run_one(name)`` trains and scores one run (both cached, so calling it again for a
-    finished run only reads its files). With ``--jobs 1`` the runs go one after the other
-    in this process and ``collect`` is called after each; with more, each run is a
-    worker process (``--one NAME``, log in ``runs/experiments/NAME/run.log``) and the
-    results are collected once the workers are done. A failed run is reported and the
-    script exits non-zero after collecting the others.
+    ``run_one(name, **options)`` trains and scores one run (both cached, so calling it
+    again for a finished run only reads its files); ``options`` are the script's own
+    command-line options, which ``add_arguments(parser)`` declares (none without it).
+    With ``--jobs 1`` the runs go one after the other in this process; with more, each
+    run is a worker process (``--one NAME`` plus ``--threads`` and the script's own
+    options as given, log in ``runs_dir/NAME/run.log``). ``collect`` gets the results so
+    far after each finished run (a crash loses nothing). A failed worker is reported and
+    the script exits non-zero after the others are collected. ``--threads N`` sets torch's
+    threads (and OpenMP's, in workers) per run.
+
+    ``setup()`` runs once before any run and in each worker: by default the data split
+    and the BPE tokenizer that the from-scratch experiments share; ``None`` skips it
+    (a script with data of its own passes its own).
 
     With ``--runs`` (a subset), the other runs' entries are carried over from
     ``results_file`` where ``key_of(name)`` still matches their training settings and
@@ -273,26 +286,33 @@ def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict]
     needs neither the old run folders nor retraining. Without ``--runs`` every run is
     trained or read from its folder.
     """
-    parser = argparse.ArgumentParser(description=Path(script).name)
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (default 1)")
-    parser.add_argument("--runs", default=",".join(names), help="comma-separated subset of the runs")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: run this one and exit
-    args = parser.parse_args(argv)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    common.add_argument("--runs", default=",".join(names), help="comma-separated subset of the runs")
+    common.add_argument("--threads", type=int, default=THREADS, help=f"torch threads per run (default {THREADS})")
+    common.add_argument("--one", help=argparse.SUPPRESS)  # worker: run this one and exit
+    own = argparse.ArgumentParser(add_help=False)
+    if add_arguments is not None:
+        add_arguments(own)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = argparse.ArgumentParser(description=Path(script).name, parents=[common, own]).parse_args(argv)
+    forwarded = common.parse_known_args(argv)[1]  # the script's own options, as given: passed on to workers
+    options = vars(own.parse_args(forwarded))
+    torch.set_num_threads(args.threads)
     if args.one:
         if args.one not in names:
             raise SystemExit(f"unknown run {args.one!r}; expected one of {', '.join(names)}")
-        setup()
-        run_one(args.one)
+        if setup is not None:
+            setup()
+        run_one(args.one, **options)
         return
     chosen = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in names]
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; expected some of {', '.join(names)}")
     start = time.time()
-    setup()  # once, before any worker: the data split and the tokenizer are shared
-    failed: list[str] = []
-    if args.jobs > 1:
-        failed = run_parallel(chosen, lambda n: [script, "--one", n], lambda n: RUNS / n, args.jobs, THREADS)
+    if setup is not None:
+        setup()  # once, before any worker: what the runs share
     carried: dict[str, dict] = {}
     if results_file is not None and key_of is not None and set(chosen) != set(names):
         carried = carried_entries(results_file, [n for n in names if n not in chosen], key_of)
@@ -301,17 +321,18 @@ def run_experiment(script: str, names: list[str], run_one: Callable[[str], dict]
                 f"{', '.join(carried)}")
     results: dict[str, dict] = {}
 
-    def ordered() -> dict[str, dict]:
+    def finish(name: str) -> None:  # the run is done: read its result, collect everything so far
+        results[name] = run_one(name, **options)
         merged = {**carried, **results}
-        return {n: merged[n] for n in names if n in merged}
+        collect({n: merged[n] for n in names if n in merged})
 
-    for name in chosen:
-        if name not in failed:
-            results[name] = run_one(name)
-            if args.jobs == 1:
-                collect(ordered())  # after each run: a crash loses nothing
+    failed: list[str] = []
     if args.jobs > 1:
-        collect(ordered())
+        failed = run_parallel(chosen, lambda n: [script, "--one", n, "--threads", str(args.threads), *forwarded],
+                              lambda n: runs_dir / n, args.jobs, args.threads, on_done=finish)
+    else:
+        for name in chosen:
+            finish(name)
     log(f"{Path(script).stem}: {len(results)} runs done in {time.time() - start:.0f}s")
     if failed:
         raise SystemExit(f"{Path(script).stem}: failed runs {failed}")

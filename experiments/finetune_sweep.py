@@ -15,7 +15,8 @@ QA (F1, EM, ROUGE-L) under full, every:2, every:3 and every:4.
 
 Writes experiments/results/finetune_sweep.json, docs/img/finetune_sweep.png and
 docs/finetune_sweep.md. Finished runs are skipped, so a rerun only does what is
-missing; ``--jobs 2`` trains two runs at a time with one thread each.
+missing; ``--jobs 2`` trains two runs at a time with one thread each (the command line of
+``common.run_experiment``, plus this script's ``--steps``, ``--eval-every`` and ``--device``).
 
     .venv/bin/python experiments/finetune_sweep.py --jobs 2             # everything, as measured
     .venv/bin/python experiments/finetune_sweep.py --runs rcla,standard  # a subset
@@ -35,8 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import sotu  # noqa: E402
-from jobs import log, run_parallel  # noqa: E402
+import common as c  # noqa: E402
+from jobs import log  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -73,15 +74,25 @@ RUNS: dict[str, tuple[str, dict]] = {
 
 
 # ----------------------------------------------------------------------------- data
+def data_paths() -> dict[str, Path]:
+    """Where :func:`prepare_data` writes the runs' data."""
+    data = OUT / "data"
+    return {"train_text": data / "sotu_1790_2006", "heldout_text": data / "sotu_2007_2021",
+            "qa_train": data / "fictional" / "train.jsonl", "qa_test": data / "fictional" / "test.jsonl"}
+
+
 def prepare_data() -> dict[str, Path]:
-    """Train/held-out split of State of the Union by year, and fictional QA (written once)."""
+    """Train/held-out split of State of the Union by year, and fictional QA (written once).
+
+    The sweep's ``setup`` (``common.run_experiment``): it uses SmolLM2's own tokenizer, not the
+    BPE tokenizer of the from-scratch experiments.
+    """
     from kvroute.data.fictional import write_fictional_qa
 
-    if not sotu(1700, 2100) or not (MODEL / "config.json").is_file():
+    if not c.sotu(1700, 2100) or not (MODEL / "config.json").is_file():
         sys.exit("finetune_sweep: assets missing; run `make assets` first")
-    data = OUT / "data"
-    paths = {"train_text": data / "sotu_1790_2006", "heldout_text": data / "sotu_2007_2021"}
-    for key, files in (("train_text", sotu(1700, 2006)), ("heldout_text", sotu(2007, 2100))):
+    paths = data_paths()
+    for key, files in (("train_text", c.sotu(1700, 2006)), ("heldout_text", c.sotu(2007, 2100))):
         folder = paths[key]
         if not folder.is_dir():
             tmp = folder.with_name(folder.name + ".tmp")
@@ -90,13 +101,16 @@ def prepare_data() -> dict[str, Path]:
             for f in files:
                 shutil.copy(f, tmp / Path(f).name)
             tmp.rename(folder)
-    qa = write_fictional_qa(data / "fictional", train=QA_TRAIN, test=QA_TEST, seed=0)
+    qa = write_fictional_qa(paths["qa_train"].parent, train=QA_TRAIN, test=QA_TEST, seed=0)
     return {**paths, "qa_train": Path(qa["train"]), "qa_test": Path(qa["test"])}
 
 
 # ----------------------------------------------------------------------------- one run
 def run_one(name: str, steps: int, eval_every: int, device: str) -> dict:
-    """Train one run (skipped when done) and score it; writes OUT/name/summary.json."""
+    """Train one run (skipped when done) and score it; writes OUT/name/summary.json.
+
+    ``steps``, ``eval_every``, ``device``: this script's options (:func:`add_arguments`).
+    """
     from kvroute.evaluate import EvalConfig, evaluate
     from kvroute.train import TrainConfig, train
     from kvroute.train import read_metrics
@@ -105,7 +119,7 @@ def run_one(name: str, steps: int, eval_every: int, device: str) -> dict:
     summary_file = out / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
-    paths = prepare_data()
+    paths = data_paths()  # written by prepare_data, the setup before any run
     label, settings = RUNS[name]
     settings = dict(settings)
     steps = steps * settings.pop("steps_factor", 1)
@@ -151,12 +165,10 @@ def machine(device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-def report(names: list[str]) -> dict:
-    """Collect finished runs into the result JSON, the plot and the markdown page."""
+def report(runs: dict[str, dict]) -> dict:
+    """Collect finished runs (name -> :func:`run_one`'s summary) into the result JSON, the plot and the page."""
     from kvroute.train import read_metrics
 
-    runs = {n: json.loads((OUT / n / "summary.json").read_text()) for n in names
-            if (OUT / n / "summary.json").is_file()}
     if not runs:
         sys.exit("finetune_sweep: no finished run to report")
     for name, r in runs.items():  # median seconds per optimizer step, from the logged throughput
@@ -275,40 +287,16 @@ def extrapolation(runs: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This script's own options (passed on to the workers and, as keywords, to :func:`run_one`)."""
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps of the reference runs")
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: run this one and exit
-    args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        sys.exit(f"finetune_sweep: unknown run(s) {unknown}; expected some of {', '.join(RUNS)}")
-    if args.one:
-        import torch
 
-        torch.set_num_threads(args.threads)
-        run_one(args.one, args.steps, args.eval_every, args.device)
-        return
-    prepare_data()
-    todo = [n for n in names if not (OUT / n / "summary.json").is_file()]
 
-    def worker(name: str) -> list[str]:
-        return [__file__, "--one", name, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-                "--threads", str(args.threads), "--device", args.device]
-
-    failed = run_parallel(todo, worker, lambda name: OUT / name, args.jobs, args.threads,
-                          on_done=lambda _: report([n for n in names if (OUT / n / "summary.json").is_file()]))
-    if not todo:
-        report(names)
-    if failed:
-        sys.exit(f"finetune_sweep: failed runs {failed}")
+def main(argv: list[str] | None = None) -> None:
+    c.run_experiment(__file__, list(RUNS), run_one, report, argv, add_arguments=add_arguments,
+                     setup=prepare_data, runs_dir=OUT)
 
 
 if __name__ == "__main__":

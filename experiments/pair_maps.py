@@ -48,9 +48,9 @@ from kvroute.generate import generate  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
 from kvroute.pairs import read_pair_maps  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
+from common import sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOTU = ROOT / "assets" / "text" / "sotu" / "data"
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
 BASE = ROOT / "assets" / "smollm2-135m"
 DEMO = ROOT / "runs" / "demo"
@@ -59,10 +59,6 @@ RESULTS = ROOT / "experiments" / "results" / "pair_maps.json"
 PROMPT = "In his address to Congress, the President said that"
 PLANS = ["full", "every:2", "every:4"]
 DEMO_RCLA = dict(routing="rcla", p=0.6, sources="plan", distill=1.0, distill_from="base")
-
-
-def sotu(first: int, last: int) -> list[str]:
-    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= int(f.name[:4]) <= last]
 
 
 def rcla(name: str, start: Path, steps: int, **extra) -> Path:

@@ -5,16 +5,16 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 
 import kvroute
+from common import sotu
 from kvroute.data.text import read_texts
 from kvroute.search import PlanScorer, calibration_chunks
 
 MODEL = "assets/smollm2-135m"
-FILES = sorted(f for y in range(2007, 2022) for f in glob.glob(f"assets/text/sotu/data/{y}_*.txt"))
+FILES = sotu(2007, 2021)
 PLANS = {
     "every:4": "every:4",
     "lastquarter (0 + layers 23-29)": "layers:0," + ",".join(map(str, range(23, 30))),

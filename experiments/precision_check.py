@@ -25,9 +25,9 @@ import torch  # noqa: E402
 
 from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
+from common import sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOTU = ROOT / "assets" / "text" / "sotu" / "data"
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
 BASE = ROOT / "assets" / "smollm2-135m"
 OUT = ROOT / "runs" / "precision_check"
@@ -41,12 +41,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    files = sorted(SOTU.glob("*.txt"))
-    train_files = [str(f) for f in files if int(f.name[:4]) <= 2006]
+    train_files = sotu(1700, 2006)
     held = OUT / "data" / "sotu-2007-2021"
     held.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        if int(f.name[:4]) >= 2007 and not (held / f.name).exists():
+    for f in map(Path, sotu(2007, 2100)):
+        if not (held / f.name).exists():
             (held / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
     start = time.perf_counter()
     result = train(TrainConfig(

@@ -43,17 +43,13 @@ from kvroute.evaluate import qa_score  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
+from common import sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOTU = ROOT / "assets" / "text" / "sotu" / "data"
 BASE = ROOT / "assets" / "smollm2-135m"
 OUT = ROOT / "runs" / "qa_under_sharing"
 RESULTS = ROOT / "experiments" / "results" / "qa_under_sharing.json"
 PROMPT = "In his address to Congress, the President said that"
-
-
-def sotu(first: int, last: int) -> list[str]:
-    return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= int(f.name[:4]) <= last]
 
 
 def score(model: torch.nn.Module, tok, plans: list[str], held: torch.Tensor, qa: list) -> dict[str, dict]:

@@ -29,17 +29,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvroute.shapes import SHAPES as NAMED_SHAPES
+
 GIB = 1024**3
 
-#: shapes from the models' published config.json files (no download needed)
-SHAPES: dict[str, dict[str, int | bool]] = {
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-}
+#: the named shapes of well-known models (kvroute.shapes.SHAPES, from their published config.json files;
+#: the pre-training presets have no vocabulary, so they are left out)
+SHAPES = {name: fields for name, fields in NAMED_SHAPES.items() if "vocab_size" in fields}
 
 
 @dataclass(frozen=True)

@@ -107,13 +107,21 @@ def test_mixed_attention_budget_keeps_the_first_layer_of_each_type():
     assert max_owners_for_memory(shape, per_token * (7 + 100 + 7), 1, 100) == 3
 
 
-def test_presets_live_with_the_named_shapes():
-    """One table: a preset an experiment registers in kvroute.shapes is the one training checks."""
+def test_presets_are_the_named_shapes_without_a_vocabulary(capsys):
+    """One table: the presets training checks are the SHAPES entries without a vocabulary."""
     from kvroute.shapes import PRESETS, preset_config
     from kvroute.train.config import PRESETS as checked
 
     assert checked is PRESETS
+    assert list(PRESETS) == [n for n, fields in SHAPES.items() if "vocab_size" not in fields]
+    assert {"tiny", "qwen3-1.7b"} <= set(PRESETS) and "smollm2-135m" not in PRESETS
+    assert all(PRESETS[n] is SHAPES[n] for n in PRESETS)  # views, not copies
     cfg = preset_config("tiny", vocab_size=100, layers=2)
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.vocab_size) == ("qwen3", 2, 100)
+    assert cfg.tie_word_embeddings and cfg.rope_parameters["rope_theta"] == 1e6
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("smollm2-135m", vocab_size=100)  # a model shape, not a pre-training preset
+    # a preset is also a shape: sized without a tokenizer (4 layers x 2 x 2 KV heads x 16 x 2 bytes = 512 B)
+    assert KVShape.from_config(resolve_config("qwen3-1.7b")) == KVShape(num_layers=28, kv_heads=8, head_dim=128)
+    assert main(["plan", "show", "tiny", "--plan", "every:2"]) == 0
+    assert "KV bytes per token (bf16): 256 B vs full 512 B" in capsys.readouterr().out

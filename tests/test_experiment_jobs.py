@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_rejects_zero_jobs(tmp_path):
         run_parallel(["a"], lambda n: ["-c", "pass"], lambda n: tmp_path / n, jobs=0)
 
 
-# experiments/common.py sets torch's thread count on import, so it is exercised in a child process
+# experiments/common.py sets OpenMP's environment on import, so it is exercised in a child process
 CARRY = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -79,3 +80,73 @@ def test_carried_entries_keep_only_runs_whose_settings_still_match(tmp_path):
     assert sorted(out["same"]) == ["s0", "s2"]  # s1 was trained with another p; s3 is not in the file
     assert out["same"]["s2"]["loss"] == 3.0
     assert out["other_eval"] == {} and out["missing"] == {}
+
+
+# an experiment of two runs through common.run_experiment, with an option of its own; KVR_TEST_SETUP picks setup
+EXPERIMENT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, os.environ["KVR_TEST_EXPERIMENTS"])  # workers inherit the environment
+import common as c
+import torch
+
+OUT = Path(os.environ["KVR_TEST_OUT"])
+c.prepare_data = lambda: sys.exit("common's setup ran")  # the default setup's first step
+
+
+def own_setup():
+    with (OUT / "setup.log").open("a") as f:
+        f.write(f"{os.getpid()}\\n")
+
+
+def add_arguments(parser):
+    parser.add_argument("--level", type=int, default=1)
+    parser.add_argument("--tag", default="none")
+
+
+def run_one(name, level, tag):
+    done = OUT / name / "result.json"
+    if not done.is_file():  # cached, as an experiment's runs are
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"level": level, "tag": tag, "pid": os.getpid(),
+                                    "threads": torch.get_num_threads()}))
+    return json.loads(done.read_text())
+
+
+def collect(runs):
+    (OUT / "collected.json").write_text(json.dumps({"pid": os.getpid(), "runs": runs}))
+
+
+setup = {"none": None, "own": own_setup}[os.environ["KVR_TEST_SETUP"]]
+c.run_experiment(__file__, ["a", "b"], run_one, collect, add_arguments=add_arguments, setup=setup, runs_dir=OUT)
+"""
+
+
+def run_experiment_script(tmp_path, setup, *args):
+    script = tmp_path / "experiment.py"
+    script.write_text(EXPERIMENT)
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    env = {**os.environ, "KVR_TEST_EXPERIMENTS": str(experiments), "KVR_TEST_OUT": str(tmp_path),
+           "KVR_TEST_SETUP": setup}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((tmp_path / "collected.json").read_text())
+
+
+def test_run_experiment_passes_the_scripts_options_to_its_workers(tmp_path):
+    out = run_experiment_script(tmp_path, "none", "--jobs", "2", "--level", "3", "--tag=hi", "--threads", "2")
+    runs = out["runs"]
+    assert list(runs) == ["a", "b"]
+    for name, r in runs.items():
+        assert (r["level"], r["tag"], r["threads"]) == (3, "hi", 2), name  # the worker got the options
+        assert r["pid"] != out["pid"]  # trained in a worker process, collected by the main one
+        assert (tmp_path / name / "run.log").is_file()  # runs_dir
+    assert not (tmp_path / "setup.log").exists()  # setup=None: neither common's setup nor any other
+
+
+def test_run_experiment_runs_a_scripts_own_setup_once(tmp_path):
+    out = run_experiment_script(tmp_path, "own", "--runs", "b")
+    assert list(out["runs"]) == ["b"]
+    r = out["runs"]["b"]
+    assert (r["level"], r["tag"], r["pid"], r["threads"]) == (1, "none", out["pid"], 1)  # --jobs 1: in process
+    assert (tmp_path / "setup.log").read_text().split() == [str(out["pid"])]  # instead of common's

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import FAST, calibratable, chunks, logits, tiny_config, tiny_model
 from safetensors.torch import load_file
-from test_calibrate import FAST, calibratable, chunks, logits
 from textkit import make_tokenizer, write_corpus
 
 import kvroute

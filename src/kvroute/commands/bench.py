@@ -24,8 +24,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     from kvroute.serving_bench import ServingBenchConfig
 
     p.add_argument("model", nargs="?", default=argparse.SUPPRESS,
-                   help="named shape with random weights (smollm2-135m, qwen3-8b-mini, qwen3-8b, llama-3.1-8b) "
-                        "or a checkpoint folder (default smollm2-135m)")
+                   help="named shape with random weights (smollm2-135m, qwen3-8b-mini, qwen3-8b, llama-3.1-8b, or a "
+                        "--preset such as tiny) or a checkpoint folder (default smollm2-135m)")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
                    help="hf: kvroute's transformers path (default); vllm: serving throughput at a fixed KV pool "
                         "(needs vLLM and a checkpoint folder; writes serving.json, serving.md)")

@@ -17,7 +17,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     from kvroute.search_run import SearchConfig
 
     sub = p.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
-    model_help = "named shape (smollm2-135m, qwen3-8b, qwen3-8b-mini, llama-3.1-8b), checkpoint folder or .gguf"
+    model_help = ("named shape (smollm2-135m, qwen3-8b, qwen3-8b-mini, llama-3.1-8b, or a --preset such as "
+                  "qwen3-1.7b), checkpoint folder or .gguf")
 
     show = sub.add_parser("show", help="each layer's source, the owners, KV bytes vs full")
     show.add_argument("model", help=model_help + " (only the config is read)")

