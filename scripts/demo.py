@@ -11,7 +11,7 @@
    the maps; the weights never change), written as new checkpoints.
 4. One plan: fine-tune the calibrated untrained model for every:2 only (`--routing plan:every:2`),
    on State of the Union 1990-2006 mixed with fictional QA training records (no test name in
-   them; about 80% of the examples).
+   them; about 80% of the examples), distilling the calibrated base's full cache (logits and hidden states).
 5. Evaluate the models under full, every:2, every:4, the calibrated ones under every:2 and
    every:4, and the one-plan model under full and every:2, on held-out State of the Union
    2007-2021, Moby Dick and fictional context-QA.
@@ -21,7 +21,7 @@
 Everything lands in runs/demo/. A rerun reuses finished training runs.
 Size knobs (environment): DEMO_STEPS (default 60), DEMO_EVAL_TOKENS (default 4096),
 DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA training records, default 2000),
-DEMO_CAL_STEPS (calibration refinement steps, default 30;
+DEMO_CAL_STEPS (calibration refinement steps, default 10;
 0 = closed form only).
 """
 
@@ -44,10 +44,14 @@ MOBY = ASSETS / "text" / "moby" / "data"
 STEPS = int(os.environ.get("DEMO_STEPS", "60"))
 EVAL_TOKENS = int(os.environ.get("DEMO_EVAL_TOKENS", "4096"))
 QA_N = int(os.environ.get("DEMO_QA", "16"))
-CAL_STEPS = int(os.environ.get("DEMO_CAL_STEPS", "30"))
+CAL_STEPS = int(os.environ.get("DEMO_CAL_STEPS", "10"))
+CAL_LR = 3e-3  # 10 steps at 3e-3 get within 3% of 30 at 1e-3, in a third of the time (docs/RESULTS.md)
 PLANS = "full,every:2,every:4"
 CALIBRATED_PLANS = "every:2,every:4"
 ONE_PLAN = "every:2"  # the one-plan model: calibrated base, fine-tuned for this plan on text + fictional QA
+#: the one-plan fine-tune also distils the calibrated base's full cache (logits and every layer's hidden
+#: states): 1.61x against 1.77x without it in the QA experiment (docs/RESULTS.md)
+ONE_PLAN_DISTILL = dict(distill=1.0, distill_hidden=1.0, distill_from="base")
 QA_TRAIN = int(os.environ.get("DEMO_QA_TRAIN", "2000"))  # fictional QA training records it sees
 CALIB_YEARS = (1990, 2006)  # calibration text: part of the training years, never the held-out ones
 LR = 4e-4
@@ -94,7 +98,7 @@ def calibrated(name: str, checkpoint: str, calib_files: list[str]) -> Path:
     if (out / "kvroute_calibration.safetensors").is_file():
         print(f"{name}: reusing {out}")
         return out
-    config = CalibrationConfig(steps=CAL_STEPS)
+    config = CalibrationConfig(steps=CAL_STEPS, lr=CAL_LR)
     folder, results = calibrate_checkpoint(checkpoint, CALIBRATED_PLANS, calib_files, config, out=out)
     for r in results:
         print(f"{name}: {r.summary()}")
@@ -140,7 +144,7 @@ def main() -> None:
     banner(f"one plan: fine-tune base+cal for {ONE_PLAN} only ({STEPS} steps, State of the Union "
            f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]} + {QA_TRAIN} fictional QA records)")
     one_plan = {one_plan_name: str(finetune(one_plan_name, cal["base+cal"], calib_files + [str(fictional["train"])],
-                                            routing=f"plan:{ONE_PLAN}"))}
+                                            routing=f"plan:{ONE_PLAN}", **ONE_PLAN_DISTILL))}
     stage(f"fine-tune {one_plan_name}")
 
     banner(f"evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})")
@@ -203,7 +207,9 @@ def main() -> None:
         "maps, kept only if they lower the loss on held-out calibration chunks; the weights never change). "
         f"`{one_plan_name}`: base+cal fine-tuned {STEPS} steps for {ONE_PLAN} only (`--routing plan:{ONE_PLAN}`; "
         f"its calibration maps act on every step) on SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]} mixed with "
-        f"{QA_TRAIN} fictional QA records (about 80% of the examples; answer-only loss); it serves that plan only, and its `full` row is for reference. "
+        f"{QA_TRAIN} fictional QA records (about 80% of the examples; answer-only loss), distilling base+cal's full cache "
+        "(logits and every layer's hidden states, weight 1 each); it serves that plan only, and its `full` row is for "
+        "reference. "
         f"Training and calibration in {precision} (`--precision auto`). "
         f"Evaluated on held-out SOTU 2007-2021 and Moby Dick ({EVAL_TOKENS} tokens each, 256-token windows) and "
         f"{QA_N} fictional context-QA questions (under the full cache and the calibrated plans; uncalibrated shared "

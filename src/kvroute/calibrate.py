@@ -198,7 +198,7 @@ def calibrate(
     chunks = calibration_chunks_of(data, tokenizer, config.tokens, config.chunk_tokens, "calibrate()")
     train, val = _split(chunks, config.val_fraction)
     full = SharingPlan.for_model("full", model.config)
-    cap_full = None
+    cap_full, loss_full = None, None
     teacher = TeacherLogits(train)  # shared by every plan's refinement
     results = []
     for plan in resolved:
@@ -206,8 +206,9 @@ def calibrate(
             continue
         start = time.perf_counter()
         remove_calibration(model, plan)
-        with _running(model, full):
-            loss_full = mean_loss(model, val, config.batch_size)
+        if loss_full is None:  # calibrations never change `full`: one pass serves every plan
+            with _running(model, full):
+                loss_full = mean_loss(model, val, config.batch_size)
         with _running(model, plan):
             loss_plain = mean_loss(model, val, config.batch_size)
         if cap_full is None:

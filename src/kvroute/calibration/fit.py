@@ -107,6 +107,11 @@ def _capture(model: torch.nn.Module, plan: SharingPlan, chunks: torch.Tensor, ba
 
 
 # ---------------------------------------------------------------------- the closed-form fit
+#: the query map is fitted on every QUERY_STRIDE-th query position: a sixteenth fits SmolLM2 as well as an
+#: eighth did (same held-out loss) at half the cost
+QUERY_STRIDE = 16
+
+
 def _heads(att: RoutedAttention, x: torch.Tensor, proj: torch.nn.Module, norm: torch.nn.Module | None) -> torch.Tensor:
     """(B, T, hidden) -> (B, H, T, D) in float32, before RoPE."""
     dtype = next(att.parameters()).dtype
@@ -195,7 +200,7 @@ class _LayerFit:
         gram = torch.zeros(H, D, D, dtype=torch.float64)
         rhs = torch.zeros(H, D, dtype=torch.float64)
         for q_own, k_own, _, q_plan, k_o, _ in self._batches(self.train):
-            stride = 8  # an eighth of the query positions is plenty, and 8x cheaper
+            stride = QUERY_STRIDE
             target = _logits(self.att_l, q_own, k_own, self.mask)[:, :, ::stride]  # (B, H, T', S)
             allowed = (self.mask[::stride] == 0).float()                        # (T', S)
             weight = 0.5 * target.softmax(-1) + 0.5 * allowed / allowed.sum(-1, keepdim=True)  # own attention + uniform
