@@ -140,3 +140,25 @@ def test_bench_measures_quantized_caches_and_their_capacity(tmp_path):
     assert batches[0] < batches[1] < batches[2]  # capacity grows with the quantization
     paths = write_report(report, tmp_path, command="kvroute bench")
     assert "every:4 + int4" in paths["md"].read_text()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fast_dequantize_is_the_float32_product_rounded_once(bits, dtype):
+    """With 16-bit scales in the output dtype (a bf16 cache stores bf16 scales), dequantizing takes the
+    cast-and-multiply path; it must equal the float32 product rounded once, written into a view."""
+    quant = KVQuant(bits)
+    scale_dtype = dtype if dtype != torch.float32 else torch.float16
+    x = torch.randn(2, 3, 17, 16) * torch.logspace(-3, 2, 17)[:, None]
+    codes, scale = quant.quantize(x, scale_dtype)
+    assert scale.dtype == scale_dtype
+    ints = codes if bits == 8 else torch.stack(((codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8),
+                                               -1).flatten(-2)
+    expected = (ints.float() * scale.float()).to(dtype)
+    out = torch.full((2, 3, 20, 16), 7.0, dtype=dtype)
+    quant.dequantize(codes, scale, dtype, out=out[:, :, :17])
+    assert torch.equal(out[:, :, :17], expected) and (out[:, :, 17:] == 7).all()
+    step = scale.float()
+    assert ((expected.float() - x).abs() <= step * 0.5 * (1 + 2e-2) + x.abs() * 1e-2 + 1e-6).all()
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        quant.quantize(x, torch.float32)

@@ -128,10 +128,12 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
+        # scales in the cache's dtype when it is bfloat16, so that dequantizing is a cast and a multiply
+        self._scale_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16
         self._rest = [key_states[:, :, :0], value_states[:, :, :0]]
         self._codes, self._scales = [], []
         for x in self._rest:
-            codes, scale = self.quant.quantize(x)
+            codes, scale = self.quant.quantize(x, self._scale_dtype)
             self._codes.append(codes)
             self._scales.append(scale)
         self.is_initialized = True
@@ -144,7 +146,7 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
         aged = self._rest[0].shape[-2] - self.quant.residual
         if aged > 0:  # tokens leaving the residual window are quantized, once
             for i, x in enumerate(self._rest):
-                codes, scale = self.quant.quantize(x[:, :, :aged])
+                codes, scale = self.quant.quantize(x[:, :, :aged], self._scale_dtype)
                 self._codes[i] = torch.cat((self._codes[i], codes), dim=-2)
                 self._scales[i] = torch.cat((self._scales[i], scale), dim=-2)
                 self._rest[i] = x[:, :, aged:]
