@@ -162,3 +162,41 @@ def test_fast_dequantize_is_the_float32_product_rounded_once(bits, dtype):
     assert ((expected.float() - x).abs() <= step * 0.5 * (1 + 2e-2) + x.abs() * 1e-2 + 1e-6).all()
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         quant.quantize(x, torch.float32)
+
+
+@pytest.mark.parametrize("max_len", [None, 12, 40])
+def test_quantized_layer_buffers_grow_crop_and_reorder(max_len):
+    """Codes live in buffers that grow in place: what the layer returns equals quantizing the tokens
+    appended so far, through growth past the preallocation, crops into the quantized history and beam
+    reorders; used bytes count the tokens held, allocated bytes the capacity too."""
+    quant = KVQuant(8, residual=4)
+    layer = QuantizedLayer(quant, max_len)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 0, 8)
+
+    def expect(k: torch.Tensor) -> torch.Tensor:
+        old = max(0, k.shape[-2] - quant.residual)
+        codes, scale = quant.quantize(k[:, :, :old])
+        return torch.cat((quant.dequantize(codes, scale, torch.float32), k[:, :, old:]), dim=-2)
+
+    for n in (7, 1, 1, 9, 1, 20):
+        new = torch.randn(2, 3, n, 8, generator=g)
+        keys = torch.cat((keys, new), dim=-2)
+        k, v = layer.update(new, -new)
+        assert torch.equal(k, expect(keys)) and torch.equal(v, expect(-keys))
+    assert layer.capacity >= layer.quantized == keys.shape[-2] - 4
+    per_token = 2 * 2 * 3 * (8 + 2)  # K and V, batch 2, 3 heads, 8 codes + a 2-byte scale
+    assert layer.used_bytes() == layer.quantized * per_token + 2 * keys[:, :, -4:].numel() * 4
+    assert layer.nbytes() == layer.capacity * per_token + 2 * keys[:, :, -4:].numel() * 4
+    layer.crop(-10)  # four residual tokens and six quantized ones
+    keys = keys[:, :, :-10]
+    layer.reorder_cache(torch.tensor([1, 0]))
+    keys = keys.flip(0)
+    new = torch.randn(2, 3, 1, 8, generator=g)
+    keys = torch.cat((keys, new), dim=-2)
+    k, _ = layer.update(new, -new)
+    # the crop left no residual: the new token is full precision, the rest as quantized before
+    assert k.shape[-2] == keys.shape[-2] == layer.get_seq_length()
+    assert torch.equal(k[:, :, -1:], new)
+    codes, scale = quant.quantize(keys[:, :, :-1])
+    torch.testing.assert_close(k[:, :, :-1], quant.dequantize(codes, scale, torch.float32))

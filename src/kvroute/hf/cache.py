@@ -115,15 +115,19 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
     """A full-attention cache layer that stores KV quantized (:class:`~kvroute.kvquant.KVQuant`).
 
     The newest ``quant.residual`` tokens stay in full precision; older ones are quantized once,
-    as they leave that window. Attention reads the dequantized history followed by the residual.
+    as they leave that window, into code and scale buffers that grow in place (preallocated
+    for ``max_cache_len`` tokens when given, else grown by an eighth at a time). Attention reads
+    the dequantized history followed by the residual.
     """
 
-    def __init__(self, quant: KVQuant, **kwargs: Any) -> None:
+    def __init__(self, quant: KVQuant, max_cache_len: int | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.quant = quant
         self.length = 0
-        self._codes: list[torch.Tensor] = []  # keys, values: (B, H, T_q, D or D/2)
-        self._scales: list[torch.Tensor] = []  # (B, H, T_q, 1) float16
+        self.quantized = 0  # tokens held in the code buffers
+        self.capacity = max(0, int(max_cache_len or 0) - quant.residual)
+        self._codes: list[torch.Tensor] = []  # keys, values: (B, H, capacity, D or D/2)
+        self._scales: list[torch.Tensor] = []  # (B, H, capacity, 1), 16-bit
         self._rest: list[torch.Tensor] = []  # the full-precision residual: (B, H, T_r, D)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -134,9 +138,21 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
         self._codes, self._scales = [], []
         for x in self._rest:
             codes, scale = self.quant.quantize(x, self._scale_dtype)
-            self._codes.append(codes)
-            self._scales.append(scale)
+            self._codes.append(codes.new_empty((*codes.shape[:2], self.capacity, codes.shape[-1])))
+            self._scales.append(scale.new_empty((*scale.shape[:2], self.capacity, 1)))
+        self.quantized = 0
         self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, self.capacity + self.capacity // 8 + 64)
+        for group in (self._codes, self._scales):
+            for i, old in enumerate(group):
+                grown = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+                grown[:, :, : self.quantized] = old[:, :, : self.quantized]
+                group[i] = grown
+        self.capacity = capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -145,12 +161,16 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
         self.length += key_states.shape[-2]
         aged = self._rest[0].shape[-2] - self.quant.residual
         if aged > 0:  # tokens leaving the residual window are quantized, once
+            q = self.quantized
+            self._reserve(q + aged)
             for i, x in enumerate(self._rest):
                 codes, scale = self.quant.quantize(x[:, :, :aged], self._scale_dtype)
-                self._codes[i] = torch.cat((self._codes[i], codes), dim=-2)
-                self._scales[i] = torch.cat((self._scales[i], scale), dim=-2)
+                self._codes[i][:, :, q : q + aged] = codes
+                self._scales[i][:, :, q : q + aged] = scale
                 self._rest[i] = x[:, :, aged:]
-        return tuple(self._read(c, s, r) for c, s, r in zip(self._codes, self._scales, self._rest))
+            self.quantized += aged
+        q = self.quantized
+        return tuple(self._read(c[:, :, :q], s[:, :, :q], r) for c, s, r in zip(self._codes, self._scales, self._rest))
 
     def _read(self, codes: torch.Tensor, scale: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """The dequantized history followed by the residual, written into one new tensor."""
@@ -166,8 +186,7 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
     def reset(self) -> None:
         if self.is_initialized:
             self._rest = [x[:, :, :0] for x in self._rest]
-            self._codes = [x[:, :, :0] for x in self._codes]
-            self._scales = [x[:, :, :0] for x in self._scales]
+        self.quantized = 0
         self.length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -178,10 +197,7 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
             return
         from_rest = min(drop, self._rest[0].shape[-2])
         self._rest = [x[:, :, : x.shape[-2] - from_rest] for x in self._rest]
-        from_codes = drop - from_rest
-        if from_codes:
-            self._codes = [x[:, :, : x.shape[-2] - from_codes] for x in self._codes]
-            self._scales = [x[:, :, : x.shape[-2] - from_codes] for x in self._scales]
+        self.quantized -= drop - from_rest
         self.length -= drop
 
     def _set_batch(self, fn) -> None:
@@ -190,9 +206,18 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
                                                      for group in (self._codes, self._scales, self._rest))
 
     def nbytes(self) -> int:
+        """Bytes allocated: the code and scale buffers (with any unused capacity) and the residual."""
         if not self.is_initialized:
             return 0
         return sum(x.numel() * x.element_size() for x in (*self._codes, *self._scales, *self._rest))
+
+    def used_bytes(self) -> int:
+        """Bytes of the tokens held: what :meth:`KVShape.layer_bytes` accounts for."""
+        if not self.is_initialized:
+            return 0
+        q = self.quantized
+        held = (*(c[:, :, :q] for c in self._codes), *(s[:, :, :q] for s in self._scales), *self._rest)
+        return sum(x.numel() * x.element_size() for x in held)
 
 
 def shared_layers(
@@ -210,7 +235,7 @@ def shared_layers(
         elif shape.slides(layer):
             layers.append(DynamicSlidingWindowLayer(sliding_window=shape.sliding_window))
         elif kv_quant is not None:
-            layers.append(QuantizedLayer(kv_quant))
+            layers.append(QuantizedLayer(kv_quant, max_cache_len))
         else:
             layers.append(GrowingLayer(max_cache_len))
     return layers
@@ -267,7 +292,7 @@ class SharedKVCache(Cache):
             if isinstance(layer, DummyLayer) or not layer.is_initialized:
                 continue
             if isinstance(layer, QuantizedLayer):
-                total += layer.nbytes()
+                total += layer.used_bytes()
                 continue
             keys = layer.keys
             total += keys.numel() * keys.element_size() * 2
