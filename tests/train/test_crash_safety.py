@@ -40,6 +40,8 @@ def _kill(proc: subprocess.Popen) -> None:
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
+        if proc.poll() == 0:
+            return  # it finished before there was anything to kill (a resume with nothing left to do)
         if proc.poll() is not None:
             raise AssertionError(f"process ended before the kill (rc {proc.returncode}):\n{proc.stderr.read()[-3000:]}")
         assert time.monotonic() < deadline, "timed out waiting"
