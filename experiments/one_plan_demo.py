@@ -8,7 +8,7 @@ Scores held-out SOTU 2007-2021 (4,096 tokens, 256-token windows) and the demo's 
 questions under every:2, as the demo does. Appends to experiments/results/one_plan_demo.json.
 
     make demo                                                   # runs/demo/base-cal and runs/demo/data
-    .venv/bin/python experiments/one_plan_demo.py --variants lr1e-3,lr2e-3,lr2e-4,distill2
+    .venv/bin/python experiments/one_plan_demo.py --variants lr1e-3,lr2e-3,lr2e-4,distill2,steps120
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ VARIANTS = {
     "lr2e-3": dict(lr=2e-3),
     "lr2e-4": dict(lr=2e-4),
     "distill2": dict(distill=2.0, distill_hidden=2.0),
+    "steps120": dict(max_steps=120, save_every=120),
 }
 
 
