@@ -35,7 +35,7 @@ import kvroute  # noqa: E402
 import kvroute.calibration.fit as fit  # noqa: E402  (QUERY_STRIDE: the one knob that is not a config field)
 from kvroute.calibrate import CalibrationConfig, calibrate, calibration_data, mean_loss  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
-from common import sotu  # noqa: E402
+from common import append_rows, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "calibration_budget.json"
@@ -76,9 +76,7 @@ def main() -> None:
                "threads": args.threads, "ppl_sotu_2007plus": ppl}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    RESULTS.write_text(json.dumps(old + rows, indent=1) + "\n")
-    print(f"appended to {RESULTS}")
+    append_rows(RESULTS, rows)
 
 
 if __name__ == "__main__":

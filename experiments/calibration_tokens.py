@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import kvroute  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibrate, calibration_data, mean_loss, remove_calibration  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
-from common import sotu  # noqa: E402
+from common import append_rows, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
@@ -58,9 +58,7 @@ def main() -> None:
                "threads": args.threads, "ppl": ppl, "ppl_full": full}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    RESULTS.write_text(json.dumps(old + rows, indent=1) + "\n")
-    print(f"appended to {RESULTS}")
+    append_rows(RESULTS, rows)
 
 
 if __name__ == "__main__":

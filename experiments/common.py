@@ -355,9 +355,16 @@ def loss_table(rows: list[dict]) -> dict:
     return table
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict | list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append result rows to a JSON list file (created if missing), keeping every earlier run's rows."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    write_json(path, old + rows)
+    print(f"appended to {path}")
 
 
 def plot_lines(lines: list[dict], out: Path, title: str) -> Path:

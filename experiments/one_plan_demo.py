@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
-from common import sotu  # noqa: E402
+from common import append_rows, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "one_plan_demo.json"
@@ -70,9 +70,7 @@ def main() -> None:
                "threads": args.threads, "plan": "every:2", **scores}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    RESULTS.write_text(json.dumps(old + rows, indent=1) + "\n")
-    print(f"appended to {RESULTS}")
+    append_rows(RESULTS, rows)
 
 
 if __name__ == "__main__":

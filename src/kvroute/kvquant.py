@@ -5,8 +5,8 @@ remains, so the two multiply. Each token's key (and value) vector of one KV head
 its largest magnitude and rounded to a symmetric integer grid (int8: -127..127, int4: -7..7, two
 per byte); the scale is kept in 16 bits (float16; bfloat16 when the cache is bfloat16). The
 newest ``residual`` tokens of each sequence stay in full precision, as transformers' quantized
-cache keeps them: attention to the most recent
-context is exact, and tokens are quantized once, as they age out of the residual window.
+cache keeps them: attention to the most recent context is exact, and tokens are quantized
+once, as they age out of the residual window.
 
 Example:
     >>> q = KVQuant.parse("int8")

@@ -200,7 +200,7 @@ class _LayerFit:
         gram = torch.zeros(H, D, D, dtype=torch.float64)
         rhs = torch.zeros(H, D, dtype=torch.float64)
         for q_own, k_own, _, q_plan, k_o, _ in self._batches(self.train):
-            stride = QUERY_STRIDE
+            stride = QUERY_STRIDE  # a share of the query positions is plenty (see QUERY_STRIDE)
             target = _logits(self.att_l, q_own, k_own, self.mask)[:, :, ::stride]  # (B, H, T', S)
             allowed = (self.mask[::stride] == 0).float()                        # (T', S)
             weight = 0.5 * target.softmax(-1) + 0.5 * allowed / allowed.sum(-1, keepdim=True)  # own attention + uniform

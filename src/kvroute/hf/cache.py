@@ -35,6 +35,13 @@ class _BatchOps:
         self._set_batch(lambda t: t[indices])
 
 
+def _grown(buffer: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A (B, H, capacity, D) buffer holding the first ``length`` tokens of ``buffer``."""
+    grown = buffer.new_empty((*buffer.shape[:2], capacity, buffer.shape[-1]))
+    grown[:, :, :length] = buffer[:, :, :length]
+    return grown
+
+
 class GrowingLayer(_BatchOps, DynamicLayer):
     """A full-attention cache layer backed by a buffer that grows in place.
 
@@ -67,11 +74,7 @@ class GrowingLayer(_BatchOps, DynamicLayer):
         if needed <= self.capacity:
             return
         new_capacity = max(needed, 2 * self.capacity)
-        for name in ("_k", "_v"):
-            old = getattr(self, name)
-            grown = old.new_empty((*old.shape[:2], new_capacity, old.shape[-1]))
-            grown[:, :, : self.length] = old[:, :, : self.length]
-            setattr(self, name, grown)
+        self._k, self._v = (_grown(x, self.length, new_capacity) for x in (self._k, self._v))
         self.capacity = new_capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -147,11 +150,8 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
         if needed <= self.capacity:
             return
         capacity = max(needed, self.capacity + self.capacity // 8 + 64)
-        for group in (self._codes, self._scales):
-            for i, old in enumerate(group):
-                grown = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
-                grown[:, :, : self.quantized] = old[:, :, : self.quantized]
-                group[i] = grown
+        self._codes = [_grown(x, self.quantized, capacity) for x in self._codes]
+        self._scales = [_grown(x, self.quantized, capacity) for x in self._scales]
         self.capacity = capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
