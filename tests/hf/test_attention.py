@@ -527,3 +527,45 @@ def test_torch_compile_routes_every_pass_like_eager():
     for p, q in zip(compiled_model.parameters(), eager.parameters()):
         if q.grad is not None:
             close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_packed_decode_equals_transformers_sdpa(dtype, mask_kind):
+    """One query token on the KV heads: the same output as transformers' own sdpa (repeated KV)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from kvroute.hf.attention import packed_decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, length, dim = 2, 3, 3, 40, 16
+    query = torch.randn(batch, kv_heads * groups, 1, dim, generator=g).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=g).to(dtype) for _ in range(2))
+    keep = torch.ones(batch, 1, 1, length + 5, dtype=torch.bool)  # longer than the keys, as a static mask can be
+    keep[0, ..., :7] = False  # left padding of the first sequence
+    mask = {"none": None, "bool": keep,
+            "additive": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)}[mask_kind]
+    got = packed_decode_sdpa(query, key, value, mask, 0.25, groups)
+    ref_mask = None if mask is None else mask[..., :length]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=ref_mask, scale=0.25).transpose(1, 2)
+    assert got.shape == (batch, 1, kv_heads * groups, dim)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_cpu_sdpa_decode_takes_the_packed_path_and_matches_the_full_forward(monkeypatch):
+    """A cached decode step on CPU goes through packed_decode_sdpa (not enable_gqa), with the same logits."""
+    import kvroute.hf.attention as attention
+
+    calls = []
+    real = attention.packed_decode_sdpa
+    monkeypatch.setattr(attention, "packed_decode_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = kvroute.apply(tiny_model("llama", layers=4), plan="every:2").eval()
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        out = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], **cache_kwargs(output_cache(out)), use_cache=True).logits[:, -1]
+    assert len(calls) == 4  # every layer of the one-token step, none of the prefill
+    close(step, full)

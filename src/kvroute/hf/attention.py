@@ -31,6 +31,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotate_half(x) * sin)
 
 
+def packed_decode_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scaling: float, groups: int) -> torch.Tensor:
+    """One query token's attention on the KV heads, each head's group of query heads as its rows.
+
+    What transformers' ``sdpa`` does for a single query token when there is a mask (``pack_gqa``);
+    without one it passes ``enable_gqa=True`` instead, and on CPU that kernel is several times
+    slower for one query row in bf16 (about 1.4 ms against 0.18 ms per layer at 1,024 tokens).
+
+    Args:
+        query: ``(B, H, 1, D)``, after RoPE; key, value: ``(B, H_kv, T, D)``.
+        mask: None, or ``(B, 1, 1, >=T)`` boolean (True: attend) or additive.
+    Returns:
+        ``(B, 1, H, D)``, as the attention interfaces return it.
+    """
+    batch, heads, _, dim = query.shape
+    if mask is not None:
+        mask = mask[..., : key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=mask, scale=scaling
+    )
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2)
+
+
 class LayerMaps(nn.Module):
     """The calibration maps of one non-owner layer under one route.
 
@@ -154,9 +177,30 @@ class RoutedAttention(nn.Module):
             routing.kv[idx] = (key, value)
         key, value = routing.kv[source]
 
+        if self._packed_decode(query, attention_mask):
+            attn_output, attn_weights = packed_decode_sdpa(query, key, value, attention_mask, self.scaling,
+                                                           self.num_key_value_groups), None
+        else:
+            attn_output, attn_weights = self._attend(query, key, value, attention_mask, **kwargs)
+        if maps is not None:
+            attn_output = maps.map_output(attn_output)  # (B, T, H, D)
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    def _packed_decode(self, query: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether this step is a CPU ``sdpa`` decode of one token with grouped KV heads (see
+        :func:`packed_decode_sdpa`); GPUs keep transformers' own path."""
+        return (query.shape[2] == 1 and query.device.type == "cpu" and self.num_key_value_groups > 1
+                and self.config._attn_implementation == "sdpa" and self.softcap is None
+                and not (self.training and self.attention_dropout > 0)
+                and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)))
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's configured attention implementation (transformers' interface)."""
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
         extra = {"softcap": self.softcap} if self.softcap is not None else {}
-        attn_output, attn_weights = interface(
+        return interface(
             self,
             query,
             key,
@@ -168,7 +212,3 @@ class RoutedAttention(nn.Module):
             **extra,
             **kwargs,
         )
-        if maps is not None:
-            attn_output = maps.map_output(attn_output)  # (B, T, H, D)
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
