@@ -4,7 +4,7 @@ For a single query token without a mask, transformers' ``sdpa`` attention passes
 to ``scaled_dot_product_attention``; on CPU in bf16 that kernel is several times slower than the
 same attention with each KV head's group of query heads packed as rows (what transformers itself
 does when there is a mask). kvroute's routed attention takes the packed path on CPU
-(:func:`kvroute.hf.attention.packed_decode_sdpa`). This times greedy decode steps both ways in one
+(:func:`kvroute.hf.attention.packed_decode`). This times greedy decode steps both ways in one
 run, round-robin, and checks that both generate the same tokens.
 
 Random weights of a named shape (default SmolLM2-135M: 30 layers, 9 heads, 3 KV heads) or a

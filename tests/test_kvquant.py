@@ -200,3 +200,60 @@ def test_quantized_layer_buffers_grow_crop_and_reorder(max_len):
     assert torch.equal(k[:, :, -1:], new)
     codes, scale = quant.quantize(keys[:, :, :-1])
     torch.testing.assert_close(k[:, :, :-1], quant.dequantize(codes, scale, torch.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])  # bf16: an ulp of values near 4
+@pytest.mark.parametrize("old, mask_kind", [(0, "none"), (21, "none"), (21, "bool"), (21, "additive")])
+def test_attention_over_codes_equals_attention_over_the_dequantized_history(bits, dtype, tol, old, mask_kind):
+    """attend_one_token reads codes and folds the scales into scores and probabilities: the same output
+    as sdpa over the dequantized history and the residual (old=0: the residual alone)."""
+    from kvroute.kvquant import QuantizedHistory, attend_one_token
+
+    quant, g = KVQuant(bits), torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, rest, dim = 2, 3, 3, 5, 16
+    scale_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    hist = []
+    for _ in range(2):
+        codes, scale = quant.quantize(torch.randn(batch, kv_heads, old, dim, generator=g) * 2, scale_dtype)
+        hist.append(QuantizedHistory(quant, codes, scale, torch.randn(batch, kv_heads, rest, dim, generator=g).to(dtype)))
+    query = torch.randn(batch, kv_heads, groups, dim, generator=g).to(dtype)
+    keep = torch.ones(batch, 1, 1, old + rest + 3, dtype=torch.bool)  # longer than the history, as masks can be
+    keep[0, ..., : min(4, old)] = False
+    mask = {"none": None, "bool": keep,
+            "additive": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)}[mask_kind]
+    got = attend_one_token(query, hist[0], hist[1], mask, 0.3)
+    key, value = hist[0].dequantize(), hist[1].dequantize()
+    assert key.shape == (batch, kv_heads, old + rest, dim)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=None if mask is None else mask[..., : old + rest], scale=0.3)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_quantized_decode_reads_codes_and_matches_the_dequantizing_path(kv_quant, monkeypatch):
+    """A one-token CPU decode through a quantized shared cache attends over the codes (no dequantized
+    copy), and its logits match the path that dequantizes (taken when the packed decode is off)."""
+    import kvroute.kvquant as kvquant
+    from kvroute.hf.attention import RoutedAttention
+
+    model = kvroute.apply(tiny_model("llama", layers=4), plan="every:2").eval()
+    quant = KVQuant(int(kv_quant[3:]), residual=3)
+    ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = kvquant.attend_one_token
+    monkeypatch.setattr("kvroute.hf.attention.attend_one_token", lambda *a: calls.append(1) or real(*a))
+
+    def decode() -> torch.Tensor:
+        cache = SharedKVCache.for_model(model, kv_quant=quant)
+        with torch.no_grad():
+            steps = [model(ids[:, :8], **cache_kwargs(cache)).logits]
+            steps += [model(ids[:, t : t + 1], **cache_kwargs(cache)).logits for t in range(8, 16)]
+        return torch.cat(steps, dim=1)
+
+    folded = decode()
+    assert len(calls) == 8 * 4  # every layer of every one-token step
+    monkeypatch.setattr(RoutedAttention, "_packed_decode", lambda self, query, mask: False)
+    torch.testing.assert_close(folded, decode(), atol=1e-5, rtol=1e-4)
+    assert len(calls) == 8 * 4

@@ -535,7 +535,7 @@ def test_packed_decode_equals_transformers_sdpa(dtype, mask_kind):
     """One query token on the KV heads: the same output as transformers' own sdpa (repeated KV)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from kvroute.hf.attention import packed_decode_sdpa
+    from kvroute.hf.attention import packed_decode
 
     g = torch.Generator().manual_seed(0)
     batch, kv_heads, groups, length, dim = 2, 3, 3, 40, 16
@@ -545,7 +545,7 @@ def test_packed_decode_equals_transformers_sdpa(dtype, mask_kind):
     keep[0, ..., :7] = False  # left padding of the first sequence
     mask = {"none": None, "bool": keep,
             "additive": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)}[mask_kind]
-    got = packed_decode_sdpa(query, key, value, mask, 0.25, groups)
+    got = packed_decode(query, key, value, mask, 0.25, groups)
     ref_mask = None if mask is None else mask[..., :length]
     want = torch.nn.functional.scaled_dot_product_attention(
         query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=ref_mask, scale=0.25).transpose(1, 2)
@@ -555,12 +555,12 @@ def test_packed_decode_equals_transformers_sdpa(dtype, mask_kind):
 
 
 def test_cpu_sdpa_decode_takes_the_packed_path_and_matches_the_full_forward(monkeypatch):
-    """A cached decode step on CPU goes through packed_decode_sdpa (not enable_gqa), with the same logits."""
+    """A cached decode step on CPU goes through packed_decode (not enable_gqa), with the same logits."""
     import kvroute.hf.attention as attention
 
     calls = []
-    real = attention.packed_decode_sdpa
-    monkeypatch.setattr(attention, "packed_decode_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = attention.packed_decode
+    monkeypatch.setattr(attention, "packed_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = kvroute.apply(tiny_model("llama", layers=4), plan="every:2").eval()
     ids = tokens(2, 12)
     with torch.no_grad():
