@@ -12,6 +12,8 @@ checkpoint folder; the prompt is random token ids.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_attention.py --context 1024 --plans full,every:2,every:4 \\
         --out docs/bench/decode_attention.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_attention.py --model runs/demo/rcla-cal --kv-quant int8 \\
+        --threads 1 --out docs/bench/int8_decode_t1.json
 
 Not a test: its numbers go into the docs.
 """
@@ -63,26 +65,33 @@ def main() -> None:
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, args.context), generator=torch.Generator().manual_seed(0))
     packed = RoutedAttention._packed_decode
-    ways = {"transformers": lambda self, query, mask: False, "packed": packed}
+
+    def way(name: str) -> None:
+        """Decode through transformers' sdpa path or the packed one."""
+        RoutedAttention._packed_decode = (lambda self, query, mask: False) if name == "transformers" else packed
+
+    names = ["transformers", "packed"]
     rows = []
     with torch.inference_mode():
         for plan in args.plans.split(","):
             kvroute.set_plan(model, plan)
-            times: dict[str, list[float]] = {name: [] for name in ways}
+            times: dict[str, list[float]] = {name: [] for name in names}
             tokens = {}
             for _ in range(args.repeats):
-                for name, decide in ways.items():
-                    RoutedAttention._packed_decode = decide
+                for name in names:
+                    way(name)
                     ms, tokens[name] = decode_ms(model, ids, args.steps)
                     times[name].append(ms)
-            RoutedAttention._packed_decode = packed
-            row = {"plan": plan, **{f"{name}_ms_per_step": round(statistics.median(t), 2) for name, t in times.items()},
-                   "same_tokens": bool(torch.equal(tokens["transformers"], tokens["packed"]))}
-            row["speedup"] = round(row["transformers_ms_per_step"] / row["packed_ms_per_step"], 2)
+            way("packed")
+            row = {"plan": plan, **{f"{name}_ms_per_step": round(statistics.median(t), 2) for name, t in times.items()}}
+            base, *others = names
+            for name in others:
+                row[f"{name}_vs_{base}"] = round(row[f"{base}_ms_per_step"] / row[f"{name}_ms_per_step"], 3)
+                row[f"{name}_same_tokens"] = bool(torch.equal(tokens[base], tokens[name]))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {"model": args.model, "context": args.context, "steps": args.steps, "repeats": args.repeats,
-              "dtype": args.dtype, "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    result = {"model": args.model, "context": args.context, "steps": args.steps,
+              "repeats": args.repeats, "dtype": args.dtype, "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "torch": torch.__version__, "rows": rows}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -13,8 +13,11 @@ layer of the SmolLM2-135M shape (9 query heads, 3 KV heads, head size 64) and a 
   int8 codes to a bf16 matmul.
 
 Medians of ``--repeats`` rounds; also the largest difference of ``folded`` from ``dequantize``.
+On this 2-core machine ``folded`` wins with one thread and loses with two (many small ops, each
+split across the threads), so kvroute keeps ``dequantize`` (docs/RESULTS.md, issue 20).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/int8_attention.py --context 1024 --threads 2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/int8_attention.py --threads 1 --out docs/bench/int8_attention_1k_t1.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/int8_attention.py --threads 2 --out docs/bench/int8_attention_1k_t2.json
 
 Not a test: its numbers go into the docs.
 """

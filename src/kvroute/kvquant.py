@@ -84,12 +84,6 @@ class KVQuant:
             codes = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
         return codes, scale.to(scale_dtype)
 
-    def ints(self, codes: torch.Tensor) -> torch.Tensor:
-        """Stored codes as one int8 integer per element (int4: unpacked; element 2i is the low nibble)."""
-        if self.bits == 8:
-            return codes
-        return torch.stack(((codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8), -1).flatten(-2)
-
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """(codes, scales) -> values in ``dtype``, written into ``out`` when given.
@@ -103,69 +97,12 @@ class KVQuant:
             out = torch.empty(shape, dtype=dtype, device=codes.device)
         elif tuple(out.shape) != shape or out.dtype != dtype:
             raise ValueError(f"dequantize: out is {tuple(out.shape)} {out.dtype}, expected {shape} {dtype}")
-        ints = self.ints(codes)
+        ints = codes
+        if self.bits == 4:  # element 2i is the low nibble, 2i+1 the high one
+            ints = torch.stack(((codes & 15).to(torch.int8) - 8, (codes >> 4).to(torch.int8) - 8), -1).flatten(-2)
         if scale.dtype == dtype or dtype == torch.float32:  # exact products (8 x 11 bits), rounded once
             out.copy_(ints)
             out.mul_(scale.to(dtype))
         else:
             torch.mul(ints, scale.float(), out=out)
         return out
-
-
-@dataclass(frozen=True)
-class QuantizedHistory:
-    """One owner layer's keys (or values) as a quantized cache holds them: the codes and scales of
-    the older tokens, followed by the newest ``rest`` in full precision.
-
-    Shapes: codes ``(B, H_kv, T_q, D)`` (int4: ``D/2``), scale ``(B, H_kv, T_q, 1)``, rest
-    ``(B, H_kv, T_r, D)`` in the cache's dtype.
-    """
-
-    quant: KVQuant
-    codes: torch.Tensor
-    scale: torch.Tensor
-    rest: torch.Tensor
-
-    def dequantize(self) -> torch.Tensor:
-        """``(B, H_kv, T_q + T_r, D)``: the dequantized history followed by the residual, in one new tensor."""
-        old, rest = self.codes.shape[-2], self.rest
-        out = rest.new_empty((*rest.shape[:-2], old + rest.shape[-2], rest.shape[-1]))
-        self.quant.dequantize(self.codes, self.scale, rest.dtype, out=out[:, :, :old])
-        out[:, :, old:].copy_(rest)
-        return out
-
-    def _codes_as(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.quant.ints(self.codes).to(dtype)  # exact: |code| <= 127 fits any float type
-
-
-def attend_one_token(query: torch.Tensor, keys: QuantizedHistory, values: QuantizedHistory,
-                     mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """Attention of one query token per sequence over a quantized history, without dequantizing it.
-
-    Scores are ``q . codes`` times each key's scale, and the value scales multiply the attention
-    probabilities, so the history is only cast to the query's dtype, never multiplied: about a
-    third of what dequantizing costs a CPU decode step (``benchmarks/int8_attention.py``). The
-    result equals attention over the dequantized history up to rounding; scores and softmax
-    are float32.
-
-    Args:
-        query: ``(B, H_kv, G, D)``: each KV head's group of query heads as rows (packed GQA).
-        mask: None, or ``(B, 1, 1, >=T)`` boolean (True: attend) or additive.
-    Returns:
-        ``(B, H_kv, G, D)`` in the query's dtype.
-    """
-    dtype, old = query.dtype, keys.codes.shape[-2]
-    q = query * scaling
-    scores = (q @ keys.rest.transpose(-1, -2)).float()
-    if old:
-        history = (q @ keys._codes_as(dtype).transpose(-1, -2)).float() * keys.scale.float().transpose(-1, -2)
-        scores = torch.cat((history, scores), -1)
-    if mask is not None:
-        mask = mask[..., : scores.shape[-1]]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = scores.softmax(-1)
-    out = probs[..., old:].to(dtype) @ values.rest
-    if old:
-        weights = (probs[..., :old] * values.scale.float().transpose(-1, -2)).to(dtype)
-        out = out + weights @ values._codes_as(dtype)
-    return out

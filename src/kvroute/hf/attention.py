@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvroute.kvquant import QuantizedHistory, attend_one_token
 from kvroute.router import RoutingPass, Router
 
 
@@ -32,31 +31,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos) + (rotate_half(x) * sin)
 
 
-def packed_decode(query: torch.Tensor, key: torch.Tensor | QuantizedHistory, value: torch.Tensor | QuantizedHistory,
-                  mask: torch.Tensor | None, scaling: float, groups: int) -> torch.Tensor:
+def packed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scaling: float, groups: int) -> torch.Tensor:
     """One query token's attention on the KV heads, each head's group of query heads as its rows.
 
     What transformers' ``sdpa`` does for a single query token when there is a mask (``pack_gqa``);
     without one it passes ``enable_gqa=True`` instead, and on CPU that kernel is several times
     slower for one query row in bf16 (about 1.4 ms against 0.18 ms per layer at 1,024 tokens).
-    A quantized cache's history is read as it is stored (:func:`~kvroute.kvquant.attend_one_token`).
 
     Args:
-        query: ``(B, H, 1, D)``, after RoPE; key, value: ``(B, H_kv, T, D)``, or the
-            :class:`~kvroute.kvquant.QuantizedHistory` of a quantized cache.
+        query: ``(B, H, 1, D)``, after RoPE; key, value: ``(B, H_kv, T, D)``.
         mask: None, or ``(B, 1, 1, >=T)`` boolean (True: attend) or additive.
     Returns:
         ``(B, 1, H, D)``, as the attention interfaces return it.
     """
     batch, heads, _, dim = query.shape
-    packed = query.reshape(batch, heads // groups, groups, dim)
-    if isinstance(key, QuantizedHistory):
-        out = attend_one_token(packed, key, value, mask, scaling)
-    else:
-        if mask is not None:
-            mask = mask[..., : key.shape[-2]]
-        out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, 1, out.shape[-1]).transpose(1, 2)
+    if mask is not None:
+        mask = mask[..., : key.shape[-2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=mask, scale=scaling
+    )
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2)
 
 
 class LayerMaps(nn.Module):
@@ -174,23 +169,18 @@ class RoutedAttention(nn.Module):
         if maps is not None:
             query = maps.map_query(query)
         query = apply_rope(query, cos, sin)
-        packed = self._packed_decode(query, attention_mask)
         if idx in routing.producers:
             key = apply_rope(self._project(self.k_proj, self.k_norm, hidden_states), cos, sin)
             value = self._project(self.v_proj, None, hidden_states)
             if cache is not None:
-                # a quantized cache hands a one-token CPU decode its codes, not a dequantized copy
-                extra = {"quantized_history": True} if packed and getattr(cache, "kv_quant", None) else {}
-                key, value = cache.update(key, value, idx, kwargs=kwargs, **extra)
+                key, value = cache.update(key, value, idx, kwargs=kwargs)
             routing.kv[idx] = (key, value)
         key, value = routing.kv[source]
 
-        if packed:
+        if self._packed_decode(query, attention_mask):
             attn_output, attn_weights = packed_decode(query, key, value, attention_mask, self.scaling,
                                                       self.num_key_value_groups), None
         else:
-            if isinstance(key, QuantizedHistory):  # read by a layer that does not decode the packed way
-                key, value = key.dequantize(), value.dequantize()
             attn_output, attn_weights = self._attend(query, key, value, attention_mask, **kwargs)
         if maps is not None:
             attn_output = maps.map_output(attn_output)  # (B, T, H, D)

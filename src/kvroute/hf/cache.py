@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvroute.hf.compat import DummyLayer
-from kvroute.kvquant import KVQuant, QuantizedHistory
+from kvroute.kvquant import KVQuant
 from kvroute.plan import KVShape, SharingPlan
 
 
@@ -120,8 +120,7 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
     The newest ``quant.residual`` tokens stay in full precision; older ones are quantized once,
     as they leave that window, into code and scale buffers that grow in place (preallocated
     for ``max_cache_len`` tokens when given, else grown by an eighth at a time). Attention reads
-    the dequantized history followed by the residual, or, when decoding one token on CPU, the
-    codes themselves (:func:`~kvroute.kvquant.attend_one_token`).
+    the dequantized history followed by the residual.
     """
 
     def __init__(self, quant: KVQuant, max_cache_len: int | None = None, **kwargs: Any) -> None:
@@ -155,10 +154,7 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
         self._scales = [_grown(x, self.quantized, capacity) for x in self._scales]
         self.capacity = capacity
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               quantized_history: bool = False, **kwargs: Any):
-        """Append; return the keys and values attention reads: dequantized, or with
-        ``quantized_history`` as two :class:`~kvroute.kvquant.QuantizedHistory` (nothing dequantized)."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._rest = [torch.cat((old, new), dim=-2) for old, new in zip(self._rest, (key_states, value_states))]
@@ -174,9 +170,15 @@ class QuantizedLayer(_BatchOps, DynamicLayer):
                 self._rest[i] = x[:, :, aged:]
             self.quantized += aged
         q = self.quantized
-        held = [QuantizedHistory(self.quant, c[:, :, :q], s[:, :, :q], r)
-                for c, s, r in zip(self._codes, self._scales, self._rest)]
-        return tuple(held) if quantized_history else tuple(h.dequantize() for h in held)
+        return tuple(self._read(c[:, :, :q], s[:, :, :q], r) for c, s, r in zip(self._codes, self._scales, self._rest))
+
+    def _read(self, codes: torch.Tensor, scale: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """The dequantized history followed by the residual, written into one new tensor."""
+        old = codes.shape[-2]
+        out = rest.new_empty((*rest.shape[:-2], old + rest.shape[-2], rest.shape[-1]))
+        self.quant.dequantize(codes, scale, self.dtype, out=out[:, :, :old])
+        out[:, :, old:].copy_(rest)
+        return out
 
     def get_seq_length(self) -> int:
         return self.length

@@ -1,0 +1,92 @@
+"""How often greedy text loops under each plan, over many prompts rather than the demo's one (issue 15).
+
+The demo reports distinct-2 of one 64-token greedy continuation per model and plan, which is a
+noisy measure of degeneration. This takes ``--prompts`` prompts from held-out State of the Union
+2007-2021 (the first ``--prompt-words`` words of a sentence near the middle of each speech),
+generates 64 greedy tokens from each under the given model and plan pairs, and reports the mean
+distinct-2 and the share of continuations with distinct-2 >= 0.5 (issue 15's bar for "not
+degenerate"). Appends to experiments/results/greedy_loops.json.
+
+    make demo
+    .venv/bin/python experiments/greedy_loops.py --demo runs/demo
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from kvroute.generate import generate  # noqa: E402
+from kvroute.models import load, load_tokenizer  # noqa: E402
+from common import append_rows, sotu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results" / "greedy_loops.json"
+#: name -> (checkpoint folder under the demo folder, or a path relative to the repository, plan)
+PAIRS = {
+    "base full": ("../../assets/smollm2-135m", "full"),
+    "base+cal every:2": ("base-cal", "every:2"),
+    "base+cal every:4": ("base-cal", "every:4"),
+    "rcla+cal every:2": ("rcla-cal", "every:2"),
+    "rcla+cal every:4": ("rcla-cal", "every:4"),
+    "every2-qa every:2": ("every2-qa/final", "every:2"),
+    "one plan every:4 (120 steps)": ("../one_plan_demo/every4-steps120/final", "every:4"),
+}
+
+
+def prompts(count: int, words: int) -> list[str]:
+    """The first ``words`` words of a sentence near the middle of ``count`` held-out speeches, spread over the years."""
+    files = sotu(2007, 2021)
+    out = []
+    for path in [files[i * len(files) // count] for i in range(min(count, len(files)))]:
+        text = " ".join(Path(path).read_text(encoding="utf-8").split())
+        starts = [m.end() for m in re.finditer(r"[.!?] (?=[A-Z])", text)]
+        start = min(starts, key=lambda i: abs(i - len(text) // 2))
+        out.append(" ".join(text[start:].split()[:words]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="a finished `make demo` folder")
+    parser.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated names of PAIRS")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-words", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    texts = prompts(args.prompts, args.prompt_words)
+    rows = []
+    for name in args.pairs.split(","):
+        folder, plan = PAIRS[name]
+        source = (Path(args.demo) / folder).resolve()
+        if not (source / "config.json").is_file():
+            print(f"{name}: {source} not found, skipped", flush=True)
+            continue
+        start = time.perf_counter()
+        model, tokenizer = load(source, plan=plan), load_tokenizer(source)
+        samples = [generate(model, tokenizer, text, max_new_tokens=64) for text in texts]
+        scores = [s.distinct2 for s in samples]
+        row = {"pair": name, "checkpoint": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
+               "plan": plan, "prompts": len(texts), "distinct2_mean": round(statistics.mean(scores), 3),
+               "share_at_least_0.5": round(sum(d >= 0.5 for d in scores) / len(scores), 3),
+               "distinct2": [round(d, 3) for d in scores], "seconds": round(time.perf_counter() - start, 1),
+               "threads": args.threads, "first_sample": texts[0] + samples[0].text}
+        print(json.dumps({k: v for k, v in row.items() if k != "first_sample"}), flush=True)
+        rows.append(row)
+        del model
+    append_rows(RESULTS, rows)
+
+
+if __name__ == "__main__":
+    main()
