@@ -58,6 +58,10 @@ ONE_PLAN_DISTILL = dict(distill=1.0, distill_hidden=1.0, distill_from="base")
 QA_TRAIN = int(os.environ.get("DEMO_QA_TRAIN", "2000"))  # fictional QA training records it sees
 CALIB_YEARS = (1990, 2006)  # calibration text: part of the training years, never the held-out ones
 LR = 4e-4
+#: measured on 2 cores (docs/RESULTS.md, "The demo on a CPU without native bf16")
+FP32_NOTE = ("a fine-tuning step took 14.7 s in fp32 on an AMD EPYC (AVX2) against 3.5 s in bf16 on a Xeon with "
+             "AMX, so expect several times the 28 minutes measured there; DEMO_STEPS=20 DEMO_ONE_PLAN_STEPS=40 "
+             "DEMO_CAL_STEPS=0 is a quicker look")
 
 RUNS = {
     "standard": dict(routing="none"),
@@ -116,12 +120,18 @@ def main() -> None:
     from kvroute.generate import generate
     from kvroute.models import load, load_tokenizer
     from kvroute.plots import pareto_plot
+    from kvroute.precision import cpu_model, resolve_precision
     from kvroute.results import format_table
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if not (MODEL / "config.json").is_file():
         sys.exit(f"demo: {MODEL} is missing; run `make assets` (or `make demo`, which fetches it)")
     OUT.mkdir(parents=True, exist_ok=True)
+    precision, cpu = resolve_precision("auto", "cpu"), cpu_model()
+    print(f"demo: {cpu}, {torch.get_num_threads()} threads; training and calibration in {precision}", flush=True)
+    if precision != "bf16":
+        print(f"demo: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16), so the fine-tunes run in fp32: {FP32_NOTE}",
+              flush=True)
     start = time.time()
     seconds: dict[str, float] = {}
 
@@ -197,9 +207,6 @@ def main() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_minutes = (usage.ru_utime + usage.ru_stime) / 60
     timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items())
-    from kvroute.precision import resolve_precision
-
-    precision = resolve_precision("auto", "cpu")
     report = OUT / "REPORT.md"
     report.write_text(
         "# kvroute demo report\n\n"
@@ -218,7 +225,7 @@ def main() -> None:
         f"{QA_N} fictional context-QA questions (under the full cache and the calibrated plans; uncalibrated shared "
         "plans are scored on perplexity only). "
         f"Wall time {minutes:.1f} min ({timing} min), {cpu_minutes:.1f} CPU minutes, {torch.get_num_threads()} "
-        "threads.\n\n"
+        f"threads of {cpu}.\n\n"
         "```\n" + table + "\n```\n\n![pareto](pareto.png)\n\n## Greedy generation, 64 tokens\n\n"
         + "".join(f"**{name}, {plan}**: {r.summary()}\n\n> {prompt}{r.text}\n\n" for name, plan, r in samples),
         encoding="utf-8",
@@ -227,6 +234,7 @@ def main() -> None:
                     "text": r.text} for n, p, r in samples]
     (OUT / "summary.json").write_text(json.dumps({"checkpoints": {**checkpoints, **cal, **one_plan}, "rows": rows,
                                                  "generations": generations, "seconds": seconds,
+                                                 "cpu": cpu, "precision": precision,
                                                  "cpu_minutes": round(cpu_minutes, 1)}, indent=1))
     banner("done")
     print(f"results: {OUT}/eval*/results.json (and .csv)")

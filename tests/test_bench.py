@@ -76,6 +76,10 @@ def test_bench_meta_records_the_setup(report):
     assert meta["shape"]["layers"] == LAYERS and meta["shape"]["kv_heads"] == 2 and meta["shape"]["head_dim"] == 8
     assert meta["dtype"] == "float32" and meta["threads"] == torch.get_num_threads()
     assert meta["torch"] == torch.__version__ and "OMP_WAIT_POLICY" in meta["env"]
+    from kvroute.precision import cpu_has_fast_bf16, cpu_model
+
+    # timings differ several-fold between CPUs with and without native bf16: the report says which
+    assert meta["cpu"] == cpu_model() and meta["cpu_fast_bf16"] is cpu_has_fast_bf16()
 
 
 def test_write_report_files(report, tmp_path):
@@ -86,6 +90,7 @@ def test_write_report_files(report, tmp_path):
     assert data["config"]["new_tokens"] == 2
     md = paths["md"].read_text()
     assert "| 16 | 2 | every:4 | 1 |" in md and "0.250x" in md and "max batch @" in md and "Best repeat" in md
+    assert f"- CPU {report.meta['cpu']} x " in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

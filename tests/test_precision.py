@@ -26,6 +26,18 @@ def test_unreadable_cpuinfo_means_fp32(tmp_path):
     assert precision.cpu_has_fast_bf16.__wrapped__(str(tmp_path / "missing")) is False
 
 
+def test_cpu_model_reads_the_first_processor(tmp_path, monkeypatch):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n\n"
+                    "processor\t: 1\nmodel name\t: other\nflags\t\t: amx_bf16\n")
+    assert precision.cpu_model.__wrapped__(str(path)) == "AMD EPYC 7B13"
+    assert precision.cpu_has_fast_bf16.__wrapped__(str(path)) is False  # the first processor's flags
+    monkeypatch.setattr(precision.platform, "processor", lambda: "")
+    assert precision.cpu_model.__wrapped__(str(tmp_path / "missing")) == "unknown"
+    monkeypatch.setattr(precision.platform, "processor", lambda: "arm")
+    assert precision.cpu_model.__wrapped__(str(tmp_path / "missing")) == "arm"
+
+
 @pytest.mark.parametrize("fast, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cpu_follows_the_hardware(monkeypatch, fast, expected):
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast)

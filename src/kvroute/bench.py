@@ -39,6 +39,7 @@ from kvroute.hf.compat import cache_kwargs
 from kvroute.measure import PeakMemory, loadavg, sync
 from kvroute.plan import KVShape, SharingPlan, parse_plan_list
 from kvroute.plots import bench_plot
+from kvroute.precision import cpu_has_fast_bf16, cpu_model
 from kvroute.results import plan_label
 
 BASELINE = "hf"
@@ -345,6 +346,8 @@ def _meta(model: torch.nn.Module, config: BenchConfig, shape: KVShape) -> dict[s
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
                                                "KMP_AFFINITY", "OMP_PROC_BIND")},
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
         "loadavg_start": loadavg(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -376,6 +379,8 @@ def write_report(report: BenchReport, out_dir: str | os.PathLike, command: str |
         f"{s['params'] / 1e6:.1f}M params",
         f"- dtype {m['dtype']}, device {m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, "
         f"threads {m['threads']}, env {m['env']}",
+        f"- CPU {m.get('cpu', 'unknown')} x {m.get('cpu_count')}"
+        f"{'' if m.get('cpu_fast_bf16', True) else ' (no native bf16: bf16 runs emulated, slower than fp32)'}",
         f"- torch {m['torch']}, transformers {m['transformers']}, {m['platform']}; load average "
         f"{m['loadavg_start']} -> {m.get('loadavg_end')}",
         f"- {report.config.new_tokens} decode tokens; medians of {report.config.repeats} repeats after "

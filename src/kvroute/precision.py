@@ -9,6 +9,7 @@ bf16 is emulated and slower than fp32, so ``auto`` stays in fp32.
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -19,19 +20,36 @@ PRECISIONS = get_args(Precision)
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of ``/proc/cpuinfo`` (empty when unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no way to tell cheaply
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU has native bfloat16 matmul instructions (AMX-BF16 or AVX512-BF16)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:  # not Linux: no way to tell cheaply, stay in fp32
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-            break
+    flags = set(_cpuinfo_fields(cpuinfo).get("flags", "").split())
     return any(f in flags for f in CPU_BF16_FLAGS)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else :func:`platform.processor`, else ``"unknown"``.
+
+    Timings are only comparable on the same kind of CPU: one without native bf16 trains in fp32
+    under ``--precision auto``, several times slower. Reports record this next to their threads.
+    """
+    return _cpuinfo_fields(cpuinfo).get("model name") or platform.processor() or "unknown"
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

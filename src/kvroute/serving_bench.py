@@ -29,6 +29,7 @@ from typing import Any
 
 from kvroute.budget import format_bytes, size_option
 from kvroute.plan import parse_plan_list
+from kvroute.precision import cpu_model
 
 
 @dataclass
@@ -194,7 +195,7 @@ def run_serving_bench(config: ServingBenchConfig, progress: bool = True) -> Serv
         rows.append(_one_plan(config, plan, prompts))
     env = {
         "vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": threads,
+        "platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": threads,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "load_before": load, "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
@@ -211,7 +212,7 @@ def write_serving_report(report: ServingBenchReport, out: str | Path, command: s
     env = report.environment
     paths["md"].write_text(
         f"# Serving throughput at a fixed KV budget\n\n`{command}`\n\n{report.table()}\n\n"
-        f"- vLLM {env['vllm']}, torch {env['torch']}, {env['platform']}, {env['cpus']} CPUs, "
+        f"- vLLM {env['vllm']}, torch {env['torch']}, {env['platform']}, {env.get('cpu', 'CPU')} x {env['cpus']}, "
         f"{env['torch_threads']} torch threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; "
         f"load average {env['load_before']} -> {env['load_after']}\n")
     return paths

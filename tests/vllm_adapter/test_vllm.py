@@ -443,3 +443,6 @@ def test_serving_bench_turns_saved_kv_into_concurrency(checkpoint, tmp_path):
     paths = write_serving_report(report, tmp_path, command="kvroute bench CKPT --engine vllm")
     saved = json.loads(paths["json"].read_text())
     assert [r["plan"] for r in saved["rows"]] == ["full", "every:4"] and "| every:4 |" in paths["md"].read_text()
+    from kvroute.precision import cpu_model
+
+    assert saved["environment"]["cpu"] == cpu_model() and cpu_model() in paths["md"].read_text()
