@@ -59,9 +59,9 @@ QA_TRAIN = int(os.environ.get("DEMO_QA_TRAIN", "2000"))  # fictional QA training
 CALIB_YEARS = (1990, 2006)  # calibration text: part of the training years, never the held-out ones
 LR = 4e-4
 #: measured on 2 cores (docs/RESULTS.md, "The demo on a CPU without native bf16")
-FP32_NOTE = ("a fine-tuning step took 14.7 s in fp32 on an AMD EPYC (AVX2) against 3.5 s in bf16 on a Xeon with "
-             "AMX, so expect several times the 28 minutes measured there; DEMO_STEPS=20 DEMO_ONE_PLAN_STEPS=40 "
-             "DEMO_CAL_STEPS=0 is a quicker look")
+FP32_NOTE = ("on 2 cores of an AMD EPYC (AVX2) a fine-tuning step took 10.9 s in fp32 against 3.5 s in bf16 on a "
+             "Xeon with AMX, and the demo 80 min against 28; DEMO_STEPS=20 DEMO_ONE_PLAN_STEPS=40 DEMO_CAL_STEPS=0 "
+             "is a quicker look")
 
 RUNS = {
     "standard": dict(routing="none"),
