@@ -4,9 +4,10 @@ Starts from the demo's calibrated untrained model (runs/demo/base-cal), fine-tun
 ``make demo`` does for every:2 (``--routing plan:every:2``, 60 steps of 4 x 256 tokens, SOTU
 1990-2006 mixed with the demo's 2,000 fictional QA records, distilling the start's full cache:
 logits and hidden states, weight 1 each, lr 4e-4), except for the fields a variant overrides (the
-every4 variants target every:4 instead). Scores held-out SOTU 2007-2021 (4,096 tokens, 256-token windows) and the demo's 16 fictional QA
-questions under the plan, as the demo does, and the greedy 64-token continuation of the demo's
-prompt (distinct-2). Appends to experiments/results/one_plan_demo.json.
+every4 variants target every:4 instead). Scores held-out SOTU 2007-2021 (4,096 tokens, 256-token
+windows) and the demo's 16 fictional QA questions under the plan, as the demo does, and the greedy
+64-token continuation of the demo's prompt (distinct-2). Appends to
+experiments/results/one_plan_demo.json.
 
     make demo                                                   # runs/demo/base-cal and runs/demo/data
     .venv/bin/python experiments/one_plan_demo.py --variants lr1e-3,lr2e-3,lr2e-4,distill2,steps120
