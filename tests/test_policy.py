@@ -270,3 +270,39 @@ def test_a_policy_says_whether_it_routes():
     assert not NoRouting().routes and not policy_from_spec("none").routes
     assert RCLA().routes and CLA(2).routes and policy_from_spec("rdcla:2").routes
     assert policy_from_spec("plan:every:2").routes and isinstance(policy_from_spec("plan:every:2"), FixedPlan)
+
+
+def test_plan_policy_for_several_plans_draws_each_uniformly():
+    policy = policy_from_spec("plan: full + every:2+every:4 ")
+    assert policy == FixedPlan("full+every:2+every:4") and policy.plans == ("full", "every:2", "every:4")
+    assert policy.spec == "plan:full+every:2+every:4" and policy.serves_only() == "full+every:2+every:4"
+    assert policy_from_dict(policy.to_dict()) == policy
+    sources = [p.source for p in policy.served_plans(8, None)]
+    assert sources == [tuple(range(8)), (0, 0, 2, 2, 4, 4, 6, 6), (0, 0, 0, 0, 4, 4, 4, 4)]
+    assert policy.served_plan(8, None).is_full  # the first is the default
+    counts = Counter(_routes(policy, 8, n=3000))
+    assert set(counts) == set(sources)
+    assert _chi_square(list(counts.values())) < CHI2_999[2]
+    assert _routes(policy, 8, n=50, seed=3) == _routes(policy, 8, n=50, seed=3)  # seeded
+    config = tiny_config("gemma3_text", layers=6)  # each plan keeps the attention types
+    types = layer_types_of(config)
+    assert set(_routes(FixedPlan("every:2+every:3"), 6, types, n=200)) == {
+        SharingPlan.for_model("every:2", config).source, SharingPlan.for_model("every:3", config).source}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("plan:every:2+", r"routing 'plan:every:2\+': an empty plan between"),
+    ("plan:every:2+every:2", r"'plan:every:2\+every:2': a plan is named twice"),
+    ("plan:every:2+every:zz", r"'plan:every:2\+every:zz': plan 'every:zz'"),
+])
+def test_plan_policy_for_several_plans_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        policy_from_spec(spec)
+
+
+def test_plan_policy_names_each_plan_once_for_the_model():
+    policy = FixedPlan("full+every:1")  # different specs, one plan
+    with pytest.raises(ValueError, match=r"'full' and 'every:1' are the same plan for a 4-layer model"):
+        policy.served_plans(4, None)
+    with pytest.raises(ValueError, match=r"'plan:every:2\+layers:0,5' does not fit a 4-layer model"):
+        FixedPlan("every:2+layers:0,5").sample(4, None, torch.Generator())

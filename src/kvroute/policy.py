@@ -16,6 +16,8 @@ reproduces its routes step by step.
 - ``rdcla(k, p)``: each layer flips a coin (p) between its CLA@k source and itself;
 - ``plan:SPEC``: every pass routes as one deployment plan does (any plan spec:
   ``plan:every:2``, ``plan:layers:0,3,7``...); the model then serves that plan only.
+  ``plan:A+B+...`` draws one of several plans per pass, uniformly (``plan:full+every:2+every:4``):
+  one model for the plans named, and only those.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ Route = tuple[int, ...]
 #: the source draws of :class:`RCLA`.
 Sources = Literal["uniform", "nearest", "plan"]
 SOURCES = get_args(Sources)
+
+#: joins the plan specs of a policy that trains for several plans (``plan:every:2+every:4``)
+PLAN_JOIN = "+"
 
 #: deeper than any model: the most layers a plan spec is checked against before a model is known.
 _MAX_CHECK_LAYERS = 4096
@@ -69,23 +74,40 @@ class RoutingPolicy:
         """
         raise NotImplementedError
 
-    def serves_only(self) -> str | None:
-        """The plan spec a model trained with this policy is fit for, or None when it serves any plan."""
-        return None
+    @property
+    def plans(self) -> tuple[str, ...]:
+        """The plan specs a model trained with this policy is fit for; empty when it serves any plan."""
+        return ()
 
-    def served_plan(self, num_layers: int, layer_types: tuple[str, ...] | None) -> SharingPlan | None:
-        """:meth:`serves_only` resolved for a model.
+    def serves_only(self) -> str | None:
+        """The plan spec(s) a model trained with this policy is fit for (several joined by ``+``), or
+        None when it serves any plan."""
+        return PLAN_JOIN.join(self.plans) or None
+
+    def served_plans(self, num_layers: int, layer_types: tuple[str, ...] | None) -> tuple[SharingPlan, ...]:
+        """:attr:`plans` resolved for a model; empty when the policy serves any plan.
 
         Raises:
-            ValueError: naming the routing and the plan spec when the plan does not fit the model.
+            ValueError: naming the routing and the plan spec when a plan does not fit the model,
+                or when two of the specs name the same plan for it.
         """
-        spec = self.serves_only()
-        if spec is None:
-            return None
-        try:
-            return SharingPlan.from_spec(spec, num_layers, layer_types)
-        except ValueError as err:
-            raise ValueError(f"routing {self.spec!r} does not fit a {num_layers}-layer model: {err}") from None
+        resolved: list[SharingPlan] = []
+        for spec in self.plans:
+            try:
+                plan = SharingPlan.from_spec(spec, num_layers, layer_types)
+            except ValueError as err:
+                raise ValueError(f"routing {self.spec!r} does not fit a {num_layers}-layer model: {err}") from None
+            twin = next((p for p in resolved if p.source == plan.source), None)
+            if twin is not None:
+                raise ValueError(f"routing {self.spec!r}: {twin.spec!r} and {spec!r} are the same plan for a "
+                                 f"{num_layers}-layer model; name each plan once")
+            resolved.append(plan)
+        return tuple(resolved)
+
+    def served_plan(self, num_layers: int, layer_types: tuple[str, ...] | None) -> SharingPlan | None:
+        """The first of :meth:`served_plans` (a checkpoint's default plan), or None when it serves any plan."""
+        plans = self.served_plans(num_layers, layer_types)
+        return plans[0] if plans else None
 
     @property
     def spec(self) -> str:
@@ -205,41 +227,55 @@ class RDCLA(RoutingPolicy):
 
 @dataclass(frozen=True)
 class FixedPlan(RoutingPolicy):
-    """Train for one deployment plan: every pass routes as ``plan`` does.
+    """Train for the deployment plans you will serve: every pass routes as one of them does.
 
     Any plan spec works (``every:2``, ``layers:0,3,7``, ``groups:2,3,3``, ``source:...``),
-    where ``cla:K`` only covers ``every:K``. The model is then fit for that plan only:
-    :func:`kvroute.set_plan` warns on any other plan, ``full`` included.
+    where ``cla:K`` only covers ``every:K``. Several plans joined by ``+``
+    (``full+every:2+every:4``) are drawn uniformly, one per forward pass. The model is then fit
+    for those plans only: :func:`kvroute.set_plan` warns on any other plan, ``full`` included
+    unless it is named. The first plan is the checkpoint's default.
 
     Args:
-        plan: the plan spec (or a :class:`SharingPlan`, kept as its spec). Checked here as far
+        plan: the plan spec(s) (or a :class:`SharingPlan`, kept as its spec). Checked here as far
             as it goes without a depth; against the model when the policy meets one.
 
     Example:
         >>> FixedPlan("layers:0,3").sample(5, None, torch.Generator())
         (0, 0, 0, 3, 3)
+        >>> FixedPlan("full+every:2").plans
+        ('full', 'every:2')
     """
 
     name: ClassVar[str] = "plan"
     plan: str = "full"
 
     def __post_init__(self) -> None:
-        spec = str(self.plan).strip()
-        object.__setattr__(self, "plan", spec)
-        if not spec:
+        specs = [part.strip() for part in str(self.plan).split(PLAN_JOIN)]
+        object.__setattr__(self, "plan", PLAN_JOIN.join(specs))
+        if not any(specs):
             raise ValueError("routing 'plan:': give the plan to train for, e.g. plan:every:2 or plan:layers:0,3,7")
-        depth = _depth_of(spec)
-        if depth <= _MAX_CHECK_LAYERS:
-            try:
-                SharingPlan.from_spec(spec, depth)
-            except ValueError as err:
-                raise ValueError(f"routing {self.spec!r}: {err}") from None
+        if not all(specs):
+            raise ValueError(f"routing {self.spec!r}: an empty plan between '{PLAN_JOIN}'s; "
+                             "name each plan, e.g. plan:full+every:2+every:4")
+        if len(set(specs)) != len(specs):
+            raise ValueError(f"routing {self.spec!r}: a plan is named twice; name each plan once")
+        for spec in specs:
+            depth = _depth_of(spec)
+            if depth <= _MAX_CHECK_LAYERS:
+                try:
+                    SharingPlan.from_spec(spec, depth)
+                except ValueError as err:
+                    raise ValueError(f"routing {self.spec!r}: {err}") from None
 
-    def serves_only(self) -> str:
-        return self.plan
+    @property
+    def plans(self) -> tuple[str, ...]:
+        return tuple(self.plan.split(PLAN_JOIN))
 
     def sample(self, num_layers, layer_types, generator) -> Route:
-        return self.served_plan(num_layers, layer_types).source
+        plans = self.served_plans(num_layers, layer_types)
+        if len(plans) == 1:  # one plan draws nothing: its runs reproduce without the generator
+            return plans[0].source
+        return plans[int(torch.randint(len(plans), (1,), generator=generator))].source
 
     @property
     def spec(self) -> str:

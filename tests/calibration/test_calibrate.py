@@ -238,6 +238,26 @@ def test_plan_targeted_fine_tune_trains_with_the_maps_and_saves_them(tmp_path, c
         torch.testing.assert_close(tensor, before[name])
 
 
+def test_a_fine_tune_for_several_plans_trains_with_each_plans_maps(tmp_path, checkpoint):
+    """`--routing plan:full+every:2+every:4`: each pass routes as one of the plans and its maps act;
+    the named plans' calibrations are carried, any other plan's is dropped (stale once weights move)."""
+    from kvroute.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "text", docs=30, length=80)
+    assert main(["calibrate", str(checkpoint), "--plans", "every:2,every:4,every:3", "--data", str(corpus),
+                 "--tokens", "1024", "--chunk-tokens", "32", "--quiet"]) == 0
+    seen: list[tuple[int, ...]] = []
+    result = train(TrainConfig(model=str(checkpoint), data=[str(corpus)], output_dir=str(tmp_path / "run"),
+                               seq_len=32, batch_size=4, max_steps=8, lr=1e-2, routing="plan:full+every:2+every:4",
+                               eval_every=0, tensorboard=False, quiet=True, device="cpu",
+                               cache_dir=str(tmp_path / "cache")), callbacks=[lambda info: seen.extend(info.routes)])
+    assert set(seen) == {(0, 1, 2, 3), (0, 0, 2, 2), (0, 0, 0, 0)}  # 8 draws from 3 plans: each came up
+    tuned = kvroute.load(result.final_checkpoint)
+    assert kvroute.get_router(tuned).plan.spec == "full"
+    assert is_calibrated(tuned, "every:2") and is_calibrated(tuned, "every:4")
+    assert not is_calibrated(tuned, "every:3")
+
+
 def test_an_interrupted_refinement_leaves_the_closed_form(monkeypatch):
     import importlib
 

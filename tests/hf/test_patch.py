@@ -205,3 +205,17 @@ def test_plan_policy_that_does_not_fit_the_model():
     model = kvroute.apply(tiny_model("gemma3_text", layers=6), policy="none")
     with pytest.raises(ValueError, match=r"routing 'plan:layers:0,3' does not fit .*first 'full_attention' layer"):
         kvroute.apply(model, policy="plan:layers:0,3")
+
+
+def test_a_model_trained_for_several_plans_serves_each_and_warns_off_them(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanMismatchWarning)
+        model = kvroute.apply(tiny_model("llama"), policy="plan:every:2+every:4")
+        assert kvroute.get_router(model).plan.spec == "every:2"  # the first plan named
+        kvroute.set_plan(model, "every:4")
+        kvroute.set_plan(model, "groups:2,2")  # every:2 by another name
+        kvroute.save_checkpoint(model, tmp_path / "ckpt")
+        loaded = kvroute.load(tmp_path / "ckpt")
+    assert kvroute.get_router(loaded).plan.spec == "groups:2,2"
+    with pytest.warns(PlanMismatchWarning, match=r"plan 'every:2' and 'every:4' only .*plan 'full'"):
+        kvroute.set_plan(loaded, "full")

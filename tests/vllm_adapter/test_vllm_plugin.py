@@ -242,6 +242,18 @@ def test_plan_calibration_is_found_per_plan_and_checked(calibrated, tmp_path):
         hf_overrides(deeper, "every:3")  # whichever plan: the file does not fit the model
 
 
+def test_describe_serving_warns_off_a_plan_targeted_models_plans(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    policy = {"name": "plan", "plan": "every:2+every:4"}
+    (folder / "config.json").write_text(json.dumps({**CONFIG, "kvroute": {**ROUTING, "policy": policy}}))
+    assert "WARNING" not in describe_serving(folder) and "WARNING" not in describe_serving(folder, "every:4")
+    assert describe_serving(folder, "full").endswith(
+        "; WARNING: fine-tuned for plan 'every:2' and 'every:4' only, expect it to be much worse under 'full'")
+    (folder / "config.json").write_text(json.dumps({**CONFIG, "kvroute": ROUTING}))  # rcla: any plan
+    assert "WARNING" not in describe_serving(folder, "every:3")
+
+
 def test_fold_rejects_other_weights_and_missing_weights(calibrated):
     config = json.loads((calibrated / "config.json").read_text())
     calibration = plan_calibration(calibrated, config, resolve_plan(config, "every:2"))

@@ -115,10 +115,10 @@ def apply(
         policy = policy_from_dict(saved["policy"]) if "policy" in saved else "none"
     policy = policy_from_spec(policy)
     shape = KVShape.from_config(model.config)
-    served = policy.served_plan(shape.num_layers, shape.layer_types)  # also: does the policy fit the model
+    served = policy.served_plans(shape.num_layers, shape.layer_types)  # also: does the policy fit the model
     if plan is None:
-        restoring = "plan" in saved and (served is None or saved.get("policy") == policy.to_dict())
-        plan = saved["plan"] if restoring else served or "full"
+        restoring = "plan" in saved and (not served or saved.get("policy") == policy.to_dict())
+        plan = saved["plan"] if restoring else served[0] if served else "full"
     plan = SharingPlan.for_model(plan, model.config)
     _check_served(policy, served, plan)
 
@@ -156,7 +156,7 @@ def set_plan(model: nn.Module, plan: SharingPlan | str) -> SharingPlan:
     router = get_router(model)
     router.plan = SharingPlan.for_model(plan, model.config)
     shape = KVShape.from_config(model.config)
-    _check_served(router.policy, router.policy.served_plan(shape.num_layers, shape.layer_types), router.plan)
+    _check_served(router.policy, router.policy.served_plans(shape.num_layers, shape.layer_types), router.plan)
     _write_config(model, router)
     return router.plan
 
@@ -175,13 +175,14 @@ def set_kv_quant(model: nn.Module, kv_quant: Any) -> Any:
     return router.kv_quant
 
 
-def _check_served(policy: RoutingPolicy, served: SharingPlan | None, plan: SharingPlan) -> None:
-    """Warn when a model fit for one plan only is set to run another."""
-    if served is not None and served.source != plan.source:
+def _check_served(policy: RoutingPolicy, served: tuple[SharingPlan, ...], plan: SharingPlan) -> None:
+    """Warn when a model fit for some plans only (``plan:SPEC``) is set to run another."""
+    if served and all(p.source != plan.source for p in served):
+        names = " and ".join(repr(p.spec) for p in served)
         warnings.warn(
-            f"kvroute: this model was fine-tuned for plan {served.spec!r} only (routing {policy.spec!r}); "
-            f"under plan {plan.spec!r} it may be much worse, as under any other plan, full included. "
-            f"set_plan(model, {served.spec!r}) runs the plan it was trained for",
+            f"kvroute: this model was fine-tuned for plan {names} only (routing {policy.spec!r}); "
+            f"under plan {plan.spec!r} it may be much worse, as under any plan it was not trained for, full "
+            f"included. set_plan(model, {served[0].spec!r}) runs a plan it was trained for",
             PlanMismatchWarning,
             stacklevel=3,
         )

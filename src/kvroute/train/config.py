@@ -39,12 +39,13 @@ class TrainConfig:
         data_format: ``text``, ``qa``, ``mix`` or ``auto`` (QA when every source is a ``.jsonl`` file,
             a mix when some are: ``.jsonl`` sources are QA, the others text).
         routing: ``rcla``, ``cla:K``, ``rdcla:K``, ``none`` or ``plan:SPEC`` (train for that one plan,
-            any spec: ``plan:every:2``, ``plan:layers:0,3,7``; the model then serves it only).
+            any spec: ``plan:every:2``, ``plan:layers:0,3,7``; the model then serves it only; several
+            joined by ``+``, ``plan:full+every:2+every:4``, are drawn uniformly, one per pass).
         p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
         sources: rcla source draw: ``uniform`` (paper, default), ``nearest`` (geometric distance) or
             ``plan`` (a random owner set; non-owners read the nearest earlier owner).
         plan: default inference plan saved with the checkpoints; None: SPEC for ``plan:SPEC``
-            routing, else ``full``.
+            routing (its first plan), else ``full``.
         eval_plans: comma-separated plans the eval loss is measured under.
         seq_len: tokens per training sequence.
         batch_size: sequences per micro-batch, per process.
@@ -171,7 +172,7 @@ class TrainConfig:
         except ValueError as err:
             raise ValueError(f"--routing: {err}") from None
         if self.plan is None:
-            self.plan = policy.serves_only() or "full"
+            self.plan = policy.plans[0] if policy.plans else "full"
         _choice("data_format", self.data_format, DATA_FORMATS)
         if self.data_kind == "mix" and not 0 < len(self._qa_sources) < len(self.data):
             raise ValueError("--data-format mix needs both .jsonl QA files and text sources in --data")
@@ -279,7 +280,7 @@ def _check_routing(config: TrainConfig, model_config: Any) -> None:
     """The policy, the default plan and the eval plans fit the model."""
     shape = KVShape.from_config(model_config)
     try:
-        config.policy.served_plan(shape.num_layers, shape.layer_types)
+        config.policy.served_plans(shape.num_layers, shape.layer_types)
     except ValueError as err:
         raise ValueError(f"--routing: {err}") from None
     for spec in [config.plan, *parse_plan_list(config.eval_plans)]:

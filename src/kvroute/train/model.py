@@ -20,19 +20,19 @@ from kvroute.train.config import TrainConfig, _check_routing
 
 
 def _carry_calibration(model: torch.nn.Module, folder: str | Path) -> None:
-    """With ``plan:SPEC`` routing, keep the starting checkpoint's calibration of that plan
-    (``kvroute calibrate``): every step routes as the plan does, so its maps act on every step
-    and are saved with every checkpoint. The maps stay fixed; the weights learn around them.
+    """With ``plan:SPEC`` routing, keep the starting checkpoint's calibration of the plan(s) it
+    trains for (``kvroute calibrate``): every step routes as one of them does, so their maps act
+    in training and are saved with every checkpoint. The maps stay fixed; the weights learn around them.
     Other calibrations would go stale as the weights change, so they are not carried."""
     from kvroute.calibrate import load_calibration, remove_calibration
 
     router = get_router(model)
     shape = KVShape.from_config(model.config)
-    served = router.policy.served_plan(shape.num_layers, shape.layer_types)
-    if served is None or not Path(str(folder)).is_dir():
+    served = {plan.source for plan in router.policy.served_plans(shape.num_layers, shape.layer_types)}
+    if not served or not Path(str(folder)).is_dir():
         return
     for source in load_calibration(model, folder):
-        if source != served.source:
+        if source not in served:
             remove_calibration(model, "source:" + ",".join(map(str, source)))
 
 

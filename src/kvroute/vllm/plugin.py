@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from kvroute.plan import SharingPlan
+from kvroute.policy import policy_from_dict
+from kvroute.router import CONFIG_KEY
 from kvroute.vllm.config import (
     PLAN_KEY,
     ROUTED_ARCHITECTURES,
+    as_config,
     check_windows,
     read_config,
     resolve_plan,
@@ -75,7 +78,8 @@ def hf_overrides(checkpoint: str | Path, plan: SharingPlan | str | None = None) 
 
 
 def describe_serving(checkpoint: str | Path, plan: SharingPlan | str | None = None) -> str:
-    """One line on what ``checkpoint`` serves: the plan, and whether it is calibrated.
+    """One line on what ``checkpoint`` serves: the plan, whether it is calibrated, and a warning when
+    the model was fine-tuned for other plans only (``plan:SPEC`` routing).
 
     Raises:
         ValueError: for a plan or a calibration that does not fit the model.
@@ -83,4 +87,10 @@ def describe_serving(checkpoint: str | Path, plan: SharingPlan | str | None = No
     config = read_config(checkpoint)
     resolved = resolve_plan(config, plan)
     calibration = plan_calibration(checkpoint, config, resolved)
-    return f"{resolved.describe()}; {calibration.describe() if calibration else 'not calibrated'}"
+    line = f"{resolved.describe()}; {calibration.describe() if calibration else 'not calibrated'}"
+    policy = (config.get(CONFIG_KEY) or {}).get("policy")
+    served = [SharingPlan.for_model(spec, as_config(config)) for spec in policy_from_dict(policy).plans] if policy else []
+    if served and all(p.source != resolved.source for p in served):
+        names = " and ".join(repr(p.spec) for p in served)
+        line += f"; WARNING: fine-tuned for plan {names} only, expect it to be much worse under {resolved.spec!r}"
+    return line
