@@ -53,6 +53,7 @@ VARIANTS = {
     "steps120-seed1": dict(max_steps=120, save_every=120, seed=1),
     # one model for two plans: each pass draws every:2 or every:4, each with its own calibration's maps
     "plans2-steps120": dict(routing="plan:every:2+every:4", max_steps=120, save_every=120),
+    "plans2-steps120-ul1": dict(routing="plan:every:2+every:4", max_steps=120, save_every=120, unlikelihood=1.0),
 }
 PROMPT = "In his address to Congress, the President said that"  # the demo's generation prompt
 

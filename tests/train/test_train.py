@@ -13,7 +13,7 @@ import kvroute
 from kvroute.cli import main as cli_main
 from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.policy import RCLA, FixedPlan
-from kvroute.train import StepInfo, TrainConfig, distill_kl, hidden_distill, train
+from kvroute.train import StepInfo, TrainConfig, distill_kl, hidden_distill, train, unlikelihood
 from kvroute.train import latest_checkpoint, read_metrics
 from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
 
@@ -190,6 +190,38 @@ def test_hidden_distill_is_relative_and_counts_labelled_positions():
     assert hidden_distill(tuple(student), teacher, labels).item() == pytest.approx(1 / 3, rel=1e-5)
     with pytest.raises(ValueError, match="3 layers, the teacher 2"):
         hidden_distill(teacher, teacher[:3], labels)
+
+
+def test_unlikelihood_pushes_down_earlier_targets_once_each():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 7)
+    labels = torch.tensor([[0, 2, 3, 2, 5, 3]])  # targets at positions 0..4: 2, 3, 2, 5, 3
+    p = logits[0, :-1].softmax(-1)
+
+    def ul(i, tokens):
+        return -sum(torch.log1p(-p[i, t]) for t in tokens)
+
+    # position 0 has nothing before it; 1: {2}; 2 (target 2): {3}; 3: {2, 3}; 4 (target 3): {2, 5}
+    expected = [0.0, ul(1, [2]), ul(2, [3]), ul(3, [2, 3]), ul(4, [2, 5])]
+    torch.testing.assert_close(unlikelihood(logits, labels, reduction="sum"), torch.stack(
+        [torch.as_tensor(e) for e in expected]).sum())
+    torch.testing.assert_close(unlikelihood(logits, labels), torch.stack([torch.as_tensor(e) for e in expected]).mean())
+    # a QA record: the context (-100) is not a candidate, the answer's own earlier tokens are
+    qa = torch.tensor([[0, -100, -100, 2, 5, 2]])  # the answer 2, 5, 2 is scored at positions 2, 3, 4
+    torch.testing.assert_close(unlikelihood(logits, qa, reduction="sum"),
+                               torch.as_tensor(ul(3, [2]) + ul(4, [5])).float())
+    assert unlikelihood(logits, torch.tensor([[0, 1, 2, 3, 4, 5]])).item() > 0  # every earlier token counts
+    assert unlikelihood(logits, torch.tensor([[0, 1, 1, 1, 1, 1]])).item() == 0.0  # a target is never its own candidate
+
+
+def test_unlikelihood_adds_a_term_on_every_pass(assets, tmp_path):
+    infos: list[StepInfo] = []
+    train(config(assets, tmp_path / "run", max_steps=2, routing="none", unlikelihood=0.5), callbacks=[infos.append])
+    assert all(i.unlikelihood > 0 and i.loss == pytest.approx(i.lm_loss + 0.5 * i.unlikelihood, rel=1e-5)
+               for i in infos)
+    assert "unlikelihood" in (tmp_path / "run" / "train.csv").read_text().splitlines()[0]
+    with pytest.raises(ValueError, match="--unlikelihood must be >= 0"):
+        config(assets, tmp_path / "bad", unlikelihood=-1.0)
 
 
 @pytest.mark.parametrize("source", ["self", "base"])

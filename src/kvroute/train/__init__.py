@@ -18,7 +18,15 @@ from kvroute.train.config import DATA_FORMATS, RESUME_FIXED, SCHEDULES, TrainCon
 from kvroute.train.data import _load_data as _load_data
 from kvroute.train.log import MetricsLog, StepInfo, read_metrics
 from kvroute.train.loop import TrainResult, _Run as _Run, train
-from kvroute.train.losses import causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens, mean_loss
+from kvroute.train.losses import (
+    causal_lm_loss,
+    distill_kl,
+    evaluate_plans,
+    hidden_distill,
+    labelled_tokens,
+    mean_loss,
+    unlikelihood,
+)
 from kvroute.train.model import LRSchedule, _optimizer as _optimizer
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "evaluate_plans",
     "mean_loss",
     "hidden_distill",
+    "unlikelihood",
     "labelled_tokens",
     "latest_checkpoint",
     "load_training_state",

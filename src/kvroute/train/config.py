@@ -75,6 +75,10 @@ class TrainConfig:
             as a squared error relative to the teacher's norm, averaged over layers. It uses the
             same teacher as ``distill`` (``distill_from``).
         distill_from: teacher: ``self`` (the same model, unrouted) or ``base`` (frozen start).
+        unlikelihood: weight of token-level unlikelihood against repetition (0: off; Welleck et al.,
+            2019): at each scored position, tokens that earlier scored positions of the row had as
+            targets, other than its own, are pushed down by ``-log(1 - p)``. On QA records only
+            the answer is scored, so copying from the context is not penalised.
         pair_maps: train pairwise maps (:mod:`kvroute.pairs`) with the routes: whenever a route
             makes layer l read layer o's KV, the (l, o) maps apply and learn. They start from the
             checkpoint's own (``kvroute calibrate --pairs``), else from the identity, and are saved
@@ -130,6 +134,7 @@ class TrainConfig:
     distill: float = 0.0
     distill_hidden: float = 0.0
     distill_from: Teacher = "self"
+    unlikelihood: float = 0.0
     pair_maps: bool = False
     pair_lr: float | None = None
     maps_only: bool = False
@@ -187,7 +192,7 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden"):
+        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden", "unlikelihood"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("warmup", "val_fraction"):

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "distill_hidden", "lr", "grad_norm", "tokens", "tok_per_s")
+TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "lr", "grad_norm", "tokens",
+                 "tok_per_s")
 EVAL_COLUMNS = ("step", "plan", "loss", "ppl")
 
 
@@ -35,6 +36,7 @@ class StepInfo:
     tok_per_s: float
     routes: list[tuple[int, ...]] = field(default_factory=list)
     distill_hidden: float = 0.0
+    unlikelihood: float = 0.0
 
 
 class MetricsLog:
@@ -78,7 +80,7 @@ class MetricsLog:
         self._append(record)
         _append_csv(self.train_csv, TRAIN_COLUMNS, record)
         if self.writer is not None:
-            for key in ("loss", "lm_loss", "distill", "distill_hidden", "lr", "tok_per_s", "grad_norm"):
+            for key in ("loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "lr", "tok_per_s", "grad_norm"):
                 if record.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], info.step)
 

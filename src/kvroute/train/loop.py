@@ -35,7 +35,9 @@ from kvroute.train.checkpoint import latest_checkpoint, remove_partial_checkpoin
 from kvroute.train.config import TrainConfig, _check_inputs
 from kvroute.train.data import _Batches, _load_data
 from kvroute.train.log import MetricsLog, StepInfo
-from kvroute.train.losses import _forward, causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens
+from kvroute.train.losses import (
+    _forward, causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens, unlikelihood,
+)
 from kvroute.train.model import (
     LRSchedule, _add_lora, _carry_calibration, _frozen_teacher, _optimizer, _start_pair_maps, _starting_model,
 )
@@ -147,7 +149,7 @@ class _Run:
         self.micro += c.grad_accum
         counted = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches))], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
-        sums = torch.zeros(4, device=acc.device)  # summed token losses: loss, lm, distill, distill_hidden
+        sums = torch.zeros(5, device=acc.device)  # summed token losses: loss, lm, distill, distill_hidden, ul
         hidden = c.distill_hidden > 0
         tokens, routes = 0, []
         for k, batch in enumerate(batches):
@@ -169,9 +171,11 @@ class _Run:
                     if hidden:
                         dist_hidden = hidden_distill(out.hidden_states, teacher.hidden_states, batch["labels"],
                                                      reduction="sum")
-                loss = lm + c.distill * dist + c.distill_hidden * dist_hidden
+                ul = (unlikelihood(logits, batch["labels"], reduction="sum") if c.unlikelihood > 0
+                      else torch.zeros((), device=lm.device))
+                loss = lm + c.distill * dist + c.distill_hidden * dist_hidden + c.unlikelihood * ul
                 acc.backward(loss * scale)
-            sums += torch.stack([loss.detach(), lm.detach(), dist.detach(), dist_hidden.detach()])
+            sums += torch.stack([loss.detach(), lm.detach(), dist.detach(), dist_hidden.detach(), ul.detach()])
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         grad_norm = None
         if c.grad_clip > 0:
@@ -187,7 +191,7 @@ class _Run:
         tokens *= acc.num_processes
         elapsed = max(time.perf_counter() - t0, 1e-9)
         return StepInfo(self.step, float(totals[0]), float(totals[1]), float(totals[2]), lr, grad_norm,
-                        tokens, tokens / elapsed, routes, float(totals[3]))
+                        tokens, tokens / elapsed, routes, float(totals[3]), float(totals[4]))
 
     def _check_same_routes(self, routes: list[tuple[int, ...]]) -> None:
         """Every process must have drawn the same routes (the same seed, the same number of passes)."""

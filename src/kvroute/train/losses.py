@@ -1,5 +1,6 @@
 """Losses: next-token LM loss (answer-only where labels mask the prompt with -100), distillation
-(KL on logits, layer-wise on hidden states), and the loss under a plan (:func:`mean_loss`)."""
+(KL on logits, layer-wise on hidden states), unlikelihood against repetition, and the loss under a
+plan (:func:`mean_loss`)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,30 @@ def hidden_distill(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tenso
         s, t = s[:, :-1][mask].float(), t[:, :-1][mask].float()  # (N, hidden)
         per_token = per_token + (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)
     per_token = per_token / (len(student) - 1)
+    return per_token.sum() if reduction == "sum" else per_token.mean()
+
+
+def unlikelihood(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token-level unlikelihood against repeating oneself (Welleck et al., 2019), per labelled position.
+
+    At each position whose next token is scored, every distinct token that an earlier scored position
+    of the same row had as its target, other than this position's own target, is pushed down by
+    ``-log(1 - p(token))``. On text every position is scored, so the candidates are the text so far;
+    on QA records only the answer is, so copying the answer from the context is not penalised, only
+    repeating the answer's own tokens. logits: (B, T, V); labels: (B, T).
+    """
+    targets = labels[:, 1:]  # (B, N): position i predicts targets[:, i]
+    scored = targets != IGNORE_INDEX
+    n = targets.shape[1]
+    token = targets.clamp_min(0)
+    same = token[:, :, None] == token[:, None, :]  # (B, N, N): [i, s] the same token
+    earlier = torch.ones(n, n, dtype=torch.bool, device=targets.device).tril(-1)  # s < i
+    # the first scored occurrence of each token, so a token repeated in the context counts once
+    first = scored & ~(same & earlier & scored[:, None, :]).any(-1)  # (B, N)
+    candidate = earlier & (first & scored)[:, None, :] & ~same & scored[:, :, None]  # (B, i, s)
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, token[:, None, :].expand(-1, n, -1))  # (B, i, s)
+    per_pair = -torch.log1p(-logp.exp().clamp(max=1 - 1e-5))
+    per_token = (per_pair * candidate).sum(-1)[scored]
     return per_token.sum() if reduction == "sum" else per_token.mean()
 
 
