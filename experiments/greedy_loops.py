@@ -41,12 +41,13 @@ PAIRS = {
     "rcla+cal every:4": ("rcla-cal", "every:4"),
     "every2-qa every:2": ("every2-qa/final", "every:2"),
     "one plan every:4 (120 steps)": ("../one_plan_demo/every4-steps120/final", "every:4"),
-    "plans every:2+every:4, every:2": ("../one_plan_demo/plans2-steps120/final", "every:2"),
-    "plans every:2+every:4, every:4": ("../one_plan_demo/plans2-steps120/final", "every:4"),
-    "plans every:2+every:4, full": ("../one_plan_demo/plans2-steps120/final", "full"),
-    "plans every:2+every:4 + unlikelihood, every:2": ("../one_plan_demo/plans2-steps120-ul1/final", "every:2"),
-    "plans every:2+every:4 + unlikelihood, every:4": ("../one_plan_demo/plans2-steps120-ul1/final", "every:4"),
-    "plans every:2+every:4 + unlikelihood, full": ("../one_plan_demo/plans2-steps120-ul1/final", "full"),
+    "one plan every:2 (120 steps; seed 1)": ("../one_plan_demo/steps120-seed1/final", "every:2"),
+    "plan:every:2+every:4 model every:2": ("../one_plan_demo/plans2-steps120/final", "every:2"),
+    "plan:every:2+every:4 model every:4": ("../one_plan_demo/plans2-steps120/final", "every:4"),
+    "plan:every:2+every:4 model full": ("../one_plan_demo/plans2-steps120/final", "full"),
+    "plan:every:2+every:4 + unlikelihood every:2": ("../one_plan_demo/plans2-steps120-ul1/final", "every:2"),
+    "plan:every:2+every:4 + unlikelihood every:4": ("../one_plan_demo/plans2-steps120-ul1/final", "every:4"),
+    "plan:every:2+every:4 + unlikelihood full": ("../one_plan_demo/plans2-steps120-ul1/final", "full"),
 }
 
 
