@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvroute.plan import SharingPlan
+from kvroute.plan import KVShape, SharingPlan
 from kvroute.policy import policy_from_dict
 from kvroute.router import CONFIG_KEY
 from kvroute.vllm.config import (
@@ -89,7 +89,8 @@ def describe_serving(checkpoint: str | Path, plan: SharingPlan | str | None = No
     calibration = plan_calibration(checkpoint, config, resolved)
     line = f"{resolved.describe()}; {calibration.describe() if calibration else 'not calibrated'}"
     policy = (config.get(CONFIG_KEY) or {}).get("policy")
-    served = [SharingPlan.for_model(spec, as_config(config)) for spec in policy_from_dict(policy).plans] if policy else []
+    shape = KVShape.from_config(as_config(config))
+    served = policy_from_dict(policy).served_plans(shape.num_layers, shape.layer_types) if policy else ()
     if served and all(p.source != resolved.source for p in served):
         names = " and ".join(repr(p.spec) for p in served)
         line += f"; WARNING: fine-tuned for plan {names} only, expect it to be much worse under {resolved.spec!r}"
