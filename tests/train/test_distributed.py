@@ -42,10 +42,10 @@ def steps(out: Path) -> list[dict]:
 
 def train_one_process(assets, out: Path, **extra) -> Path:
     """The reference: one process, the same global batch (2 processes x 2 = 4)."""
-    train(TrainConfig(data=[str(assets["corpus"])], model=str(assets["model"]), output_dir=str(out), seq_len=32,
-                      batch_size=4, max_steps=STEPS, lr=1e-2, routing="rcla", p=0.5, eval_every=0,
-                      tensorboard=False, quiet=True, device="cpu", cache_dir=str(assets["cache"]), seed=3, precision="fp32",
-                      **extra))
+    fields = dict(data=[str(assets["corpus"])], model=str(assets["model"]), output_dir=str(out), seq_len=32,
+                  batch_size=4, max_steps=STEPS, lr=1e-2, routing="rcla", p=0.5, eval_every=0, tensorboard=False,
+                  quiet=True, device="cpu", cache_dir=str(assets["cache"]), seed=3, precision="fp32")
+    train(TrainConfig(**{**fields, **extra}))
     return out
 
 
@@ -83,6 +83,21 @@ def test_fsdp_distills_from_a_sharded_teacher_with_checkpointing(assets, tmp_pat
                          "--gradient-checkpointing"))
     assert_same_run(out, ref)
     assert any(r["distill"] > 0 for r in read_metrics(out) if "distill" in r)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_rollout_unlikelihood_on_two_processes_equals_one(assets, tmp_path, mode):
+    """Greedy rollouts under the drawn plan on every rank, their loss divided by all ranks' continuation tokens."""
+    flags = dict(routing="plan:every:2+every:3", seq_unlikelihood=1.0, seq_ul_prefix=8, seq_ul_length=8)
+    ref = train_one_process(assets, tmp_path / "one", **flags)
+    out = tmp_path / mode
+    torchrun(2, cli_args(assets, out, 2, *(["--fsdp"] if mode == "fsdp" else []), "--routing", flags["routing"],
+                         "--seq-unlikelihood", "1", "--seq-ul-prefix", "8", "--seq-ul-length", "8"))
+    assert_same_run(out, ref)
+    got, want = read_metrics(out), read_metrics(ref)
+    assert all(r["repeated"] > 0 for r in want if "loss" in r)
+    torch.testing.assert_close([r["seq_unlikelihood"] for r in got if "loss" in r],
+                               [r["seq_unlikelihood"] for r in want if "loss" in r], rtol=0, atol=1e-5)
 
 
 def test_fsdp_trains_pair_maps_like_one_process(assets, tmp_path):

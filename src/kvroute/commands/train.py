@@ -15,7 +15,8 @@ CLI_ONLY = ("config",)
 
 _GROUPS = {
     **dict.fromkeys(["routing", "p", "sources", "plan", "eval_plans", "distill", "distill_hidden", "distill_from",
-                     "pair_maps", "pair_lr", "maps_only", "unlikelihood"], "routing"),
+                     "pair_maps", "pair_lr", "maps_only", "unlikelihood", "seq_unlikelihood", "seq_ul_prefix",
+                     "seq_ul_length", "seq_ul_ngram"], "routing"),
     **dict.fromkeys(["seq_len", "batch_size", "grad_accum", "max_steps", "lr", "weight_decay", "betas", "grad_clip",
                      "warmup", "schedule", "min_lr_ratio", "precision", "gradient_checkpointing", "seed", "device",
                      "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "fsdp"], "optimization"),

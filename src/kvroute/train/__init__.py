@@ -2,7 +2,8 @@
 
 - :mod:`~kvroute.train.config`: :class:`TrainConfig` and its validation;
 - :mod:`~kvroute.train.data`: ``--data`` as text, QA or a mixture, in a resumable batch order;
-- :mod:`~kvroute.train.losses`: LM, distillation (KL, hidden states) and per-plan eval losses;
+- :mod:`~kvroute.train.losses`: LM, distillation (KL, hidden states), unlikelihood and per-plan eval losses;
+- :mod:`~kvroute.train.rollouts`: greedy rollouts under a plan and sequence-level unlikelihood on them;
 - :mod:`~kvroute.train.model`: starting weights, LoRA, teacher, optimizer and schedule;
 - :mod:`~kvroute.train.loop`: :func:`train` and the run it drives;
 - :mod:`~kvroute.train.checkpoint` and :mod:`~kvroute.train.log`: what a run leaves behind.
@@ -28,6 +29,7 @@ from kvroute.train.losses import (
     unlikelihood,
 )
 from kvroute.train.model import LRSchedule, _optimizer as _optimizer
+from kvroute.train.rollouts import greedy_rollout, repeated_ngram_mask, sequence_unlikelihood
 
 __all__ = [
     "DATA_FORMATS",
@@ -45,6 +47,9 @@ __all__ = [
     "mean_loss",
     "hidden_distill",
     "unlikelihood",
+    "sequence_unlikelihood",
+    "repeated_ngram_mask",
+    "greedy_rollout",
     "labelled_tokens",
     "latest_checkpoint",
     "load_training_state",

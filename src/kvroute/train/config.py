@@ -79,6 +79,16 @@ class TrainConfig:
             2019): at each scored position, tokens that earlier scored positions of the row had as
             targets, other than its own, are pushed down by ``-log(1 - p)``. On QA records only
             the answer is scored, so copying from the context is not penalised.
+        seq_unlikelihood: weight of sequence-level unlikelihood on the model's own greedy text (0: off;
+            :mod:`kvroute.train.rollouts`). Each micro-batch continues the first ``seq_ul_prefix``
+            tokens of its rows greedily for ``seq_ul_length`` tokens under the plan it drew, through
+            the plan's cache, then pushes down every continuation token that repeats an n-gram of
+            ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing: the rollouts
+            run under the plans the model will serve.
+        seq_ul_prefix: prompt tokens of each rollout (fewer when a padded row is shorter).
+        seq_ul_length: greedy tokens per rollout.
+        seq_ul_ngram: a continuation token is pushed down when it is part of an n-gram this long
+            that the row already had.
         pair_maps: train pairwise maps (:mod:`kvroute.pairs`) with the routes: whenever a route
             makes layer l read layer o's KV, the (l, o) maps apply and learn. They start from the
             checkpoint's own (``kvroute calibrate --pairs``), else from the identity, and are saved
@@ -135,6 +145,10 @@ class TrainConfig:
     distill_hidden: float = 0.0
     distill_from: Teacher = "self"
     unlikelihood: float = 0.0
+    seq_unlikelihood: float = 0.0
+    seq_ul_prefix: int = 32
+    seq_ul_length: int = 48
+    seq_ul_ngram: int = 4
     pair_maps: bool = False
     pair_lr: float | None = None
     maps_only: bool = False
@@ -185,14 +199,15 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, get_args(Device))
         _choice("distill_from", self.distill_from, get_args(Teacher))
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every",
+                     "seq_ul_prefix", "seq_ul_length", "seq_ul_ngram"):
             _positive(name, getattr(self, name))
         for name in ("eval_every", "save_every", "keep_checkpoints", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden", "unlikelihood"):
+        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("warmup", "val_fraction"):
@@ -205,6 +220,12 @@ class TrainConfig:
             raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
         if self.fsdp and self.lora_r:
             raise ValueError("--fsdp with LoRA (--lora-r) is not supported; use DDP (leave out --fsdp) for LoRA")
+        if self.seq_unlikelihood > 0 and not policy.plans:
+            raise ValueError(f"--seq-unlikelihood trains on greedy text written under the plans the model will "
+                             f"serve: it needs --routing plan:SPEC (e.g. plan:every:2+every:4), not {policy.spec!r}")
+        if self.seq_unlikelihood > 0 and self.seq_ul_prefix >= self.seq_len:
+            raise ValueError(f"--seq-ul-prefix {self.seq_ul_prefix} must be shorter than --seq-len {self.seq_len}: "
+                             "the rollouts start from the first tokens of each training row")
         if self.pair_maps and not policy.routes:
             raise ValueError("--pair-maps needs a routing policy that routes (rcla, cla:K, rdcla:K, plan:SPEC), "
                              "not --routing none")
@@ -277,6 +298,10 @@ def _check_inputs(config: TrainConfig):
     limit = getattr(text_config, "max_position_embeddings", None)
     if limit is not None and config.seq_len > limit:
         raise ValueError(f"--seq-len {config.seq_len} is above the model's maximum of {limit} positions")
+    rollout = config.seq_ul_prefix + config.seq_ul_length
+    if config.seq_unlikelihood > 0 and limit is not None and rollout > limit:
+        raise ValueError(f"--seq-ul-prefix + --seq-ul-length = {rollout} is above the model's maximum of "
+                         f"{limit} positions")
     _check_routing(config, text_config)
     return model_config
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "lr", "grad_norm", "tokens",
-                 "tok_per_s")
+TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood",
+                 "repeated", "lr", "grad_norm", "tokens", "tok_per_s")
 EVAL_COLUMNS = ("step", "plan", "loss", "ppl")
 
 
@@ -37,6 +37,10 @@ class StepInfo:
     routes: list[tuple[int, ...]] = field(default_factory=list)
     distill_hidden: float = 0.0
     unlikelihood: float = 0.0
+    #: sequence-level unlikelihood per continuation token, and the share of continuation tokens
+    #: that repeat an n-gram (``--seq-unlikelihood``; 0 when off)
+    seq_unlikelihood: float = 0.0
+    repeated: float = 0.0
 
 
 class MetricsLog:
@@ -80,7 +84,8 @@ class MetricsLog:
         self._append(record)
         _append_csv(self.train_csv, TRAIN_COLUMNS, record)
         if self.writer is not None:
-            for key in ("loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "lr", "tok_per_s", "grad_norm"):
+            for key in ("loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood", "repeated", "lr",
+                        "tok_per_s", "grad_norm"):
                 if record.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], info.step)
 

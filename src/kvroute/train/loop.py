@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from kvroute import sharding
-from kvroute.hf.patch import apply, get_router
+from kvroute.hf.patch import PlanMismatchWarning, apply, get_router, set_plan
 from kvroute.plan import parse_plan_list
 from kvroute.precision import autocast, resolve_precision
 from kvroute.train.checkpoint import latest_checkpoint, remove_partial_checkpoints, restore_run, save_run
@@ -38,6 +39,7 @@ from kvroute.train.log import MetricsLog, StepInfo
 from kvroute.train.losses import (
     _forward, causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens, unlikelihood,
 )
+from kvroute.train.rollouts import greedy_rollout, rollout_loss
 from kvroute.train.model import (
     LRSchedule, _add_lora, _carry_calibration, _frozen_teacher, _optimizer, _start_pair_maps, _starting_model,
 )
@@ -114,6 +116,9 @@ class _Run:
         if c.lora_r > 0:
             model = _add_lora(model, c)
         self.router = get_router(model)
+        # the plan each route of a plan:SPEC policy runs (sequence-level unlikelihood decodes under it)
+        self.plan_of_route = {p.source: p for p in policy.served_plans(self.router.num_layers,
+                                                                       self.router.layer_types)}
         if c.fsdp:  # torch's FSDP2 on the model in place; Accelerate only runs the processes
             self.model = self.plain = sharding.shard(model, acc.device)
             self.optimizer = _optimizer(self.model, c)
@@ -141,23 +146,31 @@ class _Run:
         Losses are token-exact: the summed token losses (LM and distillation) of every
         micro-batch on every process are divided by the labelled tokens of the whole window,
         so ``--grad-accum k`` and ``k`` processes optimise what one batch ``k`` times larger would.
+        Sequence-level unlikelihood is divided by the continuation tokens of the whole window alike.
         """
         c, acc, model = self.config, self.accelerator, self.model
         t0 = time.perf_counter()
         batches = [{key: v.to(acc.device) for key, v in self.batches(self.micro + k).items()}
                    for k in range(c.grad_accum)]
         self.micro += c.grad_accum
-        counted = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches))], device=acc.device))
+        rollout_tokens = c.seq_ul_length * sum(b["input_ids"].shape[0] for b in batches) if c.seq_unlikelihood else 0
+        counted, rolled = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches)),
+                                                  float(rollout_tokens)], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
-        sums = torch.zeros(5, device=acc.device)  # summed token losses: loss, lm, distill, distill_hidden, ul
+        rollout_scale = acc.num_processes / float(rolled.clamp(min=1))
+        # summed token losses: loss, lm, distill, distill_hidden, ul; then sequence-level ul and the
+        # repeated tokens of the rollouts (per continuation token)
+        sums = torch.zeros(7, device=acc.device)
         hidden = c.distill_hidden > 0
         tokens, routes = 0, []
         for k, batch in enumerate(batches):
             last = k == c.grad_accum - 1
+            route = self.router.sample()  # this pass's route, passed to the forward explicitly
+            routes.append(route)
+            if c.seq_unlikelihood > 0:  # its own forward and backward, never the one that syncs gradients
+                sums[5:] += self.rollout_unlikelihood(batch, route, rollout_scale)
             sharding.set_gradient_sync(model, last)
             with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(model):
-                route = self.router.sample()  # this pass's route, passed to the forward explicitly
-                routes.append(route)
                 with self.autocast():
                     out = _forward(model, batch, hidden, route)
                 logits = out.logits
@@ -175,7 +188,7 @@ class _Run:
                       else torch.zeros((), device=lm.device))
                 loss = lm + c.distill * dist + c.distill_hidden * dist_hidden + c.unlikelihood * ul
                 acc.backward(loss * scale)
-            sums += torch.stack([loss.detach(), lm.detach(), dist.detach(), dist_hidden.detach(), ul.detach()])
+            sums[:5] += torch.stack([loss.detach(), lm.detach(), dist.detach(), dist_hidden.detach(), ul.detach()])
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         grad_norm = None
         if c.grad_clip > 0:
@@ -187,11 +200,48 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._check_same_routes(routes)
-        totals = self._sum(sums) / counted.clamp(min=1)
+        summed = self._sum(sums)
+        totals = summed[:5] / counted.clamp(min=1)
+        seq_ul, repeated = (summed[5:] / rolled.clamp(min=1)).tolist()
         tokens *= acc.num_processes
         elapsed = max(time.perf_counter() - t0, 1e-9)
-        return StepInfo(self.step, float(totals[0]), float(totals[1]), float(totals[2]), lr, grad_norm,
-                        tokens, tokens / elapsed, routes, float(totals[3]), float(totals[4]))
+        return StepInfo(self.step, float(totals[0]) + c.seq_unlikelihood * seq_ul, float(totals[1]), float(totals[2]),
+                        lr, grad_norm, tokens, tokens / elapsed, routes, float(totals[3]), float(totals[4]),
+                        seq_ul, repeated)
+
+    def rollout_unlikelihood(self, batch: dict[str, torch.Tensor], route: tuple[int, ...],
+                             scale: float) -> torch.Tensor:
+        """Sequence-level unlikelihood of one micro-batch under ``route``'s plan: forward and backward.
+
+        Greedily continues the first ``seq_ul_prefix`` tokens of each row (fewer when a padded row is
+        shorter) through the plan's cache, in eval mode, then trains on the continuations under the
+        same route with gradients accumulating locally (the micro-batch's LM backward syncs them).
+
+        Returns:
+            ``(summed unlikelihood, repeated tokens)`` of the micro-batch, detached.
+        """
+        c, acc = self.config, self.accelerator
+        prefix = c.seq_ul_prefix
+        if "attention_mask" in batch:  # right-padded QA rows: the prefix stays within every row's tokens
+            prefix = min(prefix, int(batch["attention_mask"].sum(1).min()))
+        saved = self.router.plan
+        self.model.eval()
+        try:
+            with warnings.catch_warnings(), self.autocast():
+                warnings.simplefilter("ignore", PlanMismatchWarning)  # a plan:SPEC model back to its default
+                set_plan(self.plain, self.plan_of_route[route])
+                ids = greedy_rollout(self.plain, batch["input_ids"][:, :prefix], c.seq_ul_length)
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PlanMismatchWarning)
+                set_plan(self.plain, saved)
+            self.model.train()
+        sharding.set_gradient_sync(self.model, False)
+        with contextlib.nullcontext() if self.fsdp else acc.no_sync(self.model):
+            with self.autocast():
+                total, repeated = rollout_loss(self.model, ids, prefix, c.seq_ul_ngram, route)
+            acc.backward(total * (c.seq_unlikelihood * scale))
+        return torch.stack([total.detach(), torch.tensor(float(repeated), device=total.device)])
 
     def _check_same_routes(self, routes: list[tuple[int, ...]]) -> None:
         """Every process must have drawn the same routes (the same seed, the same number of passes)."""
@@ -281,7 +331,8 @@ def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | Non
             if info.step % c.log_every == 0 or info.step == c.max_steps:
                 log.step(info)
             bar.update(1)
-            bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.2e}", tok_s=f"{info.tok_per_s:.0f}")
+            extra = {"repeated": f"{info.repeated:.2f}"} if c.seq_unlikelihood else {}
+            bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.2e}", tok_s=f"{info.tok_per_s:.0f}", **extra)
             for callback in callbacks or []:
                 callback(info)
         if do_eval and (info.step % c.eval_every == 0 or info.step == c.max_steps):
