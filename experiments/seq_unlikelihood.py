@@ -10,8 +10,8 @@ same rows under the same plan.
 
 Starts from a checkpoint trained for the plans (default: the two-plan model of
 ``one_plan_demo.py --variants plans2-steps120``) and trains ``--steps`` steps through
-``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records (AdamW,
-constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
+``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records
+(``--text-only``: SOTU alone; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
 eight held-out prompts; nothing comes from the held-out years. Appends to
 experiments/results/seq_unlikelihood.json (rows with ``"loop": "kvroute train"``; the earlier rows
 came from this script's own training loop, commit 5376695, which drew LM rows and prefixes apart
@@ -64,12 +64,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-only", action="store_true",
+                        help="train on SOTU 1990-2006 alone (default: mixed with the demo's fictional QA records)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PlanMismatchWarning)
     plans = args.plans.split(",")
-    name = args.name or f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
+    name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
+                         + ("-text" if args.text_only else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
 
@@ -77,7 +80,8 @@ def main() -> None:
     final = out / "final"
     if not (final / "config.json").is_file():  # a finished run is scored again, not retrained
         train(TrainConfig(
-            model=args.start, data=sotu(1990, 2006) + [str(demo / "data/fictional/train.jsonl")], output_dir=str(out),
+            model=args.start, output_dir=str(out),
+            data=sotu(1990, 2006) + ([] if args.text_only else [str(demo / "data/fictional/train.jsonl")]),
             routing="plan:" + "+".join(plans), seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
@@ -99,7 +103,7 @@ def main() -> None:
         d2 = [generate(model, tokenizer, t, max_new_tokens=64).distinct2 for t in texts]
         sample = generate(model, tokenizer, texts[0], max_new_tokens=64).text
         begin = Path(args.start)
-        row = {"run": name, "loop": "kvroute train", "seed": args.seed,
+        row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,

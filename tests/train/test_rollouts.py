@@ -118,37 +118,87 @@ def test_rollouts_decode_under_the_plan_each_pass_draws(assets, tmp_path, monkey
     assert get_router(run.plain).plan.spec == "every:2" and run.model.training
 
 
-def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path):
-    """One batch of 4 rows and 2 or 4 micro-batches of the same rows: the same gradient."""
+def _grads(assets, out: Path, **overrides) -> dict[str, torch.Tensor]:
+    """The gradient one optimizer step would apply (no clipping, no step)."""
     from kvroute.train import _Run
 
-    def grads(**overrides) -> dict[str, torch.Tensor]:
-        run = _Run(config(assets, tmp_path / str(len(list(tmp_path.iterdir()))), grad_clip=0.0, max_steps=1,
-                          **overrides))
-        run.optimizer.step = lambda *a, **k: None
-        run.optimizer.zero_grad = lambda *a, **k: None
-        run.model.train()
-        run.train_step()
-        return {n: p.grad.clone() for n, p in run.plain.named_parameters() if p.grad is not None}
+    run = _Run(config(assets, out, grad_clip=0.0, max_steps=1, **overrides))
+    run.optimizer.step = lambda *a, **k: None
+    run.optimizer.zero_grad = lambda *a, **k: None
+    run.model.train()
+    run.train_step()
+    return {n: p.grad.clone() for n, p in run.plain.named_parameters() if p.grad is not None}
 
-    one = grads(batch_size=4)
-    two = grads(batch_size=2, grad_accum=2)
-    four = grads(batch_size=1, grad_accum=4)
-    zero = grads(batch_size=4, seq_unlikelihood=0.0)
+
+def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_path):
+    """The step's gradient minus the LM's is W x d/dθ [summed unlikelihood / (rows x length)], computed by hand."""
+    from kvroute.hf.patch import get_router
+    from kvroute.train import _Run
+    from kvroute.train.rollouts import rollout_loss
+
+    zero = _grads(assets, tmp_path / "w0", seq_unlikelihood=0.0)
+    one = _grads(assets, tmp_path / "w1", seq_unlikelihood=1.0)
+    two = _grads(assets, tmp_path / "w2", seq_unlikelihood=2.0)
+    run = _Run(config(assets, tmp_path / "hand", max_steps=1))  # the same start, batch and plan
+    model, batch = run.plain, run.batches(0)
+    model.eval()
+    ids = greedy_rollout(model, batch["input_ids"][:, :8], 12)
+    model.train()
+    total, _ = rollout_loss(model, ids, 8, 2, get_router(model).plan.source)
+    (total / (4 * 12)).backward()
+    hand = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert hand.keys() == one.keys() and total.item() > 0
+    for name in one:
+        torch.testing.assert_close(one[name] - zero[name], hand[name], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(two[name] - zero[name], 2 * hand[name], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["text", "mix"])
+def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data):
+    """One batch of 4 rows and 2 or 4 micro-batches of the same rows: the same gradient, also when
+    padded QA rows too short to prompt a rollout share micro-batches with text rows."""
+    from textkit import write_qa
+
+    extra = {}
+    if data == "mix":  # QA rows of 21 tokens: shorter than the 24-token prompt, so text rows alone roll out;
+        # the first 4 rows are 2 text and 2 QA rows (checked below), so 2 x 2 has a QA-only micro-batch
+        extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
+                     seq_ul_prefix=24, seed=0)
+        from kvroute.train import _Run
+
+        lengths = _Run(config(assets, tmp_path / "probe", batch_size=4, **extra)).batches(0)["attention_mask"].sum(1)
+        assert sorted(lengths.tolist()) == [21, 21, 48, 48]
+    one = _grads(assets, tmp_path / "one", batch_size=4, **extra)
+    two = _grads(assets, tmp_path / "two", batch_size=2, grad_accum=2, **extra)
+    four = _grads(assets, tmp_path / "four", batch_size=1, grad_accum=4, **extra)
+    zero = _grads(assets, tmp_path / "zero", batch_size=4, **{**extra, "seq_unlikelihood": 0.0})
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-6)
     assert any(not torch.allclose(one[n], zero[n]) for n in one)  # the rollout term reaches the gradient
 
 
-def test_rollouts_on_padded_qa_rows_stay_inside_every_row(assets, tmp_path):
+def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, monkeypatch):
     from textkit import write_qa
 
-    qa = write_qa(tmp_path / "qa.jsonl")
-    infos = []
-    train(config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(qa)], seq_len=64, seq_ul_prefix=40),
-          callbacks=[infos.append])
-    assert all(i.seq_unlikelihood >= 0 and math.isfinite(i.loss) for i in infos)
+    seen = []
+    real = rollouts.greedy_rollout
+
+    def spy(model, prefix, length):
+        seen.append(prefix.clone())
+        return real(model, prefix, length)
+
+    monkeypatch.setattr("kvroute.train.loop.greedy_rollout", spy)
+    qa = write_qa(tmp_path / "qa.jsonl", n=16)
+    infos = []  # seed 1: the first micro-batch holds text and QA rows, the second QA rows only
+    train(config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(qa)], seq_len=48, seq_ul_prefix=24,
+                 seed=1), callbacks=[infos.append])
+    pad = kvroute.load_tokenizer(assets["model"]).pad_token_id
+    assert [tuple(p.shape) for p in seen] == [(2, 24), (1, 21)]
+    assert not (seen[0] == pad).any()  # the two text rows prompt with their first 24 tokens, never padding
+    # a micro-batch of QA rows only rolls out one row at weight 0 (every process makes the same calls)
+    assert infos[0].seq_unlikelihood > 0 and infos[0].repeated > 0
+    assert infos[1].seq_unlikelihood == 0 and infos[1].repeated == 0 and math.isfinite(infos[1].loss)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -85,7 +85,7 @@ class TrainConfig:
             the plan's cache, then pushes down every continuation token that repeats an n-gram of
             ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing: the rollouts
             run under the plans the model will serve.
-        seq_ul_prefix: prompt tokens of each rollout (fewer when a padded row is shorter).
+        seq_ul_prefix: prompt tokens of each rollout; padded rows (QA) with fewer tokens do not roll out.
         seq_ul_length: greedy tokens per rollout.
         seq_ul_ngram: a continuation token is pushed down when it is part of an n-gram this long
             that the row already had.

@@ -153,7 +153,8 @@ class _Run:
         batches = [{key: v.to(acc.device) for key, v in self.batches(self.micro + k).items()}
                    for k in range(c.grad_accum)]
         self.micro += c.grad_accum
-        rollout_tokens = c.seq_ul_length * sum(b["input_ids"].shape[0] for b in batches) if c.seq_unlikelihood else 0
+        rollout_tokens = (c.seq_ul_length * sum(int(self.rollout_rows(b).sum()) for b in batches)
+                          if c.seq_unlikelihood else 0)
         counted, rolled = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches)),
                                                   float(rollout_tokens)], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
@@ -209,28 +210,43 @@ class _Run:
                         lr, grad_norm, tokens, tokens / elapsed, routes, float(totals[3]), float(totals[4]),
                         seq_ul, repeated)
 
+    def rollout_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B,)`` bool: the rows long enough to prompt a rollout (``seq_ul_prefix`` real tokens).
+
+        A row's prompt never depends on the other rows of its micro-batch, so the rollouts, and the
+        gradient, are the same however the rows are split over micro-batches and processes.
+        """
+        ids = batch["input_ids"]
+        if "attention_mask" not in batch:
+            return torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        return batch["attention_mask"].sum(1) >= self.config.seq_ul_prefix
+
     def rollout_unlikelihood(self, batch: dict[str, torch.Tensor], route: tuple[int, ...],
                              scale: float) -> torch.Tensor:
         """Sequence-level unlikelihood of one micro-batch under ``route``'s plan: forward and backward.
 
-        Greedily continues the first ``seq_ul_prefix`` tokens of each row (fewer when a padded row is
-        shorter) through the plan's cache, in eval mode, then trains on the continuations under the
-        same route with gradients accumulating locally (the micro-batch's LM backward syncs them).
+        Greedily continues the first ``seq_ul_prefix`` tokens of each row that has them
+        (:meth:`rollout_rows`) through the plan's cache, in eval mode, then trains on the
+        continuations under the same route with gradients accumulating locally (the micro-batch's
+        LM backward syncs them). A micro-batch without such a row rolls out its first row's tokens
+        at weight 0, so that every process makes the same forward calls (FSDP2 gathers in each).
 
         Returns:
             ``(summed unlikelihood, repeated tokens)`` of the micro-batch, detached.
         """
         c, acc = self.config, self.accelerator
-        prefix = c.seq_ul_prefix
-        if "attention_mask" in batch:  # right-padded QA rows: the prefix stays within every row's tokens
-            prefix = min(prefix, int(batch["attention_mask"].sum(1).min()))
+        keep = self.rollout_rows(batch)
+        prompts, weight = batch["input_ids"][keep, :c.seq_ul_prefix], 1.0
+        if prompts.shape[0] == 0:
+            length = int(batch["attention_mask"][0].sum())
+            prompts, weight = batch["input_ids"][:1, :max(1, min(length, c.seq_ul_prefix))], 0.0
         saved = self.router.plan
         self.model.eval()
         try:
             with warnings.catch_warnings(), self.autocast():
                 warnings.simplefilter("ignore", PlanMismatchWarning)  # a plan:SPEC model back to its default
                 set_plan(self.plain, self.plan_of_route[route])
-                ids = greedy_rollout(self.plain, batch["input_ids"][:, :prefix], c.seq_ul_length)
+                ids = greedy_rollout(self.plain, prompts, c.seq_ul_length)
         finally:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PlanMismatchWarning)
@@ -239,9 +255,10 @@ class _Run:
         sharding.set_gradient_sync(self.model, False)
         with contextlib.nullcontext() if self.fsdp else acc.no_sync(self.model):
             with self.autocast():
-                total, repeated = rollout_loss(self.model, ids, prefix, c.seq_ul_ngram, route)
+                total, repeated = rollout_loss(self.model, ids, prompts.shape[1], c.seq_ul_ngram, route)
+            total = total * weight
             acc.backward(total * (c.seq_unlikelihood * scale))
-        return torch.stack([total.detach(), torch.tensor(float(repeated), device=total.device)])
+        return torch.stack([total.detach(), torch.tensor(float(repeated * weight), device=total.device)])
 
     def _check_same_routes(self, routes: list[tuple[int, ...]]) -> None:
         """Every process must have drawn the same routes (the same seed, the same number of passes)."""
