@@ -14,6 +14,7 @@ from kvroute.train import TrainConfig, greedy_rollout, repeated_ngram_mask, sequ
 from kvroute.train import read_metrics
 from kvroute.train import rollouts
 from textkit import make_model_dir, write_corpus
+from train_helpers import accumulated_grads
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +121,7 @@ def test_rollouts_decode_under_the_plan_each_pass_draws(assets, tmp_path, monkey
 
 def _grads(assets, out: Path, **overrides) -> dict[str, torch.Tensor]:
     """The gradient one optimizer step would apply (no clipping, no step)."""
-    from kvroute.train import _Run
-
-    run = _Run(config(assets, out, grad_clip=0.0, max_steps=1, **overrides))
-    run.optimizer.step = lambda *a, **k: None
-    run.optimizer.zero_grad = lambda *a, **k: None
-    run.model.train()
-    run.train_step()
-    return {n: p.grad.clone() for n, p in run.plain.named_parameters() if p.grad is not None}
+    return accumulated_grads(config(assets, out, grad_clip=0.0, max_steps=1, **overrides))
 
 
 def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_path):

@@ -16,6 +16,7 @@ from kvroute.policy import RCLA, FixedPlan
 from kvroute.train import StepInfo, TrainConfig, distill_kl, hidden_distill, train, unlikelihood
 from kvroute.train import latest_checkpoint, read_metrics
 from textkit import make_model_dir, make_tokenizer, write_corpus, write_qa
+from train_helpers import accumulated_grads
 
 
 @pytest.fixture(scope="module")
@@ -422,18 +423,6 @@ def test_resume_refuses_other_settings(assets, tmp_path):
         train(config(assets, tmp_path / "run", max_steps=2, seq_len=16, resume="latest"))
 
 
-def _accumulated_grads(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The gradient one optimizer step would apply (no clipping, no step)."""
-    from kvroute.train import _Run
-
-    run = _Run(cfg)
-    run.optimizer.step = lambda *a, **k: None
-    run.optimizer.zero_grad = lambda *a, **k: None
-    run.model.train()
-    run.train_step()
-    return {n: p.grad.clone() for n, p in run.plain.named_parameters() if p.grad is not None}
-
-
 def test_grad_accum_weights_every_labelled_token_alike(assets, tmp_path):
     """Micro-batches with different numbers of answer tokens: k micro-batches of n give the
     gradient of one batch of k x n (the token mean over the window, not a mean of means)."""
@@ -447,9 +436,9 @@ def test_grad_accum_weights_every_labelled_token_alike(assets, tmp_path):
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(data=[str(qa)], routing="none", grad_clip=0.0, val_fraction=0.0, seq_len=48, max_steps=1,
                   question_first_p=0.0)
-    one = _accumulated_grads(config(assets, tmp_path / "one", batch_size=4, **common))
-    two = _accumulated_grads(config(assets, tmp_path / "two", batch_size=2, grad_accum=2, **common))
-    four = _accumulated_grads(config(assets, tmp_path / "four", batch_size=1, grad_accum=4, **common))
+    one = accumulated_grads(config(assets, tmp_path / "one", batch_size=4, **common))
+    two = accumulated_grads(config(assets, tmp_path / "two", batch_size=2, grad_accum=2, **common))
+    four = accumulated_grads(config(assets, tmp_path / "four", batch_size=1, grad_accum=4, **common))
     assert one.keys() == two.keys() == four.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)

@@ -19,7 +19,6 @@ import json
 import math
 import random
 import time
-import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from kvroute import sharding
-from kvroute.hf.patch import PlanMismatchWarning, apply, get_router, set_plan
+from kvroute.hf.patch import apply, get_router, set_plan
 from kvroute.plan import parse_plan_list
 from kvroute.precision import autocast, resolve_precision
 from kvroute.train.checkpoint import latest_checkpoint, remove_partial_checkpoints, restore_run, save_run
@@ -37,7 +36,8 @@ from kvroute.train.config import TrainConfig, _check_inputs
 from kvroute.train.data import _Batches, _load_data
 from kvroute.train.log import MetricsLog, StepInfo
 from kvroute.train.losses import (
-    _forward, causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens, unlikelihood,
+    _forward, causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens, plans_in_eval,
+    unlikelihood,
 )
 from kvroute.train.rollouts import greedy_rollout, rollout_loss
 from kvroute.train.model import (
@@ -240,18 +240,9 @@ class _Run:
         if prompts.shape[0] == 0:
             length = int(batch["attention_mask"][0].sum())
             prompts, weight = batch["input_ids"][:1, :max(1, min(length, c.seq_ul_prefix))], 0.0
-        saved = self.router.plan
-        self.model.eval()
-        try:
-            with warnings.catch_warnings(), self.autocast():
-                warnings.simplefilter("ignore", PlanMismatchWarning)  # a plan:SPEC model back to its default
-                set_plan(self.plain, self.plan_of_route[route])
-                ids = greedy_rollout(self.plain, prompts, c.seq_ul_length)
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PlanMismatchWarning)
-                set_plan(self.plain, saved)
-            self.model.train()
+        with plans_in_eval(self.model, self.plain), self.autocast():
+            set_plan(self.plain, self.plan_of_route[route])
+            ids = greedy_rollout(self.plain, prompts, c.seq_ul_length)
         sharding.set_gradient_sync(self.model, False)
         with contextlib.nullcontext() if self.fsdp else acc.no_sync(self.model):
             with self.autocast():

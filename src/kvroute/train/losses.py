@@ -73,9 +73,29 @@ def unlikelihood(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "m
     first = scored & ~(same & earlier & scored[:, None, :]).any(-1)  # (B, N)
     candidate = earlier & (first & scored)[:, None, :] & ~same & scored[:, :, None]  # (B, i, s)
     logp = logits[:, :-1].float().log_softmax(-1).gather(-1, token[:, None, :].expand(-1, n, -1))  # (B, i, s)
-    per_pair = -torch.log1p(-logp.exp().clamp(max=1 - 1e-5))
+    per_pair = pushed_down(logp)
     per_token = (per_pair * candidate).sum(-1)[scored]
     return per_token.sum() if reduction == "sum" else per_token.mean()
+
+
+def pushed_down(logp: torch.Tensor) -> torch.Tensor:
+    """The unlikelihood penalty ``-log(1 - p)`` of tokens with log-probabilities ``logp`` (p capped below 1)."""
+    return -torch.log1p(-logp.exp().clamp(max=1 - 1e-5))
+
+
+@contextlib.contextmanager
+def plans_in_eval(model, plain):
+    """Eval mode, with :func:`set_plan` free to run any plan without a :class:`PlanMismatchWarning`; the
+    plan and training mode come back on exit. ``model`` may be wrapped (DDP/FSDP), ``plain`` is it unwrapped."""
+    train_plan = get_router(plain).plan
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanMismatchWarning)
+        try:
+            yield
+        finally:
+            set_plan(plain, train_plan)
+            model.train()
 
 
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -139,16 +159,9 @@ def evaluate_plans(model, plain, val_batches: list[dict[str, torch.Tensor]], pla
     same forward calls on every rank. A model trained for one plan (``plan:SPEC``) is
     measured under the others without a warning: they were asked for.
     """
-    train_plan = get_router(plain).plan
-    model.eval()
     out: dict[str, float] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PlanMismatchWarning)
-        try:
-            for spec in plans:
-                set_plan(plain, spec)
-                out[spec] = mean_loss(model, val_batches, autocast=autocast)
-        finally:
-            set_plan(plain, train_plan)
-            model.train()
+    with plans_in_eval(model, plain):
+        for spec in plans:
+            set_plan(plain, spec)
+            out[spec] = mean_loss(model, val_batches, autocast=autocast)
     return out

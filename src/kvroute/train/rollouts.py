@@ -22,6 +22,7 @@ import torch
 
 from kvroute.hf.compat import cache_kwargs, output_cache
 from kvroute.hf.patch import ROUTE_ARG
+from kvroute.train.losses import pushed_down
 
 
 def repeated_ngram_mask(ids: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -53,8 +54,7 @@ def sequence_unlikelihood(logits: torch.Tensor, ids: torch.Tensor, mask: torch.T
     """
     target = mask[:, 1:]
     logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
-    pushed = -torch.log1p(-logp.exp().clamp(max=1 - 1e-5))
-    total = (pushed * target).sum()
+    total = (pushed_down(logp) * target).sum()
     return total / target.sum().clamp(min=1) if reduction == "mean" else total
 
 
