@@ -66,13 +66,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-only", action="store_true",
                         help="train on SOTU 1990-2006 alone (default: mixed with the demo's fictional QA records)")
+    parser.add_argument("--prompts", choices=["all", "text"], default="all",
+                        help="rows that prompt rollouts (kvroute train --seq-ul-prompts): all, or running text only")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PlanMismatchWarning)
     plans = args.plans.split(",")
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
-                         + ("-text" if args.text_only else ""))
+                         + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
 
@@ -82,7 +84,7 @@ def main() -> None:
         train(TrainConfig(
             model=args.start, output_dir=str(out),
             data=sotu(1990, 2006) + ([] if args.text_only else [str(demo / "data/fictional/train.jsonl")]),
-            routing="plan:" + "+".join(plans), seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix,
+            routing="plan:" + "+".join(plans), seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
             device="cpu", eval_every=0, save_every=20, quiet=True))
@@ -104,6 +106,7 @@ def main() -> None:
         sample = generate(model, tokenizer, texts[0], max_new_tokens=64).text
         begin = Path(args.start)
         row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
+               "rollout_prompts": args.prompts,
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,

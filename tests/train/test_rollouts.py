@@ -147,13 +147,17 @@ def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_
         torch.testing.assert_close(two[name] - zero[name], 2 * hand[name], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("data", ["text", "mix"])
+@pytest.mark.parametrize("data", ["text", "mix", "mix-text-prompts"])
 def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data):
     """One batch of 4 rows and 2 or 4 micro-batches of the same rows: the same gradient, also when
-    padded QA rows too short to prompt a rollout share micro-batches with text rows."""
+    padded QA rows too short to prompt a rollout share micro-batches with text rows, and when
+    ``--seq-ul-prompts text`` keeps QA rows long enough to prompt from rolling out."""
     from textkit import write_qa
 
     extra = {}
+    if data == "mix-text-prompts":  # the same rows; a 16-token prompt would fit the 21-token QA rows
+        extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
+                     seq_ul_prefix=16, seq_ul_prompts="text", seed=0)
     if data == "mix":  # QA rows of 21 tokens: shorter than the 24-token prompt, so text rows alone roll out;
         # the first 4 rows are 2 text and 2 QA rows (checked below), so 2 x 2 has a QA-only micro-batch
         extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
@@ -195,7 +199,41 @@ def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, mo
     assert infos[1].seq_unlikelihood == 0 and infos[1].repeated == 0 and math.isfinite(infos[1].loss)
 
 
+@pytest.mark.parametrize("prompts, shapes", [("all", [(4, 16), (4, 16)]), ("text", [(2, 16), (1, 16)])])
+def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, monkeypatch, prompts, shapes):
+    """``--seq-ul-prompts text``: QA rows long enough to prompt do not roll out; text rows do, each
+    from its own first tokens. A micro-batch without a text row rolls out one row at weight 0."""
+    from textkit import write_qa
+
+    seen = []
+    real = rollouts.greedy_rollout
+
+    def spy(model, prefix, length):
+        seen.append(prefix.clone())
+        return real(model, prefix, length)
+
+    monkeypatch.setattr("kvroute.train.loop.greedy_rollout", spy)
+    qa = write_qa(tmp_path / "qa.jsonl", n=16)
+    infos = []  # seed 1: the first micro-batch holds 2 text and 2 QA rows (21 tokens), the second QA rows only
+    run = config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(qa)], seq_len=48, seq_ul_prefix=16,
+                 seq_ul_prompts=prompts, seed=1)
+    from kvroute.train import _Run
+
+    probe = _Run(config(assets, tmp_path / "probe", data=run.data, seq_len=48, seed=1))
+    first, second = probe.batches(0), probe.batches(1)
+    assert sorted(first["attention_mask"].sum(1).tolist()) == [21, 21, 48, 48]
+    assert second["attention_mask"].sum(1).tolist() == [21] * 4
+    train(run, callbacks=[infos.append])
+    assert [tuple(p.shape) for p in seen] == shapes
+    if prompts == "text":
+        text_rows = first["attention_mask"].sum(1) == 48
+        assert torch.equal(seen[0], first["input_ids"][text_rows, :16])  # the two text rows' own prompts
+        assert infos[1].seq_unlikelihood == 0 and infos[1].repeated == 0  # QA only: weight 0
+    assert infos[0].seq_unlikelihood > 0 and infos[1].loss > 0
+
+
 @pytest.mark.parametrize("overrides, match", [
+    (dict(seq_ul_prompts="prose"), "--seq-ul-prompts must be one of all, text"),
     (dict(routing="rcla"), "needs --routing plan:SPEC"),
     (dict(routing="none"), "needs --routing plan:SPEC"),
     (dict(seq_unlikelihood=-1.0), "--seq-unlikelihood must be >= 0"),
@@ -206,6 +244,13 @@ def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, mo
 def test_bad_settings_fail_on_construction(assets, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         config(assets, tmp_path / "run", **overrides)
+
+
+def test_text_prompts_need_text_in_the_data(assets, tmp_path):
+    from textkit import write_qa
+
+    with pytest.raises(ValueError, match="--seq-ul-prompts text rolls out from running text"):
+        config(assets, tmp_path / "run", data=[str(write_qa(tmp_path / "qa.jsonl"))], seq_ul_prompts="text")
 
 
 def test_rollouts_longer_than_the_model_fail_before_work(assets, tmp_path):

@@ -19,6 +19,7 @@ Schedule = Literal["cosine", "linear", "constant"]
 DataFormat = Literal["auto", "text", "qa", "mix"]
 Device = Literal["auto", "cpu", "cuda"]
 Teacher = Literal["self", "base"]
+RolloutPrompts = Literal["all", "text"]
 SCHEDULES = get_args(Schedule)
 DATA_FORMATS = get_args(DataFormat)
 
@@ -86,6 +87,9 @@ class TrainConfig:
             ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing: the rollouts
             run under the plans the model will serve.
         seq_ul_prefix: prompt tokens of each rollout; padded rows (QA) with fewer tokens do not roll out.
+        seq_ul_prompts: which rows prompt rollouts: ``all``, or ``text``: only rows whose first
+            ``seq_ul_prefix`` tokens are all trained on (running text; a QA record's context is not),
+            so that with QA records in the mix the rollouts continue prose, not QA contexts.
         seq_ul_length: greedy tokens per rollout.
         seq_ul_ngram: a continuation token is pushed down when it is part of an n-gram this long
             that the row already had.
@@ -147,6 +151,7 @@ class TrainConfig:
     unlikelihood: float = 0.0
     seq_unlikelihood: float = 0.0
     seq_ul_prefix: int = 32
+    seq_ul_prompts: RolloutPrompts = "all"
     seq_ul_length: int = 48
     seq_ul_ngram: int = 4
     pair_maps: bool = False
@@ -199,6 +204,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, get_args(Device))
         _choice("distill_from", self.distill_from, get_args(Teacher))
+        _choice("seq_ul_prompts", self.seq_ul_prompts, get_args(RolloutPrompts))
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every",
                      "seq_ul_prefix", "seq_ul_length", "seq_ul_ngram"):
             _positive(name, getattr(self, name))
@@ -226,6 +232,9 @@ class TrainConfig:
         if self.seq_unlikelihood > 0 and self.seq_ul_prefix >= self.seq_len:
             raise ValueError(f"--seq-ul-prefix {self.seq_ul_prefix} must be shorter than --seq-len {self.seq_len}: "
                              "the rollouts start from the first tokens of each training row")
+        if self.seq_unlikelihood > 0 and self.seq_ul_prompts == "text" and self.data_kind == "qa":
+            raise ValueError("--seq-ul-prompts text rolls out from running text, and --data holds QA records "
+                             "only; add text sources or use --seq-ul-prompts all")
         if self.pair_maps and not policy.routes:
             raise ValueError("--pair-maps needs a routing policy that routes (rcla, cla:K, rdcla:K, plan:SPEC), "
                              "not --routing none")

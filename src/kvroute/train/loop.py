@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from kvroute import sharding
+from kvroute.data.qa import IGNORE_INDEX
 from kvroute.hf.patch import apply, get_router, set_plan
 from kvroute.plan import parse_plan_list
 from kvroute.precision import autocast, resolve_precision
@@ -211,15 +212,19 @@ class _Run:
                         seq_ul, repeated)
 
     def rollout_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B,)`` bool: the rows long enough to prompt a rollout (``seq_ul_prefix`` real tokens).
+        """``(B,)`` bool: the rows that prompt a rollout: ``seq_ul_prefix`` real tokens, and with
+        ``--seq-ul-prompts text`` all of them trained on (running text, not a QA record's context).
 
         A row's prompt never depends on the other rows of its micro-batch, so the rollouts, and the
         gradient, are the same however the rows are split over micro-batches and processes.
         """
-        ids = batch["input_ids"]
-        if "attention_mask" not in batch:
-            return torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        return batch["attention_mask"].sum(1) >= self.config.seq_ul_prefix
+        c, ids = self.config, batch["input_ids"]
+        rows = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        if "attention_mask" in batch:
+            rows &= batch["attention_mask"].sum(1) >= c.seq_ul_prefix
+        if c.seq_ul_prompts == "text":  # labels[t] is the target at t (shifted in the loss); the
+            rows &= (batch["labels"][:, :c.seq_ul_prefix] != IGNORE_INDEX).all(1)  # prompt is all trained text
+        return rows
 
     def rollout_unlikelihood(self, batch: dict[str, torch.Tensor], route: tuple[int, ...],
                              scale: float) -> torch.Tensor:
