@@ -11,7 +11,8 @@ same rows under the same plan.
 Starts from a checkpoint trained for the plans (default: the two-plan model of
 ``one_plan_demo.py --variants plans2-steps120``) and trains ``--steps`` steps through
 ``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records
-(``--text-only``: SOTU alone; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
+(``--text-only``: SOTU alone; ``--first-year``: more SOTU years; ``--prompts text``: rollouts
+from the text rows only, ``kvroute train --seq-ul-prompts text``; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
 eight held-out prompts; nothing comes from the held-out years. Appends to
 experiments/results/seq_unlikelihood.json (rows with ``"loop": "kvroute train"``; the earlier rows
 came from this script's own training loop, commit 5376695, which drew LM rows and prefixes apart
@@ -68,13 +69,16 @@ def main() -> None:
                         help="train on SOTU 1990-2006 alone (default: mixed with the demo's fictional QA records)")
     parser.add_argument("--prompts", choices=["all", "text"], default="all",
                         help="rows that prompt rollouts (kvroute train --seq-ul-prompts): all, or running text only")
+    parser.add_argument("--first-year", type=int, default=1990,
+                        help="train on SOTU from this year to 2006 (more years: a larger share of text in the mix)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PlanMismatchWarning)
     plans = args.plans.split(",")
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
-                         + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else ""))
+                         + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
+                         + (f"-sotu{args.first_year}" if args.first_year != 1990 else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
 
@@ -83,7 +87,7 @@ def main() -> None:
     if not (final / "config.json").is_file():  # a finished run is scored again, not retrained
         train(TrainConfig(
             model=args.start, output_dir=str(out),
-            data=sotu(1990, 2006) + ([] if args.text_only else [str(demo / "data/fictional/train.jsonl")]),
+            data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(demo / "data/fictional/train.jsonl")]),
             routing="plan:" + "+".join(plans), seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
@@ -106,9 +110,9 @@ def main() -> None:
         sample = generate(model, tokenizer, texts[0], max_new_tokens=64).text
         begin = Path(args.start)
         row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
-               "rollout_prompts": args.prompts,
+               "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
-               "steps": args.steps, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
+               "steps": args.steps, "batch": args.batch, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
                "distinct2_mean_8_prompts": round(statistics.mean(d2), 3),
                "share_at_least_0.5": round(sum(d >= 0.5 for d in d2) / len(d2), 3),
