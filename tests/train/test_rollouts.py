@@ -176,9 +176,9 @@ def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data
     assert any(not torch.allclose(one[n], zero[n]) for n in one)  # the rollout term reaches the gradient
 
 
-def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, monkeypatch):
-    from textkit import write_qa
-
+@pytest.fixture
+def prompted(monkeypatch) -> list[torch.Tensor]:
+    """The prompts the training loop's rollouts get, in order (the rollouts still run)."""
     seen = []
     real = rollouts.greedy_rollout
 
@@ -187,6 +187,13 @@ def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, mo
         return real(model, prefix, length)
 
     monkeypatch.setattr("kvroute.train.loop.greedy_rollout", spy)
+    return seen
+
+
+def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, prompted):
+    from textkit import write_qa
+
+    seen = prompted
     qa = write_qa(tmp_path / "qa.jsonl", n=16)
     infos = []  # seed 1: the first micro-batch holds text and QA rows, the second QA rows only
     train(config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(qa)], seq_len=48, seq_ul_prefix=24,
@@ -200,19 +207,12 @@ def test_padded_rows_too_short_for_a_prompt_do_not_roll_out(assets, tmp_path, mo
 
 
 @pytest.mark.parametrize("prompts, shapes", [("all", [(4, 16), (4, 16)]), ("text", [(2, 16), (1, 16)])])
-def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, monkeypatch, prompts, shapes):
+def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, prompted, prompts, shapes):
     """``--seq-ul-prompts text``: QA rows long enough to prompt do not roll out; text rows do, each
     from its own first tokens. A micro-batch without a text row rolls out one row at weight 0."""
     from textkit import write_qa
 
-    seen = []
-    real = rollouts.greedy_rollout
-
-    def spy(model, prefix, length):
-        seen.append(prefix.clone())
-        return real(model, prefix, length)
-
-    monkeypatch.setattr("kvroute.train.loop.greedy_rollout", spy)
+    seen = prompted
     qa = write_qa(tmp_path / "qa.jsonl", n=16)
     infos = []  # seed 1: the first micro-batch holds 2 text and 2 QA rows (21 tokens), the second QA rows only
     run = config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(qa)], seq_len=48, seq_ul_prefix=16,
