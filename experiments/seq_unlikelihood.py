@@ -42,6 +42,7 @@ from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
 from kvroute.hf.patch import PlanMismatchWarning  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
+from kvroute.policy import policy_from_spec  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
 from common import append_rows, sotu  # noqa: E402
 from greedy_loops import prompts  # noqa: E402
@@ -54,7 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="a finished `make demo` folder")
     parser.add_argument("--start", default=str(ROOT / "runs" / "one_plan_demo" / "plans2-steps120" / "final"))
-    parser.add_argument("--plans", default="every:2,every:4")
+    parser.add_argument("--plans", default="every:2,every:4",
+                        help="the plans to train for; a weight draws one more often: every:2,3*every:4")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight", type=float, default=1.0, help="weight of the sequence-level unlikelihood")
@@ -75,10 +77,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PlanMismatchWarning)
-    plans = args.plans.split(",")
+    routing = "plan:" + "+".join(args.plans.split(","))
+    plans = list(policy_from_spec(routing).plans)  # "every:2,3*every:4": every:4 drawn 3 times as often
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
                          + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
-                         + (f"-sotu{args.first_year}" if args.first_year != 1990 else ""))
+                         + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
+                         + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
 
@@ -88,7 +92,7 @@ def main() -> None:
         train(TrainConfig(
             model=args.start, output_dir=str(out),
             data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(demo / "data/fictional/train.jsonl")]),
-            routing="plan:" + "+".join(plans), seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
+            routing=routing, seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
             device="cpu", eval_every=0, save_every=20, quiet=True))
@@ -110,9 +114,9 @@ def main() -> None:
         sample = generate(model, tokenizer, texts[0], max_new_tokens=64).text
         begin = Path(args.start)
         row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
-               "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
+               "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
-               "steps": args.steps, "batch": args.batch, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
+               "steps": args.steps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
                "distinct2_mean_8_prompts": round(statistics.mean(d2), 3),
                "share_at_least_0.5": round(sum(d >= 0.5 for d in d2) / len(d2), 3),

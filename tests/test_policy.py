@@ -290,9 +290,32 @@ def test_plan_policy_for_several_plans_draws_each_uniformly():
         SharingPlan.for_model("every:2", config).source, SharingPlan.for_model("every:3", config).source}
 
 
+def test_plan_policy_draws_weighted_plans_in_proportion():
+    policy = policy_from_spec("plan:every:2 + 3*every:4")
+    assert policy == FixedPlan("every:2+3*every:4") and policy.spec == "plan:every:2+3*every:4"
+    assert policy.plans == ("every:2", "every:4") and policy.weights == (1.0, 3.0)
+    assert policy.serves_only() == "every:2+every:4"  # what the checkpoint serves: no weights
+    assert policy_from_dict(policy.to_dict()) == policy  # saved with the weights
+    assert policy.served_plan(8, None).spec == "every:2"  # the first is still the default
+    halves, quarters = (p.source for p in policy.served_plans(8, None))
+    counts = Counter(_routes(policy, 8, n=4000))
+    assert set(counts) == {halves, quarters}
+    expected = {halves: 1000, quarters: 3000}
+    assert sum((counts[r] - e) ** 2 / e for r, e in expected.items()) < CHI2_999[1]
+    assert _routes(policy, 8, n=50, seed=3) == _routes(policy, 8, n=50, seed=3)  # seeded
+    # equal weights draw exactly as unweighted plans do
+    assert _routes(FixedPlan("2*every:2+2*every:4"), 8, n=50) == _routes(FixedPlan("every:2+every:4"), 8, n=50)
+    assert FixedPlan("0.5*full+every:2").weights == (0.5, 1.0)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("plan:every:2+", r"routing 'plan:every:2\+': an empty plan between"),
     ("plan:every:2+every:2", r"'plan:every:2\+every:2': a plan is named twice"),
+    ("plan:every:2+3*every:2", r"a plan is named twice"),
+    ("plan:every:2+0*every:4", r"'0\*every:4' is not WEIGHT\*PLAN with a positive weight"),
+    ("plan:every:2+x*every:4", r"'x\*every:4' is not WEIGHT\*PLAN"),
+    ("plan:every:2+inf*every:4", r"'inf\*every:4' is not WEIGHT\*PLAN"),
+    ("plan:every:2+3*", r"'3\*' is not WEIGHT\*PLAN"),
     ("plan:every:2+every:zz", r"'plan:every:2\+every:zz': plan 'every:zz'"),
 ])
 def test_plan_policy_for_several_plans_rejects_bad_specs(spec, message):

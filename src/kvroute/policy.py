@@ -22,6 +22,7 @@ reproduces its routes step by step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal, get_args
 
@@ -37,6 +38,8 @@ SOURCES = get_args(Sources)
 
 #: joins the plan specs of a policy that trains for several plans (``plan:every:2+every:4``)
 PLAN_JOIN = "+"
+#: puts a draw weight before a plan of :class:`FixedPlan` (``plan:every:2+3*every:4``)
+WEIGHT_MARK = "*"
 
 #: deeper than any model: the most layers a plan spec is checked against before a model is known.
 _MAX_CHECK_LAYERS = 4096
@@ -231,9 +234,10 @@ class FixedPlan(RoutingPolicy):
 
     Any plan spec works (``every:2``, ``layers:0,3,7``, ``groups:2,3,3``, ``source:...``),
     where ``cla:K`` only covers ``every:K``. Several plans joined by ``+``
-    (``full+every:2+every:4``) are drawn uniformly, one per forward pass. The model is then fit
-    for those plans only: :func:`kvroute.set_plan` warns on any other plan, ``full`` included
-    unless it is named. The first plan is the checkpoint's default.
+    (``full+every:2+every:4``) are drawn uniformly, one per forward pass; a weight before a plan
+    (``every:2+3*every:4``) draws it that many times as often as a plan without one. The model
+    is then fit for those plans only: :func:`kvroute.set_plan` warns on any other plan, ``full``
+    included unless it is named. The first plan is the checkpoint's default.
 
     Args:
         plan: the plan spec(s) (or a :class:`SharingPlan`, kept as its spec). Checked here as far
@@ -244,19 +248,22 @@ class FixedPlan(RoutingPolicy):
         (0, 0, 0, 3, 3)
         >>> FixedPlan("full+every:2").plans
         ('full', 'every:2')
+        >>> FixedPlan("every:2+3*every:4").weights
+        (1.0, 3.0)
     """
 
     name: ClassVar[str] = "plan"
     plan: str = "full"
 
     def __post_init__(self) -> None:
-        specs = [part.strip() for part in str(self.plan).split(PLAN_JOIN)]
-        object.__setattr__(self, "plan", PLAN_JOIN.join(specs))
-        if not any(specs):
+        parts = [part.strip() for part in str(self.plan).split(PLAN_JOIN)]
+        object.__setattr__(self, "plan", PLAN_JOIN.join(parts))
+        if not any(parts):
             raise ValueError("routing 'plan:': give the plan to train for, e.g. plan:every:2 or plan:layers:0,3,7")
-        if not all(specs):
+        if not all(parts):
             raise ValueError(f"routing {self.spec!r}: an empty plan between '{PLAN_JOIN}'s; "
                              "name each plan, e.g. plan:full+every:2+every:4")
+        specs = [self._weighted(part)[1] for part in parts]
         if len(set(specs)) != len(specs):
             raise ValueError(f"routing {self.spec!r}: a plan is named twice; name each plan once")
         for spec in specs:
@@ -267,15 +274,37 @@ class FixedPlan(RoutingPolicy):
                 except ValueError as err:
                     raise ValueError(f"routing {self.spec!r}: {err}") from None
 
+    def _weighted(self, part: str) -> tuple[float, str]:
+        """``3*every:4`` -> ``(3.0, "every:4")``; a plan without a weight has weight 1."""
+        weight, star, spec = part.partition(WEIGHT_MARK)
+        if not star:
+            return 1.0, part
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0) or not spec.strip():
+            raise ValueError(f"routing {self.spec!r}: {part!r} is not WEIGHT{WEIGHT_MARK}PLAN with a positive "
+                             f"weight; write e.g. plan:every:2+3{WEIGHT_MARK}every:4")
+        return value, spec.strip()
+
     @property
     def plans(self) -> tuple[str, ...]:
-        return tuple(self.plan.split(PLAN_JOIN))
+        return tuple(self._weighted(part)[1] for part in self.plan.split(PLAN_JOIN))
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """How often each of :attr:`plans` is drawn, relative to the others (1 where none is given)."""
+        return tuple(self._weighted(part)[0] for part in self.plan.split(PLAN_JOIN))
 
     def sample(self, num_layers, layer_types, generator) -> Route:
         plans = self.served_plans(num_layers, layer_types)
         if len(plans) == 1:  # one plan draws nothing: its runs reproduce without the generator
             return plans[0].source
-        return plans[int(torch.randint(len(plans), (1,), generator=generator))].source
+        weights = self.weights
+        if len(set(weights)) == 1:  # uniform: the draw of runs from before weights existed
+            return plans[int(torch.randint(len(plans), (1,), generator=generator))].source
+        return plans[int(torch.multinomial(torch.tensor(weights), 1, generator=generator))].source
 
     @property
     def spec(self) -> str:

@@ -219,3 +219,16 @@ def test_a_model_trained_for_several_plans_serves_each_and_warns_off_them(tmp_pa
     assert kvroute.get_router(loaded).plan.spec == "groups:2,2"
     with pytest.warns(PlanMismatchWarning, match=r"plan 'every:2' and 'every:4' only .*plan 'full'"):
         kvroute.set_plan(loaded, "full")
+
+
+def test_weighted_plan_draws_are_saved_and_serve_their_plans(tmp_path):
+    model = kvroute.apply(tiny_model("llama"), policy="plan:every:2+3*every:4")
+    kvroute.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = kvroute.load(tmp_path / "ckpt")
+    assert kvroute.get_router(loaded).policy == FixedPlan("every:2+3*every:4")
+    assert kvroute.get_router(loaded).plan.spec == "every:2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanMismatchWarning)
+        kvroute.set_plan(loaded, "every:4")
+    with pytest.warns(PlanMismatchWarning, match=r"plan 'every:2' and 'every:4' only"):
+        kvroute.set_plan(loaded, "full")

@@ -41,7 +41,8 @@ class TrainConfig:
             a mix when some are: ``.jsonl`` sources are QA, the others text).
         routing: ``rcla``, ``cla:K``, ``rdcla:K``, ``none`` or ``plan:SPEC`` (train for that one plan,
             any spec: ``plan:every:2``, ``plan:layers:0,3,7``; the model then serves it only; several
-            joined by ``+``, ``plan:full+every:2+every:4``, are drawn uniformly, one per pass).
+            joined by ``+``, ``plan:full+every:2+every:4``, are drawn uniformly, one per pass; a
+            weight draws a plan more often: ``plan:every:2+3*every:4``).
         p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
         sources: rcla source draw: ``uniform`` (paper, default), ``nearest`` (geometric distance) or
             ``plan`` (a random owner set; non-owners read the nearest earlier owner).
