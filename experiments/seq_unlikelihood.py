@@ -82,7 +82,10 @@ def main() -> None:
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
                          + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
                          + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
-                         + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else ""))
+                         + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else "")
+                         # other plans, another run: a finished run of the name is scored, not retrained
+                         + ("-" + args.plans.replace(":", "").replace(",", "-").replace("*", "x")
+                            if args.plans != "every:2,every:4" else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
 

@@ -263,7 +263,7 @@ class FixedPlan(RoutingPolicy):
         if not all(parts):
             raise ValueError(f"routing {self.spec!r}: an empty plan between '{PLAN_JOIN}'s; "
                              "name each plan, e.g. plan:full+every:2+every:4")
-        specs = [self._weighted(part)[1] for part in parts]
+        specs = [spec for _, spec in self._weighted_plans()]
         if len(set(specs)) != len(specs):
             raise ValueError(f"routing {self.spec!r}: a plan is named twice; name each plan once")
         for spec in specs:
@@ -274,28 +274,32 @@ class FixedPlan(RoutingPolicy):
                 except ValueError as err:
                     raise ValueError(f"routing {self.spec!r}: {err}") from None
 
-    def _weighted(self, part: str) -> tuple[float, str]:
-        """``3*every:4`` -> ``(3.0, "every:4")``; a plan without a weight has weight 1."""
-        weight, star, spec = part.partition(WEIGHT_MARK)
-        if not star:
-            return 1.0, part
-        try:
-            value = float(weight)
-        except ValueError:
-            value = float("nan")
-        if not (math.isfinite(value) and value > 0) or not spec.strip():
-            raise ValueError(f"routing {self.spec!r}: {part!r} is not WEIGHT{WEIGHT_MARK}PLAN with a positive "
-                             f"weight; write e.g. plan:every:2+3{WEIGHT_MARK}every:4")
-        return value, spec.strip()
+    def _weighted_plans(self) -> list[tuple[float, str]]:
+        """``every:2+3*every:4`` -> ``[(1.0, "every:2"), (3.0, "every:4")]``; a plan without a weight has 1."""
+        out = []
+        for part in self.plan.split(PLAN_JOIN):
+            weight, star, spec = part.partition(WEIGHT_MARK)
+            if not star:
+                out.append((1.0, part))
+                continue
+            try:
+                value = float(weight)
+            except ValueError:
+                value = float("nan")
+            if not (math.isfinite(value) and value > 0) or not spec.strip():
+                raise ValueError(f"routing {self.spec!r}: {part!r} is not WEIGHT{WEIGHT_MARK}PLAN with a positive "
+                                 f"weight; write e.g. plan:every:2+3{WEIGHT_MARK}every:4")
+            out.append((value, spec.strip()))
+        return out
 
     @property
     def plans(self) -> tuple[str, ...]:
-        return tuple(self._weighted(part)[1] for part in self.plan.split(PLAN_JOIN))
+        return tuple(spec for _, spec in self._weighted_plans())
 
     @property
     def weights(self) -> tuple[float, ...]:
         """How often each of :attr:`plans` is drawn, relative to the others (1 where none is given)."""
-        return tuple(self._weighted(part)[0] for part in self.plan.split(PLAN_JOIN))
+        return tuple(weight for weight, _ in self._weighted_plans())
 
     def sample(self, num_layers, layer_types, generator) -> Route:
         plans = self.served_plans(num_layers, layer_types)
