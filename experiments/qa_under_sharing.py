@@ -8,7 +8,11 @@ appears in them), bf16 autocast. Two recipes:
 - ``plan``: calibrate the untrained SmolLM2 for PLAN (closed form), then ``--routing plan:PLAN``
   (one model for one plan);
 - ``rcla``: R-CLA (p=0.6, plan sources) on the same mix, then calibrate every:2 and every:4
-  (one model for every plan).
+  (one model for every plan); ``--routing`` trains with another policy instead, e.g. R-CLA on
+  half the passes and the plans you expect to deploy on the other half
+  (``mix:rcla:p=0.6,sources=plan|plan:every:2+every:4``), and ``--plans`` names the plans to
+  calibrate and score (add one the routing does not name, e.g. every:3, to see that the model
+  still serves any plan).
 
 Scores held-out SOTU 2007-2021 perplexity (4,096 tokens), fictional test QA (greedy, F1 and
 exact match) and distinct-2 of a 64-token greedy continuation, under each plan. Appends to
@@ -85,6 +89,11 @@ def main() -> None:
     parser.add_argument("--pair-maps", action="store_true",
                         help="rcla: start from closed-form pairwise maps of the base (experiments/pair_maps.py "
                              "writes runs/pair_maps/base-pairs) and train them with the routes")
+    parser.add_argument("--routing", default="rcla:p=0.6,sources=plan",
+                        help="rcla recipe: the routing policy (kvroute train --routing)")
+    parser.add_argument("--plans", default="every:2,every:4", help="rcla recipe: the shared plans to calibrate and score")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "auto"],
+                        help="training precision (bf16 is native on AMX CPUs only)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,6 +104,10 @@ def main() -> None:
     name = f"{args.recipe}-{target}-{args.steps}-d{args.distill:g}-h{args.distill_hidden:g}" + ("" if cal else "-nocal") + (
         f"-text{args.text_from}" if args.text_from != 1790 else "")
     name = (name + ("-pairs" if args.pair_maps else "")).replace(":", "")
+    if args.recipe == "rcla" and args.routing != parser.get_default("routing"):
+        name += "-" + "".join(c if c.isalnum() or c in ".=" else "-" for c in args.routing)
+    if args.precision != "bf16":
+        name += f"-{args.precision}"
     start = time.perf_counter()
     model_start = str(BASE)
     if args.recipe == "plan" and cal:
@@ -102,8 +115,7 @@ def main() -> None:
         if not (folder / "kvroute_calibration.safetensors").is_file():
             calibrate_checkpoint(str(BASE), args.plan, sotu(1990, 2006), CalibrationConfig(), out=folder)
         model_start = str(folder)
-    routing = dict(routing=f"plan:{args.plan}") if args.recipe == "plan" else dict(routing="rcla", p=0.6,
-                                                                                    sources="plan")
+    routing = dict(routing=f"plan:{args.plan}") if args.recipe == "plan" else dict(routing=args.routing)
     if args.pair_maps:
         if args.recipe != "rcla":
             parser.error("--pair-maps goes with --recipe rcla")
@@ -115,19 +127,21 @@ def main() -> None:
     result = train(TrainConfig(
         model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
         batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu",
-        eval_every=0, save_every=args.steps, precision="bf16", quiet=True, distill=args.distill,
+        eval_every=0, save_every=args.steps, precision=args.precision, quiet=True, distill=args.distill,
         distill_hidden=args.distill_hidden, distill_from="base", **routing,
     ))
     train_min = (time.perf_counter() - start) / 60
     model = kvroute.load(result.final_checkpoint)
-    plans = ["full", args.plan] if args.recipe == "plan" else ["full", "every:2", "every:4"]
+    shared = [plan.strip() for plan in args.plans.split(",") if plan.strip()]
+    plans = ["full", args.plan] if args.recipe == "plan" else ["full", *shared]
     if args.recipe == "rcla" and cal:
-        calibrate(model, "every:2,every:4", sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
+        calibrate(model, ",".join(shared), sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
     held = calibration_data(tok, sotu(2007, 2100), 4096, 256)
     scores = score(model, tok, plans, held, read_qa([data["test"]]))
     base = kvroute.load(BASE)
     base_scores = score(base, tok, ["full"], held, read_qa([data["test"]]))["full"]
-    row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None, "steps": args.steps,
+    row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None,
+           "routing": routing["routing"], "precision": args.precision, "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
            "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
            "calibrated": cal, "pair_maps": args.pair_maps, "train_minutes": round(train_min, 2), "threads": args.threads,

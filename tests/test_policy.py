@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_config
 from kvroute.plan import SharingPlan, layer_types_of
-from kvroute.policy import CLA, RCLA, RDCLA, FixedPlan, NoRouting, policy_from_dict, policy_from_spec
+from kvroute.policy import CLA, RCLA, RDCLA, FixedPlan, Mixture, NoRouting, policy_from_dict, policy_from_spec
 from kvroute.router import Router
 
 S, F = "sliding_attention", "full_attention"
@@ -329,3 +329,55 @@ def test_plan_policy_names_each_plan_once_for_the_model():
         policy.served_plans(4, None)
     with pytest.raises(ValueError, match=r"'plan:every:2\+layers:0,5' does not fit a 4-layer model"):
         FixedPlan("every:2+layers:0,5").sample(4, None, torch.Generator())
+
+
+def test_mixture_draws_each_policy_in_proportion_then_routes_as_it_does():
+    policy = policy_from_spec("mix: rcla:p=0.5,sources=plan | 3*plan:every:2+every:4 ")
+    assert policy == Mixture("rcla:p=0.5,sources=plan|3*plan:every:2+every:4")
+    assert policy.policies == (RCLA(0.5, "plan"), FixedPlan("every:2+every:4")) and policy.weights == (1.0, 3.0)
+    assert policy.routes and policy.plans == () and policy.serves_only() is None  # R-CLA: any plan
+    assert policy_from_spec(policy.spec) == policy and policy_from_dict(policy.to_dict()) == policy
+    halves, quarters = (SharingPlan.from_spec(s, 8).source for s in ("every:2", "every:4"))
+    routes = _routes(policy, 8, n=4000)
+    assert _routes(policy, 8, n=50, seed=3) == _routes(policy, 8, n=50, seed=3)  # seeded
+    # R-CLA draws either plan exactly with probability 0.5^7 each: nearly all of them come from the plan part
+    planned = sum(r in (halves, quarters) for r in routes)
+    assert sum((c - e) ** 2 / e for c, e in ((planned, 3000), (4000 - planned, 1000))) < CHI2_999[1]
+    assert Counter(r for r in routes if r in (halves, quarters))[halves] > 1300  # the plan part: uniform
+    others = [r for r in routes if r not in (halves, quarters)]
+    assert len(set(others)) > 50 and all(SharingPlan.from_spec(f"source:{','.join(map(str, r))}", 8) for r in others)
+
+
+def test_mixture_of_plans_serves_them_and_routes_keep_types():
+    policy = Mixture("plan:every:2|2*plan:every:3+every:2|none")
+    assert policy.plans == ()  # standard attention serves any plan
+    assert Mixture("plan:every:2|plan:every:3+every:2").plans == ("every:2", "every:3")  # their plans, once each
+    assert Mixture("plan:every:2|plan:every:4").serves_only() == "every:2+every:4"
+    assert not Mixture("none").routes and Mixture("none|cla:2").routes
+    config = tiny_config("gemma3_text", layers=6)
+    types = layer_types_of(config)
+    for route in _routes(Mixture("rcla|cla:2|plan:every:3"), 6, types, n=300):
+        assert all(s <= l and types[s] == types[l] for l, s in enumerate(route))
+
+
+def test_mixture_takes_p_and_sources_into_each_policy_that_has_them():
+    assert policy_from_spec("mix:rcla|2*rdcla:2|plan:every:2", p=0.3, sources="plan") == Mixture(
+        "rcla:p=0.3,sources=plan|2*rdcla:2,p=0.3|plan:every:2")
+    assert policy_from_spec("mix:rcla:p=0.9|cla:2") == Mixture("rcla:p=0.9|cla:2")  # nothing given: as written
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mix:", r"routing 'mix:': an empty policy"),
+    ("mix:rcla||plan:every:2", r"an empty policy between '\|'s"),
+    ("mix:0*rcla|plan:full", r"'0\*rcla' is not WEIGHT\*POLICY with a positive weight"),
+    ("mix:inf*rcla|plan:full", r"'inf\*rcla' is not WEIGHT\*POLICY"),
+    ("mix:2*|plan:full", r"'2\*' is not WEIGHT\*POLICY"),
+    ("mix:rcla|rcla", r"a policy is named twice"),
+    ("mix:rcla|mix:cla:2", r"a mix inside a mix"),
+    ("mix:rcla|x*cla:2", r"'mix:rcla\|x\*cla:2': routing 'x\*cla:2': unknown policy"),
+    ("mix:rcla:p=2|cla:2", r"'mix:rcla:p=2\|cla:2': routing p must be in \[0, 1\]"),
+    ("mix:rcla|plan:every:0", r"'mix:rcla\|plan:every:0': routing 'plan:every:0': plan 'every:0'"),
+])
+def test_mixture_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        policy_from_spec(spec)

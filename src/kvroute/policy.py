@@ -18,6 +18,10 @@ reproduces its routes step by step.
   ``plan:every:2``, ``plan:layers:0,3,7``...); the model then serves that plan only.
   ``plan:A+B+...`` draws one of several plans per pass, uniformly (``plan:full+every:2+every:4``):
   one model for the plans named, and only those.
+- ``mix:A|B|...``: each pass draws one of several policies, then routes as it does; a weight
+  before a policy draws it more often (``mix:rcla:p=0.6,sources=plan|plan:every:2+every:4``:
+  R-CLA routes on half the passes, the plans you expect to deploy on the other half). The model
+  serves any plan when one of the policies does.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ SOURCES = get_args(Sources)
 
 #: joins the plan specs of a policy that trains for several plans (``plan:every:2+every:4``)
 PLAN_JOIN = "+"
-#: puts a draw weight before a plan of :class:`FixedPlan` (``plan:every:2+3*every:4``)
+#: puts a draw weight before a plan of :class:`FixedPlan` (``plan:every:2+3*every:4``) or a policy of
+#: :class:`Mixture` (``mix:3*rcla|plan:every:2``)
 WEIGHT_MARK = "*"
+#: joins the policies of a :class:`Mixture` (``mix:rcla|plan:every:2``)
+MIX_JOIN = "|"
 
 #: deeper than any model: the most layers a plan spec is checked against before a model is known.
 _MAX_CHECK_LAYERS = 4096
@@ -276,21 +283,8 @@ class FixedPlan(RoutingPolicy):
 
     def _weighted_plans(self) -> list[tuple[float, str]]:
         """``every:2+3*every:4`` -> ``[(1.0, "every:2"), (3.0, "every:4")]``; a plan without a weight has 1."""
-        out = []
-        for part in self.plan.split(PLAN_JOIN):
-            weight, star, spec = part.partition(WEIGHT_MARK)
-            if not star:
-                out.append((1.0, part))
-                continue
-            try:
-                value = float(weight)
-            except ValueError:
-                value = float("nan")
-            if not (math.isfinite(value) and value > 0) or not spec.strip():
-                raise ValueError(f"routing {self.spec!r}: {part!r} is not WEIGHT{WEIGHT_MARK}PLAN with a positive "
-                                 f"weight; write e.g. plan:every:2+3{WEIGHT_MARK}every:4")
-            out.append((value, spec.strip()))
-        return out
+        return [_weighted(part, self.spec, "PLAN", f"plan:every:2+3{WEIGHT_MARK}every:4")
+                for part in self.plan.split(PLAN_JOIN)]
 
     @property
     def plans(self) -> tuple[str, ...]:
@@ -305,14 +299,132 @@ class FixedPlan(RoutingPolicy):
         plans = self.served_plans(num_layers, layer_types)
         if len(plans) == 1:  # one plan draws nothing: its runs reproduce without the generator
             return plans[0].source
-        weights = self.weights
-        if len(set(weights)) == 1:  # uniform: the draw of runs from before weights existed
-            return plans[int(torch.randint(len(plans), (1,), generator=generator))].source
-        return plans[int(torch.multinomial(torch.tensor(weights), 1, generator=generator))].source
+        return plans[_draw(self.weights, generator)].source
 
     @property
     def spec(self) -> str:
         return f"plan:{self.plan}"
+
+
+@dataclass(frozen=True)
+class Mixture(RoutingPolicy):
+    """Each pass draws one of several policies, then routes as it does.
+
+    ``mix:rcla:p=0.6,sources=plan|plan:every:2+every:4`` trains one model for every plan (the
+    R-CLA passes) that sees the plans you expect to deploy more often than R-CLA alone would
+    draw them (the ``plan:`` passes). A weight before a policy draws it that many times as
+    often as a policy without one (``mix:3*rcla|plan:every:2``). The model serves any plan when
+    one of the policies does (``rcla``, ``rdcla``, ``cla``, ``none``); when all are ``plan:``,
+    it serves their plans, as one ``plan:A+B`` would.
+
+    Args:
+        parts: the policies' specs joined by ``|``, each as :func:`policy_from_spec` takes it.
+
+    Example:
+        >>> mix = Mixture("rcla:p=0.5|plan:every:2")
+        >>> mix.policies
+        (RCLA(p=0.5, sources='uniform'), FixedPlan(plan='every:2'))
+        >>> mix.plans  # R-CLA serves any plan
+        ()
+    """
+
+    name: ClassVar[str] = "mix"
+    parts: str = "rcla"
+
+    def __post_init__(self) -> None:
+        pieces = [piece.strip() for piece in str(self.parts).split(MIX_JOIN)]
+        object.__setattr__(self, "parts", MIX_JOIN.join(pieces))
+        if not all(pieces):
+            raise ValueError(f"routing {self.spec!r}: an empty policy between '{MIX_JOIN}'s; name each "
+                             f"policy, e.g. mix:rcla{MIX_JOIN}plan:every:2")
+        specs = [policy.spec for policy in self.policies]
+        if len(set(specs)) != len(specs):
+            raise ValueError(f"routing {self.spec!r}: a policy is named twice; name each once")
+
+    def _weighted_policies(self) -> list[tuple[float, RoutingPolicy]]:
+        out = []
+        for piece in self.parts.split(MIX_JOIN):
+            head, star, _ = piece.partition(WEIGHT_MARK)
+            if star and not _is_number(head):  # a '*' inside the policy (plan:every:2+3*every:4), no weight
+                piece = f"1{WEIGHT_MARK}{piece}"
+            weight, text = _weighted(piece, self.spec, "POLICY", f"mix:3{WEIGHT_MARK}rcla{MIX_JOIN}plan:every:2")
+            if text.partition(":")[0].strip().lower() == Mixture.name:
+                raise ValueError(f"routing {self.spec!r}: a mix inside a mix; list its policies in one mix")
+            try:
+                out.append((weight, policy_from_spec(text)))
+            except ValueError as err:
+                raise ValueError(f"routing {self.spec!r}: {err}") from None
+        return out
+
+    @property
+    def policies(self) -> tuple[RoutingPolicy, ...]:
+        return tuple(policy for _, policy in self._weighted_policies())
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """How often each of :attr:`policies` is drawn, relative to the others (1 where none is given)."""
+        return tuple(weight for weight, _ in self._weighted_policies())
+
+    @property
+    def routes(self) -> bool:  # type: ignore[override]
+        return any(policy.routes for policy in self.policies)
+
+    @property
+    def plans(self) -> tuple[str, ...]:
+        served = [policy.plans for policy in self.policies]
+        if not all(served):  # one of them serves any plan
+            return ()
+        return tuple(dict.fromkeys(spec for plans in served for spec in plans))
+
+    def sample(self, num_layers, layer_types, generator) -> Route:
+        policies = self.policies
+        return policies[_draw(self.weights, generator)].sample(num_layers, layer_types, generator)
+
+    def with_defaults(self, p: float | None, sources: str | None) -> Mixture:
+        """The same mix, with ``p`` and ``sources`` (``--p``, ``--sources``) set in each policy that has them."""
+        pieces = []
+        for weight, policy in self._weighted_policies():
+            fields = {} if isinstance(policy, FixedPlan) else dict(asdict(policy))
+            if p is not None and "p" in fields:
+                fields["p"] = p
+            if sources is not None and "sources" in fields:
+                fields["sources"] = sources
+            policy = type(policy)(**fields) if fields else policy
+            pieces.append(policy.spec if weight == 1 else f"{weight:g}{WEIGHT_MARK}{policy.spec}")
+        return Mixture(MIX_JOIN.join(pieces))
+
+    @property
+    def spec(self) -> str:
+        return f"mix:{self.parts}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _weighted(part: str, owner: str, what: str, example: str) -> tuple[float, str]:
+    """``"3*every:4"`` -> ``(3.0, "every:4")``; no weight: 1. Raises naming ``owner`` when the weight is
+    not positive and finite or nothing follows it."""
+    weight, star, spec = part.partition(WEIGHT_MARK)
+    if not star:
+        return 1.0, part.strip()
+    value = float(weight) if _is_number(weight) else float("nan")
+    if not (math.isfinite(value) and value > 0) or not spec.strip():
+        raise ValueError(f"routing {owner!r}: {part!r} is not WEIGHT{WEIGHT_MARK}{what} with a positive "
+                         f"weight; write e.g. {example}")
+    return value, spec.strip()
+
+
+def _draw(weights: tuple[float, ...], generator: torch.Generator) -> int:
+    """The index of one of ``weights``, drawn in proportion to them; uniform weights draw as runs from
+    before weights existed did."""
+    if len(set(weights)) == 1:
+        return int(torch.randint(len(weights), (1,), generator=generator))
+    return int(torch.multinomial(torch.tensor(weights), 1, generator=generator))
 
 
 def _depth_of(spec: str) -> int:
@@ -328,15 +440,15 @@ def _depth_of(spec: str) -> int:
     return max(1, depth)
 
 
-_POLICIES: dict[str, type[RoutingPolicy]] = {c.name: c for c in (NoRouting, RCLA, CLA, RDCLA, FixedPlan)}
+_POLICIES: dict[str, type[RoutingPolicy]] = {c.name: c for c in (NoRouting, RCLA, CLA, RDCLA, FixedPlan, Mixture)}
 
 
 def policy_from_spec(spec: str | RoutingPolicy, p: float | None = None, sources: str | None = None) -> RoutingPolicy:
-    """Parse ``none``, ``rcla``, ``cla:K``, ``rdcla:K`` or ``plan:SPEC``.
+    """Parse ``none``, ``rcla``, ``cla:K``, ``rdcla:K``, ``plan:SPEC`` or ``mix:A|B|...``.
 
     Options may follow the spec (``rcla:p=0.6,sources=nearest``, ``rdcla:2,p=0.5``);
-    ``p`` and ``sources`` given here override them. After ``plan:`` the rest is the
-    plan spec, verbatim (``plan:layers:0,3,7``).
+    ``p`` and ``sources`` given here override them (in each policy of a mix). After ``plan:``
+    the rest is the plan spec, verbatim (``plan:layers:0,3,7``).
 
     Raises:
         ValueError: for an unknown policy, a bad K, p outside [0, 1], or a bad plan spec.
@@ -348,10 +460,14 @@ def policy_from_spec(spec: str | RoutingPolicy, p: float | None = None, sources:
     name = name.strip().lower()
     if name not in _POLICIES:
         raise ValueError(
-            f"routing {text!r}: unknown policy {name!r}; expected one of none, rcla, cla:K, rdcla:K, plan:SPEC"
+            f"routing {text!r}: unknown policy {name!r}; expected one of none, rcla, cla:K, rdcla:K, plan:SPEC, "
+            f"mix:A{MIX_JOIN}B"
         )
     if name == FixedPlan.name:  # the plan spec has its own ',' and ':'
         return FixedPlan(rest)
+    if name == Mixture.name:
+        mix = Mixture(rest)
+        return mix if p is None and sources is None else mix.with_defaults(p, sources)
     kwargs: dict[str, Any] = {}
     for item in (x.strip() for x in rest.split(",") if x.strip()):
         key, eq, value = item.partition("=")

@@ -12,7 +12,7 @@ import kvroute
 from conftest import record_routes, tiny_model
 from kvroute.hf.patch import PlanMismatchWarning
 from kvroute.models import saved_routing
-from kvroute.policy import RCLA, RDCLA, FixedPlan, NoRouting
+from kvroute.policy import RCLA, RDCLA, FixedPlan, Mixture, NoRouting
 
 
 def tokens(batch: int, length: int) -> torch.Tensor:
@@ -219,6 +219,25 @@ def test_a_model_trained_for_several_plans_serves_each_and_warns_off_them(tmp_pa
     assert kvroute.get_router(loaded).plan.spec == "groups:2,2"
     with pytest.warns(PlanMismatchWarning, match=r"plan 'every:2' and 'every:4' only .*plan 'full'"):
         kvroute.set_plan(loaded, "full")
+
+
+@pytest.mark.parametrize("spec, serves", [("mix:rcla:p=0.5|3*plan:every:2", None),
+                                          ("mix:plan:every:2|plan:every:4", "every:2+every:4")])
+def test_a_mixed_routing_is_saved_and_serves_what_its_policies_serve(tmp_path, spec, serves):
+    model = kvroute.apply(tiny_model("llama"), policy=spec)
+    kvroute.save_checkpoint(model, tmp_path / "ckpt")
+    loaded = kvroute.load(tmp_path / "ckpt")
+    assert kvroute.get_router(loaded).policy == Mixture(spec.removeprefix("mix:"))
+    assert kvroute.get_router(loaded).policy.serves_only() == serves
+    if serves is None:  # R-CLA in the mix: any plan, no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PlanMismatchWarning)
+            kvroute.set_plan(loaded, "every:3")
+            kvroute.set_plan(loaded, "full")
+    else:
+        assert kvroute.get_router(loaded).plan.spec == "every:2"
+        with pytest.warns(PlanMismatchWarning, match=r"plan 'every:2' and 'every:4' only"):
+            kvroute.set_plan(loaded, "full")
 
 
 def test_weighted_plan_draws_are_saved_and_serve_their_plans(tmp_path):

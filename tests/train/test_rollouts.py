@@ -236,6 +236,7 @@ def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, prompted
     (dict(seq_ul_prompts="prose"), "--seq-ul-prompts must be one of all, text"),
     (dict(routing="rcla"), "needs --routing plan:SPEC"),
     (dict(routing="none"), "needs --routing plan:SPEC"),
+    (dict(routing="mix:rcla|plan:every:2"), "needs --routing plan:SPEC"),  # R-CLA passes serve no named plan
     (dict(seq_unlikelihood=-1.0), "--seq-unlikelihood must be >= 0"),
     (dict(seq_ul_prefix=32), "--seq-ul-prefix 32 must be shorter than --seq-len 32"),
     (dict(seq_ul_length=0), "--seq-ul-length must be a positive integer"),

@@ -104,6 +104,7 @@ def test_reloaded_checkpoint_keeps_its_routing(assets, tmp_path):
     ("rdcla:2", 0.0, lambda r: r == (0, 0, 2, 2)),
     ("rdcla:2", 1.0, lambda r: r == (0, 1, 2, 3)),
     ("rcla", 0.0, lambda r: r[0] == 0 and r[1] == 0 and all(s < layer for layer, s in enumerate(r) if layer)),
+    ("mix:plan:every:2|cla:4", None, lambda r: r in ((0, 0, 2, 2), (0, 0, 0, 0))),
 ])
 def test_each_policy_reaches_the_model(assets, tmp_path, routing, p, check):
     seen: list[tuple[int, ...]] = []
@@ -129,6 +130,8 @@ def test_default_plan_follows_plan_routing(assets, tmp_path):
     assert config(assets, tmp_path, routing="plan:groups:1,3").plan == "groups:1,3"
     assert config(assets, tmp_path, routing="plan:every:2", plan="every:4").plan == "every:4"
     assert config(assets, tmp_path, routing="cla:2").plan == "full"
+    assert config(assets, tmp_path, routing="mix:rcla|plan:every:2").plan == "full"  # R-CLA: any plan
+    assert config(assets, tmp_path, routing="mix:plan:every:4|plan:every:2").plan == "every:4"
 
 
 def test_rcla_draws_varied_routes(assets, tmp_path):

@@ -42,7 +42,9 @@ class TrainConfig:
         routing: ``rcla``, ``cla:K``, ``rdcla:K``, ``none`` or ``plan:SPEC`` (train for that one plan,
             any spec: ``plan:every:2``, ``plan:layers:0,3,7``; the model then serves it only; several
             joined by ``+``, ``plan:full+every:2+every:4``, are drawn uniformly, one per pass; a
-            weight draws a plan more often: ``plan:every:2+3*every:4``).
+            weight draws a plan more often: ``plan:every:2+3*every:4``), or ``mix:A|B|...``: each pass
+            draws one of several policies (``mix:rcla:p=0.6,sources=plan|plan:every:2+every:4``: R-CLA
+            on half the passes, the plans you expect to deploy on the other half; serves any plan).
         p: probability a layer keeps its own KV (rcla, rdcla); None: the policy's default (0.6).
         sources: rcla source draw: ``uniform`` (paper, default), ``nearest`` (geometric distance) or
             ``plan`` (a random owner set; non-owners read the nearest earlier owner).
@@ -237,7 +239,7 @@ class TrainConfig:
             raise ValueError("--seq-ul-prompts text rolls out from running text, and --data holds QA records "
                              "only; add text sources or use --seq-ul-prompts all")
         if self.pair_maps and not policy.routes:
-            raise ValueError("--pair-maps needs a routing policy that routes (rcla, cla:K, rdcla:K, plan:SPEC), "
+            raise ValueError("--pair-maps needs a routing policy that routes (rcla, cla:K, rdcla:K, plan:SPEC, mix), "
                              "not --routing none")
         if self.pair_maps and self.lora_r:
             raise ValueError("--pair-maps with LoRA (--lora-r) is not supported; fine-tune fully")
