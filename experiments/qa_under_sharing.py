@@ -12,7 +12,9 @@ appears in them), bf16 autocast. Two recipes:
   half the passes and the plans you expect to deploy on the other half
   (``mix:rcla:p=0.6,sources=plan|plan:every:2+every:4``), and ``--plans`` names the plans to
   calibrate and score (add one the routing does not name, e.g. every:3, to see that the model
-  still serves any plan).
+  still serves any plan). ``--calibrated-start`` starts from the untrained model calibrated
+  (closed form) for the plans the routing names, whose maps then act on their passes and stay;
+  the plans it does not name are calibrated after training.
 
 Scores held-out SOTU 2007-2021 perplexity (4,096 tokens), fictional test QA (greedy, F1 and
 exact match) and distinct-2 of a 64-token greedy continuation, under each plan. Appends to
@@ -92,6 +94,8 @@ def main() -> None:
     parser.add_argument("--routing", default="rcla:p=0.6,sources=plan",
                         help="rcla recipe: the routing policy (kvroute train --routing)")
     parser.add_argument("--plans", default="every:2,every:4", help="rcla recipe: the shared plans to calibrate and score")
+    parser.add_argument("--calibrated-start", action="store_true",
+                        help="rcla recipe: start from the base calibrated for the plans --routing names")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "auto"],
                         help="training precision (bf16 is native on AMX CPUs only)")
     parser.add_argument("--threads", type=int, default=2)
@@ -108,6 +112,8 @@ def main() -> None:
         name += "-" + "".join(c if c.isalnum() or c in ".=" else "-" for c in args.routing)
     if args.precision != "bf16":
         name += f"-{args.precision}"
+    if args.calibrated_start:
+        name += "-calstart"
     start = time.perf_counter()
     model_start = str(BASE)
     if args.recipe == "plan" and cal:
@@ -116,6 +122,14 @@ def main() -> None:
             calibrate_checkpoint(str(BASE), args.plan, sotu(1990, 2006), CalibrationConfig(), out=folder)
         model_start = str(folder)
     routing = dict(routing=f"plan:{args.plan}") if args.recipe == "plan" else dict(routing=args.routing)
+    if args.calibrated_start:
+        named = kvroute.policy_from_spec(args.routing).drawn_plans
+        if args.recipe != "rcla" or not named:
+            parser.error("--calibrated-start goes with --recipe rcla and a --routing that names plans (plan:, mix:)")
+        folder = OUT / ("base-cal-" + "-".join(named).replace(":", ""))
+        if not (folder / "kvroute_calibration.safetensors").is_file():
+            calibrate_checkpoint(str(BASE), ",".join(named), sotu(1990, 2006), CalibrationConfig(), out=folder)
+        model_start = str(folder)
     if args.pair_maps:
         if args.recipe != "rcla":
             parser.error("--pair-maps goes with --recipe rcla")
@@ -135,13 +149,17 @@ def main() -> None:
     shared = [plan.strip() for plan in args.plans.split(",") if plan.strip()]
     plans = ["full", args.plan] if args.recipe == "plan" else ["full", *shared]
     if args.recipe == "rcla" and cal:
-        calibrate(model, ",".join(shared), sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
+        carried = kvroute.policy_from_spec(args.routing).drawn_plans if args.calibrated_start else ()
+        fresh = [plan for plan in shared if plan not in carried]  # the maps it trained with stay
+        if fresh:
+            calibrate(model, ",".join(fresh), sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
     held = calibration_data(tok, sotu(2007, 2100), 4096, 256)
     scores = score(model, tok, plans, held, read_qa([data["test"]]))
     base = kvroute.load(BASE)
     base_scores = score(base, tok, ["full"], held, read_qa([data["test"]]))["full"]
     row = {"recipe": args.recipe, "plan": args.plan if args.recipe == "plan" else None,
-           "routing": routing["routing"], "precision": args.precision, "steps": args.steps,
+           "routing": routing["routing"], "calibrated_start": args.calibrated_start, "precision": args.precision,
+           "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
            "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
            "calibrated": cal, "pair_maps": args.pair_maps, "train_minutes": round(train_min, 2), "threads": args.threads,

@@ -353,6 +353,8 @@ def test_mixture_of_plans_serves_them_and_routes_keep_types():
     assert policy.plans == ()  # standard attention serves any plan
     assert Mixture("plan:every:2|plan:every:3+every:2").plans == ("every:2", "every:3")  # their plans, once each
     assert Mixture("plan:every:2|plan:every:4").serves_only() == "every:2+every:4"
+    assert Mixture("rcla|plan:every:2+every:4|cla:2").drawn_plans == ("every:2", "every:4")  # their maps act
+    assert FixedPlan("every:2+every:4").drawn_plans == ("every:2", "every:4") and RCLA().drawn_plans == ()
     assert not Mixture("none").routes and Mixture("none|cla:2").routes
     config = tiny_config("gemma3_text", layers=6)
     types = layer_types_of(config)

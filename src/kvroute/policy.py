@@ -89,6 +89,12 @@ class RoutingPolicy:
         """The plan specs a model trained with this policy is fit for; empty when it serves any plan."""
         return ()
 
+    @property
+    def drawn_plans(self) -> tuple[str, ...]:
+        """The plan specs some passes route exactly as: a calibration of one of them acts in training
+        (and is carried from the starting checkpoint). :attr:`plans`, and in a mix its ``plan:`` parts'."""
+        return self.plans
+
     def serves_only(self) -> str | None:
         """The plan spec(s) a model trained with this policy is fit for (several joined by ``+``), or
         None when it serves any plan."""
@@ -375,6 +381,10 @@ class Mixture(RoutingPolicy):
         if not all(served):  # one of them serves any plan
             return ()
         return tuple(dict.fromkeys(spec for plans in served for spec in plans))
+
+    @property
+    def drawn_plans(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(spec for policy in self.policies for spec in policy.drawn_plans))
 
     def sample(self, num_layers, layer_types, generator) -> Route:
         policies = self.policies

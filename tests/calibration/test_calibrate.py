@@ -258,6 +258,24 @@ def test_a_fine_tune_for_several_plans_trains_with_each_plans_maps(tmp_path, che
     assert not is_calibrated(tuned, "every:3")
 
 
+def test_a_mix_with_rcla_carries_the_calibrations_of_its_named_plans(tmp_path, checkpoint):
+    """`--routing "mix:rcla|plan:every:2+every:4"`: the plan passes use the named plans' maps, so those
+    are carried; the model serves any plan (R-CLA), and another plan's calibration is dropped."""
+    from kvroute.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "text", docs=30, length=80)
+    assert main(["calibrate", str(checkpoint), "--plans", "every:2,every:4,every:3", "--data", str(corpus),
+                 "--tokens", "1024", "--chunk-tokens", "32", "--quiet"]) == 0
+    result = train(TrainConfig(model=str(checkpoint), data=[str(corpus)], output_dir=str(tmp_path / "run"),
+                               seq_len=32, batch_size=4, max_steps=2, lr=1e-2,
+                               routing="mix:rcla:p=0.5|plan:every:2+every:4", eval_every=0, tensorboard=False,
+                               quiet=True, device="cpu", cache_dir=str(tmp_path / "cache")))
+    tuned = kvroute.load(result.final_checkpoint)
+    assert kvroute.get_router(tuned).policy.serves_only() is None and kvroute.get_router(tuned).plan.is_full
+    assert is_calibrated(tuned, "every:2") and is_calibrated(tuned, "every:4")
+    assert not is_calibrated(tuned, "every:3")
+
+
 def test_an_interrupted_refinement_leaves_the_closed_form(monkeypatch):
     import importlib
 

@@ -14,25 +14,27 @@ import torch
 
 from kvroute import sharding
 from kvroute.hf.patch import PlanMismatchWarning, get_router, is_routed, set_plan
-from kvroute.plan import KVShape
+from kvroute.plan import KVShape, SharingPlan
 from kvroute.shapes import preset_config
 from kvroute.train.config import TrainConfig, _check_routing
 
 
 def _carry_calibration(model: torch.nn.Module, folder: str | Path) -> None:
-    """With ``plan:SPEC`` routing, keep the starting checkpoint's calibration of the plan(s) it
-    trains for (``kvroute calibrate``): every step routes as one of them does, so their maps act
-    in training and are saved with every checkpoint. The maps stay fixed; the weights learn around them.
-    Other calibrations would go stale as the weights change, so they are not carried."""
+    """With ``plan:SPEC`` routing (or a mix with ``plan:`` parts), keep the starting checkpoint's
+    calibration of the plan(s) it trains for (``kvroute calibrate``): the steps that route as one of
+    them use its maps in training, and they are saved with every checkpoint. The maps stay fixed; the
+    weights learn around them. Other calibrations would go stale as the weights change, so they are
+    not carried."""
     from kvroute.calibrate import load_calibration, remove_calibration
 
     router = get_router(model)
     shape = KVShape.from_config(model.config)
-    served = {plan.source for plan in router.policy.served_plans(shape.num_layers, shape.layer_types)}
-    if not served or not Path(str(folder)).is_dir():
+    drawn = {SharingPlan.from_spec(spec, shape.num_layers, shape.layer_types).source
+             for spec in router.policy.drawn_plans}
+    if not drawn or not Path(str(folder)).is_dir():
         return
     for source in load_calibration(model, folder):
-        if source not in served:
+        if source not in drawn:
             remove_calibration(model, "source:" + ",".join(map(str, source)))
 
 
