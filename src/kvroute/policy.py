@@ -387,8 +387,9 @@ class Mixture(RoutingPolicy):
         return tuple(dict.fromkeys(spec for policy in self.policies for spec in policy.drawn_plans))
 
     def sample(self, num_layers, layer_types, generator) -> Route:
-        policies = self.policies
-        return policies[_draw(self.weights, generator)].sample(num_layers, layer_types, generator)
+        weighted = self._weighted_policies()  # parsed once per pass
+        _, policy = weighted[_draw(tuple(weight for weight, _ in weighted), generator)]
+        return policy.sample(num_layers, layer_types, generator)
 
     def with_defaults(self, p: float | None, sources: str | None) -> Mixture:
         """The same mix, with ``p`` and ``sources`` (``--p``, ``--sources``) set in each policy that has them."""
