@@ -80,9 +80,11 @@ def main() -> None:
     parser.add_argument("--plan", default="every:2", help="the plan of the plan recipe")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--distill", type=float, default=0.0, help="distillation weight from the frozen base")
+    parser.add_argument("--distill", type=float, default=0.0, help="distillation weight (teacher: --distill-from)")
     parser.add_argument("--distill-hidden", type=float, default=0.0,
-                        help="hidden-state distillation weight from the frozen base")
+                        help="hidden-state distillation weight (teacher: --distill-from)")
+    parser.add_argument("--distill-from", default="base", choices=["base", "self"],
+                        help="the teacher: the frozen base's full cache, or the model's own full cache as it trains")
     parser.add_argument("--text-from", type=int, default=1790,
                         help="first State of the Union year in the mix (later: less text, a larger QA share)")
     parser.add_argument("--qa-train", type=int, default=2000, help="fictional QA training records")
@@ -114,6 +116,8 @@ def main() -> None:
         name += f"-{args.precision}"
     if args.calibrated_start:
         name += "-calstart"
+    if args.distill_from != "base":
+        name += f"-from{args.distill_from}"
     start = time.perf_counter()
     model_start = str(BASE)
     if args.recipe == "plan" and cal:
@@ -142,7 +146,7 @@ def main() -> None:
         model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
         batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu",
         eval_every=0, save_every=args.steps, precision=args.precision, quiet=True, distill=args.distill,
-        distill_hidden=args.distill_hidden, distill_from="base", **routing,
+        distill_hidden=args.distill_hidden, distill_from=args.distill_from, **routing,
     ))
     train_min = (time.perf_counter() - start) / 60
     model = kvroute.load(result.final_checkpoint)
@@ -161,7 +165,7 @@ def main() -> None:
            "routing": routing["routing"], "calibrated_start": args.calibrated_start, "precision": args.precision,
            "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
-           "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
+           "distill_from": args.distill_from, "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
            "calibrated": cal, "pair_maps": args.pair_maps, "train_minutes": round(train_min, 2), "threads": args.threads,
            "scores": scores, "base_full": base_scores}
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []

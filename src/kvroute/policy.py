@@ -107,8 +107,20 @@ class RoutingPolicy:
             ValueError: naming the routing and the plan spec when a plan does not fit the model,
                 or when two of the specs name the same plan for it.
         """
+        return self._resolve(self.plans, num_layers, layer_types)
+
+    def resolve_drawn_plans(self, num_layers: int, layer_types: tuple[str, ...] | None) -> tuple[SharingPlan, ...]:
+        """:attr:`drawn_plans` resolved for a model (the plans sequence-level unlikelihood rolls out under).
+
+        Raises:
+            ValueError: as :meth:`served_plans`.
+        """
+        return self._resolve(self.drawn_plans, num_layers, layer_types)
+
+    def _resolve(self, specs: tuple[str, ...], num_layers: int,
+                 layer_types: tuple[str, ...] | None) -> tuple[SharingPlan, ...]:
         resolved: list[SharingPlan] = []
-        for spec in self.plans:
+        for spec in specs:
             try:
                 plan = SharingPlan.from_spec(spec, num_layers, layer_types)
             except ValueError as err:

@@ -119,6 +119,52 @@ def test_rollouts_decode_under_the_plan_each_pass_draws(assets, tmp_path, monkey
     assert get_router(run.plain).plan.spec == "every:2" and run.model.training
 
 
+def test_a_mix_rolls_out_on_the_passes_that_draw_a_plan_only(assets, tmp_path, monkeypatch):
+    """``mix:rcla|plan:every:2``: the micro-batches that draw every:2 roll out under it and the R-CLA ones
+    do not; the step's rollout gradient is the unlikelihood summed over the plan passes, divided by their
+    continuation tokens, computed by hand."""
+    from kvroute.train import _Run
+    from kvroute.train.rollouts import rollout_loss
+
+    mix = dict(routing="mix:rcla|plan:every:2", batch_size=2, grad_accum=4, seed=3)
+    probe = _Run(config(assets, tmp_path / "probe", **mix))
+    routes = [probe.router.sample() for _ in range(4)]
+    (every2,) = probe.plan_of_route.values()
+    drawn = [route == every2.source for route in routes]
+    assert 0 < sum(drawn) < 4  # this seed draws both parts
+
+    decoded = []
+    real = rollouts.greedy_rollout
+
+    def spy(model, prefix, length):
+        from kvroute.hf.patch import get_router
+
+        decoded.append(get_router(model).plan.spec)
+        return real(model, prefix, length)
+
+    monkeypatch.setattr("kvroute.train.loop.greedy_rollout", spy)
+    one = _grads(assets, tmp_path / "one", **mix)
+    assert decoded == ["every:2"] * sum(drawn)
+    zero = _grads(assets, tmp_path / "zero", **{**mix, "seq_unlikelihood": 0.0})
+
+    hand_run = _Run(config(assets, tmp_path / "hand", max_steps=1, **mix))  # the same start and batches
+    model = hand_run.plain
+    for k in (k for k, plan in enumerate(drawn) if plan):
+        prompts = hand_run.batches(k)["input_ids"][:, :8]
+        model.eval()
+        kvroute.set_plan(model, "every:2")
+        ids = real(model, prompts, 12)
+        model.train()
+        total, _ = rollout_loss(model, ids, 8, 2, every2.source)
+        (total / (sum(drawn) * 2 * 12)).backward()
+    # every:2 skips the K/V projections of layers 1 and 3: only the R-CLA passes' LM loss reaches them
+    hand = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    assert one.keys() == zero.keys() and any(p.grad is None for p in model.parameters())
+    for name in one:
+        torch.testing.assert_close(one[name] - zero[name], hand[name], rtol=1e-3, atol=1e-6)
+    assert any(hand[name].abs().sum() > 0 for name in one)
+
+
 def _grads(assets, out: Path, **overrides) -> dict[str, torch.Tensor]:
     """The gradient one optimizer step would apply (no clipping, no step)."""
     return accumulated_grads(config(assets, out, grad_clip=0.0, max_steps=1, **overrides))
@@ -236,7 +282,7 @@ def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, prompted
     (dict(seq_ul_prompts="prose"), "--seq-ul-prompts must be one of all, text"),
     (dict(routing="rcla"), "needs --routing plan:SPEC"),
     (dict(routing="none"), "needs --routing plan:SPEC"),
-    (dict(routing="mix:rcla|plan:every:2"), "needs --routing plan:SPEC"),  # R-CLA passes serve no named plan
+    (dict(routing="mix:rcla|cla:2"), "needs --routing plan:SPEC"),  # a mix that names no plan
     (dict(seq_unlikelihood=-1.0), "--seq-unlikelihood must be >= 0"),
     (dict(seq_ul_prefix=32), "--seq-ul-prefix 32 must be shorter than --seq-len 32"),
     (dict(seq_ul_length=0), "--seq-ul-length must be a positive integer"),

@@ -87,8 +87,9 @@ class TrainConfig:
             :mod:`kvroute.train.rollouts`). Each micro-batch continues the first ``seq_ul_prefix``
             tokens of its rows greedily for ``seq_ul_length`` tokens under the plan it drew, through
             the plan's cache, then pushes down every continuation token that repeats an n-gram of
-            ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing: the rollouts
-            run under the plans the model will serve.
+            ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing, or a mix
+            with a ``plan:`` part: the rollouts run under the plans the model will serve, so in a mix
+            only the micro-batches that draw one of those plans roll out.
         seq_ul_prefix: prompt tokens of each rollout; padded rows (QA) with fewer tokens do not roll out.
         seq_ul_prompts: which rows prompt rollouts: ``all``, or ``text``: only rows whose first
             ``seq_ul_prefix`` tokens are all trained on (running text; a QA record's context is not),
@@ -229,9 +230,10 @@ class TrainConfig:
             raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
         if self.fsdp and self.lora_r:
             raise ValueError("--fsdp with LoRA (--lora-r) is not supported; use DDP (leave out --fsdp) for LoRA")
-        if self.seq_unlikelihood > 0 and not policy.plans:
+        if self.seq_unlikelihood > 0 and not policy.drawn_plans:
             raise ValueError(f"--seq-unlikelihood trains on greedy text written under the plans the model will "
-                             f"serve: it needs --routing plan:SPEC (e.g. plan:every:2+every:4), not {policy.spec!r}")
+                             f"serve: it needs --routing plan:SPEC (e.g. plan:every:2+every:4) or a mix with a "
+                             f"plan: part (e.g. mix:rcla|plan:every:2), not {policy.spec!r}")
         if self.seq_unlikelihood > 0 and self.seq_ul_prefix >= self.seq_len:
             raise ValueError(f"--seq-ul-prefix {self.seq_ul_prefix} must be shorter than --seq-len {self.seq_len}: "
                              "the rollouts start from the first tokens of each training row")

@@ -117,9 +117,10 @@ class _Run:
         if c.lora_r > 0:
             model = _add_lora(model, c)
         self.router = get_router(model)
-        # the plan each route of a plan:SPEC policy runs (sequence-level unlikelihood decodes under it)
-        self.plan_of_route = {p.source: p for p in policy.served_plans(self.router.num_layers,
-                                                                       self.router.layer_types)}
+        # the plan each route of a plan:SPEC policy (or a mix's plan: parts) runs: sequence-level
+        # unlikelihood decodes under it, on the passes that draw one of these routes
+        self.plan_of_route = {p.source: p for p in policy.resolve_drawn_plans(self.router.num_layers,
+                                                                              self.router.layer_types)}
         if c.fsdp:  # torch's FSDP2 on the model in place; Accelerate only runs the processes
             self.model = self.plain = sharding.shard(model, acc.device)
             self.optimizer = _optimizer(self.model, c)
@@ -154,8 +155,9 @@ class _Run:
         batches = [{key: v.to(acc.device) for key, v in self.batches(self.micro + k).items()}
                    for k in range(c.grad_accum)]
         self.micro += c.grad_accum
-        rollout_tokens = (c.seq_ul_length * sum(int(self.rollout_rows(b).sum()) for b in batches)
-                          if c.seq_unlikelihood else 0)
+        routes = [self.router.sample() for _ in batches]  # each pass's route, passed to its forward explicitly
+        rolls = [c.seq_unlikelihood > 0 and route in self.plan_of_route for route in routes]
+        rollout_tokens = c.seq_ul_length * sum(int(self.rollout_rows(b).sum()) for b, roll in zip(batches, rolls) if roll)
         counted, rolled = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches)),
                                                   float(rollout_tokens)], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
@@ -164,12 +166,10 @@ class _Run:
         # repeated tokens of the rollouts (per continuation token)
         sums = torch.zeros(7, device=acc.device)
         hidden = c.distill_hidden > 0
-        tokens, routes = 0, []
-        for k, batch in enumerate(batches):
+        tokens = 0
+        for k, (batch, route, roll) in enumerate(zip(batches, routes, rolls)):
             last = k == c.grad_accum - 1
-            route = self.router.sample()  # this pass's route, passed to the forward explicitly
-            routes.append(route)
-            if c.seq_unlikelihood > 0:  # its own forward and backward, never the one that syncs gradients
+            if roll:  # its own forward and backward, never the one that syncs gradients
                 sums[5:] += self.rollout_unlikelihood(batch, route, rollout_scale)
             sharding.set_gradient_sync(model, last)
             with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(model):
