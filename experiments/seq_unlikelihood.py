@@ -73,19 +73,25 @@ def main() -> None:
                         help="rows that prompt rollouts (kvroute train --seq-ul-prompts): all, or running text only")
     parser.add_argument("--first-year", type=int, default=1990,
                         help="train on SOTU from this year to 2006 (more years: a larger share of text in the mix)")
+    parser.add_argument("--routing", default=None,
+                        help="train with this policy instead of plan:PLANS, e.g. a mix with R-CLA "
+                             "(mix:rcla:p=0.6,sources=plan|plan:every:2+every:4): its plan: parts' passes roll out, "
+                             "and those plans are scored")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PlanMismatchWarning)
-    routing = "plan:" + "+".join(args.plans.split(","))
-    plans = list(policy_from_spec(routing).plans)  # "every:2,3*every:4": every:4 drawn 3 times as often
+    routing = args.routing or "plan:" + "+".join(args.plans.split(","))
+    plans = list(policy_from_spec(routing).drawn_plans)  # "every:2,3*every:4": every:4 drawn 3 times as often
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
                          + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
                          + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
                          + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else "")
                          # other plans, another run: a finished run of the name is scored, not retrained
                          + ("-" + args.plans.replace(":", "").replace(",", "-").replace("*", "x")
-                            if args.plans != "every:2,every:4" else ""))
+                            if args.plans != "every:2,every:4" else "")
+                         + ("-" + "".join(c if c.isalnum() or c in ".=" else "-" for c in args.routing)
+                            if args.routing else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
 
