@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--start", default=str(ROOT / "runs" / "one_plan_demo" / "plans2-steps120" / "final"))
     parser.add_argument("--plans", default="every:2,every:4",
                         help="the plans to train for; a weight draws one more often: every:2,3*every:4")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40, help="0: score --start without training")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight", type=float, default=1.0, help="weight of the sequence-level unlikelihood")
     parser.add_argument("--batch", type=int, default=4, help="rows per step: LM rows, each also a rollout's prefix")
@@ -96,7 +96,7 @@ def main() -> None:
     demo = Path(args.demo)
 
     start, train_s = time.perf_counter(), None
-    final = out / "final"
+    final = out / "final" if args.steps else Path(args.start)  # --steps 0 scores the start as it is
     if not (final / "config.json").is_file():  # a finished run is scored again, not retrained
         train(TrainConfig(
             model=args.start, output_dir=str(out),
