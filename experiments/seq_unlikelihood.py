@@ -77,6 +77,9 @@ def main() -> None:
                         help="train with this policy instead of plan:PLANS, e.g. a mix with R-CLA "
                              "(mix:rcla:p=0.6,sources=plan|plan:every:2+every:4): its plan: parts' passes roll out, "
                              "and those plans are scored")
+    parser.add_argument("--score-plans", default=None,
+                        help="the shared plans to score (default: the plans --routing draws), e.g. every:2,every:3,every:4 "
+                             "to see that a mix still serves a plan it never named (calibrate that plan first)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,7 +111,7 @@ def main() -> None:
         train_s = round(time.perf_counter() - start, 1)
     tokenizer = load_tokenizer(final)
 
-    scored = ["full", *plans]
+    scored = ["full", *(args.score_plans.split(",") if args.score_plans else plans)]
     writer = evaluate(EvalConfig(checkpoints=[str(final)], plans=",".join(scored), out=str(out / "eval"),
                                  text=[str(demo / "data/sotu-2007-2021")], window=256, stride=256, max_tokens=4096,
                                  qa=[str(demo / "data/fictional/test.jsonl")], limit=16, max_new_tokens=16),
