@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--score-plans", default=None,
                         help="the shared plans to score (default: the plans --routing draws), e.g. every:2,every:3,every:4 "
                              "to see that a mix still serves a plan it never named (calibrate that plan first)")
+    parser.add_argument("--pair-maps", action="store_true",
+                        help="train the start's pairwise maps with the routes (kvroute train --pair-maps)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,7 +109,7 @@ def main() -> None:
             routing=routing, seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
-            device="cpu", eval_every=0, save_every=20, quiet=True))
+            device="cpu", eval_every=0, save_every=20, quiet=True, pair_maps=args.pair_maps))
         train_s = round(time.perf_counter() - start, 1)
     tokenizer = load_tokenizer(final)
 
