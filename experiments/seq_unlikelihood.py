@@ -12,7 +12,8 @@ Starts from a checkpoint trained for the plans (default: the two-plan model of
 ``one_plan_demo.py --variants plans2-steps120``) and trains ``--steps`` steps through
 ``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records
 (``--text-only``: SOTU alone; ``--first-year``: more SOTU years; ``--prompts text``: rollouts
-from the text rows only, ``kvroute train --seq-ul-prompts text``; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
+from the text rows only, ``kvroute train --seq-ul-prompts text``; ``--routing``: another policy, e.g. a mix
+with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score the start as it is; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
 eight held-out prompts; nothing comes from the held-out years. Appends to
 experiments/results/seq_unlikelihood.json (rows with ``"loop": "kvroute train"``; the earlier rows
 came from this script's own training loop, commit 5376695, which drew LM rows and prefixes apart
@@ -130,7 +131,7 @@ def main() -> None:
         row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
                "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
-               "steps": args.steps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
+               "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
                "distinct2_mean_8_prompts": round(statistics.mean(d2), 3),
                "share_at_least_0.5": round(sum(d >= 0.5 for d in d2) / len(d2), 3),
