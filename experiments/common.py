@@ -84,6 +84,11 @@ def machine() -> dict:
 
 
 # ----------------------------------------------------------------------------- data + tokenizer
+def slug(spec: str) -> str:
+    """A routing or plan spec as part of a run folder's name: letters, digits, ``.`` and ``=`` kept, the rest ``-``."""
+    return "".join(c if c.isalnum() or c in ".=" else "-" for c in spec)
+
+
 def _year(path: Path) -> int:
     return int(path.name.split("_", 1)[0])
 

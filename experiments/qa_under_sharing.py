@@ -49,7 +49,7 @@ from kvroute.evaluate import qa_score  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
-from common import sotu  # noqa: E402
+from common import slug, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "assets" / "smollm2-135m"
@@ -111,7 +111,7 @@ def main() -> None:
         f"-text{args.text_from}" if args.text_from != 1790 else "")
     name = (name + ("-pairs" if args.pair_maps else "")).replace(":", "")
     if args.recipe == "rcla" and args.routing != parser.get_default("routing"):
-        name += "-" + "".join(c if c.isalnum() or c in ".=" else "-" for c in args.routing)
+        name += "-" + slug(args.routing)
     if args.precision != "bf16":
         name += f"-{args.precision}"
     if args.calibrated_start:

@@ -45,7 +45,7 @@ from kvroute.hf.patch import PlanMismatchWarning  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
 from kvroute.policy import policy_from_spec  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
-from common import append_rows, sotu  # noqa: E402
+from common import append_rows, slug, sotu  # noqa: E402
 from greedy_loops import prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def main() -> None:
                          # other plans, another run: a finished run of the name is scored, not retrained
                          + ("-" + args.plans.replace(":", "").replace(",", "-").replace("*", "x")
                             if args.plans != "every:2,every:4" else "")
-                         + ("-" + "".join(c if c.isalnum() or c in ".=" else "-" for c in args.routing)
+                         + ("-" + slug(args.routing)
                             if args.routing else ""))
     out = ROOT / "runs" / "seq_unlikelihood" / name
     demo = Path(args.demo)
