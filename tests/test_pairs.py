@@ -4,6 +4,7 @@ the routes, persists beside the checkpoint (not in its weights) and folds for vL
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from textkit import make_tokenizer, write_corpus
 
 import kvroute
-from kvroute.calibrate import is_calibrated
+from kvroute.calibrate import calibrated_sources, is_calibrated, save_calibration
 from kvroute.cli import main
 from kvroute.models import save_checkpoint
 from kvroute.pairs import (
@@ -29,6 +30,7 @@ from kvroute.pairs import (
     read_pair_maps,
 )
 from kvroute.plan import SharingPlan
+from kvroute.router import route_key
 
 
 def test_identity_pairs_change_nothing_and_full_never_uses_them():
@@ -242,3 +244,35 @@ def test_maps_only_trains_the_maps_and_leaves_the_weights(tmp_path, checkpoint):
     assert any(not torch.allclose(m.value, torch.eye(m.value.shape[-1]).expand_as(m.value)) for m in maps.values())
     with pytest.raises(ValueError, match="--maps-only trains the pairwise maps alone"):
         TrainConfig(model="m", data=["d"], maps_only=True)
+
+
+def test_a_plan_fit_that_loses_to_the_pairs_is_dropped(tmp_path, monkeypatch):
+    """calibrate() keeps a plan's own fit only if it beats the pairwise maps that served the plan: after
+    exact pairwise maps, a worse per-plan fit (its value maps scaled by -8 here) is dropped, the pairs
+    still serve the plan, and nothing is recorded or saved for it."""
+    calibrate_module = importlib.import_module("kvroute.calibrate")  # the module, not kvroute.calibrate()
+
+    model = calibratable("llama")
+    ids = chunks(4, seed=9)
+    fit_pair_maps(model, chunks(), FAST, progress=False)
+    served = logits(model, ids, "every:2")
+    real_fit = calibrate_module.fit_plan
+
+    def worse_fit(model, plan, *args, **kwargs):
+        ridges = real_fit(model, plan, *args, **kwargs)
+        key = route_key(plan.source)
+        for layer in model.model.layers:
+            if key in layer.self_attn.calibration:
+                layer.self_attn.calibration[key].value.data.mul_(-8.0)
+        return ridges
+
+    monkeypatch.setattr(calibrate_module, "fit_plan", worse_fit)
+    (result,) = kvroute.calibrate(model, "every:2", chunks(), FAST, progress=False)
+    assert not result.kept and result.loss == result.loss_plain < result.loss_closed_form
+    assert "not kept" in result.summary()
+    assert result.source not in calibrated_sources(model) and is_calibrated(model, "every:2")
+    torch.testing.assert_close(logits(model, ids, "every:2"), served, atol=0, rtol=0)
+    assert save_calibration(model, tmp_path) is None
+    model = calibratable("llama")  # without pairs a fit always stays, the same worse one included
+    (result,) = kvroute.calibrate(model, "every:2", chunks(), FAST, progress=False)
+    assert result.kept and "layers mapped" in result.summary() and result.source in calibrated_sources(model)

@@ -157,13 +157,18 @@ class PlanCalibration:
     refined: bool = False
     seconds: float = 0.0
     ridges: dict[int, float] = field(default_factory=dict)
+    #: False when pairwise maps served the plan better on the held-out chunks than this fit: the
+    #: fit is then dropped, the pairs serve the plan, and ``loss`` is ``loss_plain``
+    kept: bool = True
 
     def summary(self) -> str:
         ppl = lambda x: f"{math.exp(x):,.1f}" if x < 50 else "inf"  # noqa: E731
+        verdict = (f"{self.layers} layers mapped" if self.kept else
+                   "not kept: the pairwise maps scored better")
         return (
             f"{self.plan}: held-out calibration ppl {ppl(self.loss_plain)} -> {ppl(self.loss)} "
             f"(full cache {ppl(self.loss_full)}; closed form {ppl(self.loss_closed_form)}"
-            f"{', refined' if self.refined else ''}), {self.layers} layers mapped, {self.seconds:.0f} s"
+            f"{', refined' if self.refined else ''}), {verdict}, {self.seconds:.0f} s"
         )
 
 
@@ -176,6 +181,10 @@ def calibrate(
     progress: bool = True,
 ) -> list[PlanCalibration]:
     """Fit and attach a calibration for every plan given; ``full`` is skipped (nothing to fit).
+
+    Where pairwise maps (:mod:`kvroute.pairs`) already serve a plan, its fit is kept only if it
+    lowers the loss on the held-out calibration chunks below the pairs' (trained pairs can beat
+    a closed-form fit from scratch); otherwise it is dropped and ``kept`` is False.
 
     Args:
         model: a routed model (:func:`kvroute.load` or :func:`kvroute.apply`).
@@ -206,6 +215,7 @@ def calibrate(
             continue
         start = time.perf_counter()
         remove_calibration(model, plan)
+        pairs_serve = is_calibrated(model, plan)  # pairwise maps cover every non-owner layer of the plan
         if loss_full is None:  # calibrations never change `full`: one pass serves every plan
             with _running(model, full):
                 loss_full = mean_loss(model, val, config.batch_size)
@@ -237,10 +247,15 @@ def calibrate(
                 loss, refined = loss_refined, True
             else:  # refinement did not generalise: keep the closed form
                 closed_form()
+        kept = not pairs_serve or loss < loss_plain  # a fit that loses to the plan's pairwise maps is dropped
+        if not kept:
+            remove_calibration(model, plan)
+            loss = loss_plain
         result = PlanCalibration(plan.spec, plan.source, len(maps), loss_full, loss_plain, loss_closed, loss,
-                                 refined, time.perf_counter() - start, ridges)
+                                 refined, time.perf_counter() - start, ridges, kept)
         results.append(result)
-        _record(model, plan, result, config)
+        if kept:
+            _record(model, plan, result, config)
         if progress:
             print(result.summary(), flush=True)
     return results
