@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "auto"],
                         help="training precision (bf16 is native on AMX CPUs only)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (routes, batches); the QA records stay seed 0")
+    parser.add_argument("--score-only", action="store_true",
+                        help="skip training: calibrate and score the final checkpoint that the same flags trained before")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(BASE)
@@ -118,6 +121,8 @@ def main() -> None:
         name += "-calstart"
     if args.distill_from != "base":
         name += f"-from{args.distill_from}"
+    if args.seed:
+        name += f"-seed{args.seed}"
     start = time.perf_counter()
     model_start = str(BASE)
     if args.recipe == "plan" and cal:
@@ -142,21 +147,26 @@ def main() -> None:
             calibrate_checkpoint(str(BASE), "every:2,every:4", sotu(1990, 2006), CalibrationConfig(tokens=2048),
                                  out=model_start, pairs=True)
         routing["pair_maps"] = True
-    result = train(TrainConfig(
+    final = OUT / name / "final"
+    if args.score_only and not (final / "config.json").is_file():
+        parser.error(f"--score-only: {final} is missing; run the same flags without --score-only first")
+    result = None if args.score_only else train(TrainConfig(
         model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
-        batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=0, device="cpu",
+        batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=args.seed, device="cpu",
         eval_every=0, save_every=args.steps, precision=args.precision, quiet=True, distill=args.distill,
         distill_hidden=args.distill_hidden, distill_from=args.distill_from, **routing,
     ))
-    train_min = (time.perf_counter() - start) / 60
-    model = kvroute.load(result.final_checkpoint)
+    train_min = None if args.score_only else (time.perf_counter() - start) / 60
+    model = kvroute.load(final if result is None else result.final_checkpoint)
     shared = [plan.strip() for plan in args.plans.split(",") if plan.strip()]
     plans = ["full", args.plan] if args.recipe == "plan" else ["full", *shared]
+    kept = {}
     if args.recipe == "rcla" and cal:
         carried = kvroute.policy_from_spec(args.routing).drawn_plans if args.calibrated_start else ()
         fresh = [plan for plan in shared if plan not in carried]  # the maps it trained with stay
-        if fresh:
-            calibrate(model, ",".join(fresh), sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
+        if fresh:  # where trained pairwise maps serve a plan better, its fit is dropped (kept: False)
+            fits = calibrate(model, ",".join(fresh), sotu(1990, 2006), CalibrationConfig(), tokenizer=tok, progress=False)
+            kept = {fit.plan: fit.kept for fit in fits}
     held = calibration_data(tok, sotu(2007, 2100), 4096, 256)
     scores = score(model, tok, plans, held, read_qa([data["test"]]))
     base = kvroute.load(BASE)
@@ -166,7 +176,8 @@ def main() -> None:
            "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
            "distill_from": args.distill_from, "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
-           "calibrated": cal, "pair_maps": args.pair_maps, "train_minutes": round(train_min, 2), "threads": args.threads,
+           "calibrated": cal, "pair_maps": args.pair_maps, "seed": args.seed, "train_minutes": None if train_min is None else round(train_min, 2), "threads": args.threads,
+           "score_only": args.score_only, "calibration_kept": kept,
            "scores": scores, "base_full": base_scores}
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     RESULTS.write_text(json.dumps(rows + [row], indent=1) + "\n")
