@@ -150,14 +150,15 @@ def main() -> None:
     final = OUT / name / "final"
     if args.score_only and not (final / "config.json").is_file():
         parser.error(f"--score-only: {final} is missing; run the same flags without --score-only first")
-    result = None if args.score_only else train(TrainConfig(
-        model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name), seq_len=256,
-        batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=args.seed, device="cpu",
-        eval_every=0, save_every=args.steps, precision=args.precision, quiet=True, distill=args.distill,
-        distill_hidden=args.distill_hidden, distill_from=args.distill_from, **routing,
-    ))
+    if not args.score_only:
+        train(TrainConfig(
+            model=model_start, data=sotu(args.text_from, 2006) + [str(data["train"])], output_dir=str(OUT / name),
+            seq_len=256, batch_size=4, max_steps=args.steps, lr=args.lr, warmup=0.05, schedule="cosine", seed=args.seed,
+            device="cpu", eval_every=0, save_every=args.steps, precision=args.precision, quiet=True, distill=args.distill,
+            distill_hidden=args.distill_hidden, distill_from=args.distill_from, **routing,
+        ))  # writes `final`
     train_min = None if args.score_only else (time.perf_counter() - start) / 60
-    model = kvroute.load(final if result is None else result.final_checkpoint)
+    model = kvroute.load(final)
     shared = [plan.strip() for plan in args.plans.split(",") if plan.strip()]
     plans = ["full", args.plan] if args.recipe == "plan" else ["full", *shared]
     kept = {}
