@@ -83,6 +83,10 @@ def main() -> None:
                              "to see that a mix still serves a plan it never named (calibrate that plan first)")
     parser.add_argument("--pair-maps", action="store_true",
                         help="train the start's pairwise maps with the routes (kvroute train --pair-maps)")
+    parser.add_argument("--qa", default=None,
+                        help="test QA records to score (default: the demo's data/fictional/test.jsonl), e.g. "
+                             "runs/qa_under_sharing/data/test.jsonl with --questions 32")
+    parser.add_argument("--questions", type=int, default=16, help="test questions scored")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +121,7 @@ def main() -> None:
     scored = ["full", *(args.score_plans.split(",") if args.score_plans else plans)]
     writer = evaluate(EvalConfig(checkpoints=[str(final)], plans=",".join(scored), out=str(out / "eval"),
                                  text=[str(demo / "data/sotu-2007-2021")], window=256, stride=256, max_tokens=4096,
-                                 qa=[str(demo / "data/fictional/test.jsonl")], limit=16, max_new_tokens=16),
+                                 qa=[args.qa or str(demo / "data/fictional/test.jsonl")], limit=args.questions, max_new_tokens=16),
                       progress=False)
     texts = prompts(8, 12)
     rows = []
@@ -133,6 +137,7 @@ def main() -> None:
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
+               "qa_file": args.qa or "demo data/fictional/test.jsonl", "questions": args.questions,
                "distinct2_mean_8_prompts": round(statistics.mean(d2), 3),
                "share_at_least_0.5": round(sum(d >= 0.5 for d in d2) / len(d2), 3),
                "distinct2": [round(d, 3) for d in d2], "sample": texts[0] + sample}
