@@ -13,7 +13,7 @@ Starts from a checkpoint trained for the plans (default: the two-plan model of
 ``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records
 (``--text-only``: SOTU alone; ``--first-year``: more SOTU years; ``--prompts text``: rollouts
 from the text rows only, ``kvroute train --seq-ul-prompts text``; ``--routing``: another policy, e.g. a mix
-with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score the start as it is; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
+with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score the start as it is; ``--qa``/``--questions``: another QA test set; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
 eight held-out prompts; nothing comes from the held-out years. Appends to
 experiments/results/seq_unlikelihood.json (rows with ``"loop": "kvroute train"``; the earlier rows
 came from this script's own training loop, commit 5376695, which drew LM rows and prefixes apart
@@ -39,6 +39,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from kvroute.data.qa import read_qa  # noqa: E402
 from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
 from kvroute.hf.patch import PlanMismatchWarning  # noqa: E402
@@ -119,9 +120,11 @@ def main() -> None:
     tokenizer = load_tokenizer(final)
 
     scored = ["full", *(args.score_plans.split(",") if args.score_plans else plans)]
+    qa_file = args.qa or str(demo / "data/fictional/test.jsonl")
+    questions = len(read_qa([qa_file], limit=args.questions, flag="--qa"))  # fewer when the file holds fewer
     writer = evaluate(EvalConfig(checkpoints=[str(final)], plans=",".join(scored), out=str(out / "eval"),
                                  text=[str(demo / "data/sotu-2007-2021")], window=256, stride=256, max_tokens=4096,
-                                 qa=[args.qa or str(demo / "data/fictional/test.jsonl")], limit=args.questions, max_new_tokens=16),
+                                 qa=[qa_file], limit=args.questions, max_new_tokens=16),
                       progress=False)
     texts = prompts(8, 12)
     rows = []
@@ -137,7 +140,7 @@ def main() -> None:
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
-               "qa_file": args.qa or "demo data/fictional/test.jsonl", "questions": args.questions,
+               "qa_file": qa_file, "questions": questions,
                "distinct2_mean_8_prompts": round(statistics.mean(d2), 3),
                "share_at_least_0.5": round(sum(d >= 0.5 for d in d2) / len(d2), 3),
                "distinct2": [round(d, 3) for d in d2], "sample": texts[0] + sample}
