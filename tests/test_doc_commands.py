@@ -28,11 +28,20 @@ def doc_commands() -> list[tuple[str, str]]:
     """``(where, command line)`` for each `kvroute` command in the README's and docs' shell blocks."""
     found = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]:
-        for block in FENCE.findall(path.read_text(encoding="utf-8")):
-            for n, line in enumerate(block.replace("\\\n", " ").splitlines()):
-                line = re.sub(r"\s+#\s.*$", "", line.strip())  # a trailing comment
+        text = path.read_text(encoding="utf-8")
+        for block in FENCE.finditer(text):
+            first = text.count("\n", 0, block.start(1)) + 1  # the file line of the block's first line
+            lines = block.group(1).splitlines()
+            n = 0
+            while n < len(lines):
+                start, line = n, lines[n].strip()
+                while line.endswith("\\") and n + 1 < len(lines):  # a continued command
+                    n += 1
+                    line = line[:-1] + " " + lines[n].strip()
+                n += 1
+                line = re.sub(r"\s+#\s.*$", "", line)  # a trailing comment
                 if line.startswith("kvroute ") and "..." not in line:  # `...` elides flags on purpose
-                    found.append((f"{path.relative_to(ROOT)} block line {n + 1}", line))
+                    found.append((f"{path.relative_to(ROOT)}:{first + start}", line))
     return found
 
 
