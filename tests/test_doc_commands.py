@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvroute.calibrate import CalibrationConfig
 from kvroute.cli import build_parser
-from kvroute.config_cli import config_from_args, config_values
-from kvroute.evaluate import EvalConfig
-from kvroute.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(?:bash|sh|console)?\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -64,12 +60,8 @@ def test_doc_command_parses_and_validates(where: str, line: str) -> None:
         pytest.fail(f"{where}: `{line}` does not parse (exit {exit_.code})")
     if getattr(args, "config", None):
         return  # the values come from a file the docs only name
-    if args.command == "train":
-        config_from_args(TrainConfig, args)
-    elif args.command == "calibrate":
-        config_from_args(CalibrationConfig, args)
-    elif args.command == "eval" and not args.compare:
-        EvalConfig(**{"checkpoints": [], **config_values(EvalConfig, args)})
+    if args._config:  # train, calibrate, eval: the config the command would run with
+        args._config(args)
 
 
 def test_a_broken_command_fails() -> None:
@@ -78,4 +70,7 @@ def test_a_broken_command_fails() -> None:
         build_parser().parse_args(["train", "m", "--data", "d", "--no-such-flag"])
     args = build_parser().parse_args(["train", "m", "--data", "d", "--routing", "rcla", "--seq-unlikelihood", "1"])
     with pytest.raises(ValueError, match="seq-unlikelihood"):
-        config_from_args(TrainConfig, args)
+        args._config(args)
+    args = build_parser().parse_args(["calibrate", "m", "--data", "d"])  # neither --plans nor --pairs
+    with pytest.raises(ValueError, match="--plans"):
+        args._config(args)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _commands():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.configure(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _config=getattr(module, "config", None))  # _config: the validated config
     return parser
 
 

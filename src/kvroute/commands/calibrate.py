@@ -31,15 +31,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
-    from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint
+def config(args: argparse.Namespace):
+    """The validated :class:`~kvroute.calibrate.CalibrationConfig` these arguments ask for."""
+    from kvroute.calibrate import CalibrationConfig
     from kvroute.config_cli import config_from_args
 
-    config = config_from_args(CalibrationConfig, args)
     if args.plans is None and not args.pairs:
         raise ValueError("--plans: give the plans to calibrate, e.g. every:2,every:4 (or --pairs for every plan)")
+    return config_from_args(CalibrationConfig, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvroute.calibrate import calibrate_checkpoint
+
     out, results = calibrate_checkpoint(
-        args.checkpoint, args.plans or "every:2,every:4", args.data, config, out=args.out, dtype=args.dtype,
+        args.checkpoint, args.plans or "every:2,every:4", args.data, config(args), out=args.out, dtype=args.dtype,
         device=args.device, progress=not args.quiet, pairs=args.pairs,
     )
     for r in results:

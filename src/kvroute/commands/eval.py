@@ -31,6 +31,19 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="merge these results.json files (or folders) instead of evaluating")
 
 
+def config(args: argparse.Namespace):
+    """The validated :class:`~kvroute.evaluate.EvalConfig` these arguments ask for (None with ``--compare``)."""
+    from kvroute.config_cli import config_values
+    from kvroute.evaluate import EvalConfig
+
+    values = config_values(EvalConfig, args)
+    if args.compare:
+        if any(values.get(name) for name in ("checkpoints", "text", "qa", "mc")):
+            raise ValueError("--compare merges result files; give no checkpoints or datasets with it")
+        return None
+    return EvalConfig(**{"checkpoints": [], **values})
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -38,17 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from kvroute.evaluate import EvalConfig
     from kvroute.results import compare_results, format_table
 
-    values = {"checkpoints": [], **config_values(EvalConfig, args)}
-    out = values.get("out", EvalConfig.out)
-    if args.compare:
-        if any(values.get(name) for name in ("checkpoints", "text", "qa", "mc")):
-            raise ValueError("--compare merges result files; give no checkpoints or datasets with it")
+    settings = config(args)
+    if settings is None:
+        out = config_values(EvalConfig, args).get("out", EvalConfig.out)
         writer = compare_results(args.compare, out)
         rows, errors = writer.rows, 0
     else:
         from kvroute.evaluate import evaluate
 
-        writer = evaluate(EvalConfig(**values))
+        out = settings.out
+        writer = evaluate(settings)
         rows, errors = writer.rows, len(writer.errors)
     print(format_table(rows))
     written = [writer.json_path, writer.csv_path]

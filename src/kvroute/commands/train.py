@@ -41,12 +41,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def config(args: argparse.Namespace):
+    """The validated :class:`~kvroute.train.TrainConfig` these arguments ask for."""
     from pathlib import Path
 
     from kvroute.config_cli import config_from_args, warn
     from kvroute.shapes import PRESETS
-    from kvroute.train import TrainConfig, train
+    from kvroute.train import TrainConfig
 
     legacy = getattr(args, "config", None)
     if legacy in PRESETS and not Path(legacy).is_file():  # the old --config PRESET
@@ -54,7 +55,13 @@ def run(args: argparse.Namespace) -> int:
              f"`--preset {legacy}` (--config now reads a TOML or YAML file)")
         del args.config
         args.preset = getattr(args, "preset", legacy)
-    result = train(config_from_args(TrainConfig, args))
+    return config_from_args(TrainConfig, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvroute.train import train
+
+    result = train(config(args))
     if not result.main_process:
         return 0
     summary = "  ".join(f"{plan}: {loss:.3f}" for plan, loss in result.eval_loss.items())
