@@ -12,7 +12,7 @@ checkpoint folder; the prompt is random token ids.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_attention.py --context 1024 --plans full,every:2,every:4 \\
         --out docs/bench/decode_attention.json
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_attention.py --model runs/demo/rcla-cal --kv-quant int8 \\
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_attention.py --model runs/demo-former/rcla-cal --kv-quant int8 \\
         --threads 1 --out docs/bench/int8_decode_t1.json
 
 Not a test: its numbers go into the docs.

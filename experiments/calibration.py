@@ -41,15 +41,14 @@ import kvroute  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibration_data, mean_loss  # noqa: E402
 from kvroute.models import load_tokenizer  # noqa: E402
 from common import sotu  # noqa: E402
+from former_demo import former_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
 RESULTS = ROOT / "experiments" / "results" / "calibration.json"
-CHECKPOINTS = {
-    "base": ROOT / "assets" / "smollm2-135m",
-    "standard": ROOT / "runs" / "demo" / "standard" / "final",
-    "rcla": ROOT / "runs" / "demo" / "rcla" / "final",
-}
+#: the untrained model and the former demo's fine-tunes (experiments/former_demo.py)
+CHECKPOINTS = {"base": lambda: ROOT / "assets" / "smollm2-135m", "standard": lambda: former_demo("standard"),
+               "rcla": lambda: former_demo("rcla")}
 EVAL_TOKENS = 8192
 
 
@@ -87,10 +86,7 @@ def main() -> None:
         return
     calib_files, held = sotu(1990, 2006), {"sotu_2007plus": sotu(2007, 2100), "moby": [str(MOBY)]}
     for ckpt in args.checkpoints.split(","):
-        path = CHECKPOINTS[ckpt]
-        if not (path / "config.json").is_file():
-            print(f"skip {ckpt}: {path} missing (run `make demo` first)")
-            continue
+        path = CHECKPOINTS[ckpt]()
         tok = load_tokenizer(path)
         held_chunks = {k: calibration_data(tok, v, EVAL_TOKENS, 256) for k, v in held.items()}
         for plan in args.plans.split(","):

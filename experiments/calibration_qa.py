@@ -3,7 +3,8 @@
 Under every calibrated shared plan the demo's models score context-QA F1 near 0, while the one-plan
 model, fine-tuned on fictional QA records under its plan, scores 0.27-0.59. This asks whether the
 closed-form calibration alone gets part of that back when its data includes the same kind of
-records. For each checkpoint of a finished demo folder, it calibrates every:2 and every:4 exactly
+records. For the former demo's fine-tunes (experiments/former_demo.py; ``base``: the untrained
+model), with the data of a finished demo folder, it calibrates every:2 and every:4 exactly
 as ``make demo`` does (8,192 tokens, 10 refinement steps at lr 3e-3), on:
 
 - ``sotu``: State of the Union 1990-2006 (the demo's calibration text);
@@ -35,6 +36,7 @@ from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint  # noqa: E
 from kvroute.data.qa import read_qa  # noqa: E402
 from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from common import append_rows, sotu  # noqa: E402
+from former_demo import former_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "calibration_qa.json"
@@ -53,7 +55,7 @@ def qa_text(records_path: Path, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="a finished `make demo` folder")
-    parser.add_argument("--checkpoints", default="rcla,base", help="demo runs to calibrate (base: the untrained model)")
+    parser.add_argument("--checkpoints", default="rcla,base", help="former demo runs to calibrate, standard or rcla (base: the untrained model)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -64,7 +66,7 @@ def main() -> None:
     data["sotu+qa"] = data["sotu"] + [str(qa_text(demo / "data/fictional/train.jsonl", runs / "qa_train.txt"))]
     rows = []
     for name in args.checkpoints.split(","):
-        checkpoint = ROOT / "assets" / "smollm2-135m" if name == "base" else demo / name / "final"
+        checkpoint = ROOT / "assets" / "smollm2-135m" if name == "base" else former_demo(name)
         for variant in args.variants.split(","):
             out = runs / f"{name}-{variant.replace('+', '-')}"
             start = time.perf_counter()

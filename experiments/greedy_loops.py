@@ -37,9 +37,9 @@ PAIRS = {
     "base full": ("../../assets/smollm2-135m", "full"),
     "base+cal every:2": ("base-cal", "every:2"),
     "base+cal every:4": ("base-cal", "every:4"),
-    "rcla+cal every:2": ("rcla-cal", "every:2"),
-    "rcla+cal every:4": ("rcla-cal", "every:4"),
-    "every2-qa every:2": ("every2-qa/final", "every:2"),
+    "rcla+cal every:2": ("../demo-former/rcla-cal", "every:2"),  # experiments/former_demo.py
+    "rcla+cal every:4": ("../demo-former/rcla-cal", "every:4"),
+    "every2-qa every:2": ("../one_plan_demo/steps120/final", "every:2"),  # the former demo's one-plan model
     "one plan every:4 (120 steps)": ("../one_plan_demo/every4-steps120/final", "every:4"),
     "one plan every:2 (120 steps; seed 1)": ("../one_plan_demo/steps120-seed1/final", "every:2"),
     "plan:every:2+every:4 model every:2": ("../one_plan_demo/plans2-steps120/final", "every:2"),

@@ -1,13 +1,13 @@
 """Layer-wise hidden-state distillation, isolated: the demo's R-CLA recipe with and without it.
 
-Trains the demo's R-CLA fine-tune (60 steps of 4 x 256 SOTU 1790-2006 tokens, p=0.6, plan
+Trains the former demo's R-CLA fine-tune (experiments/former_demo.py) (60 steps of 4 x 256 SOTU 1790-2006 tokens, p=0.6, plan
 sources, KL distillation from the frozen base with weight 1, lr 4e-4, cosine, seed 0, bf16
 autocast) once more with ``distill_hidden`` added, calibrates it like the demo (every:2 and
 every:4, closed form plus 30 refinement steps on SOTU 1990-2006), and scores both it and the
-demo's R-CLA checkpoints on the demo's held-out text (SOTU 2007-2021 and Moby Dick, 4,096
+former demo's R-CLA checkpoints on the demo's held-out text (SOTU 2007-2021 and Moby Dick, 4,096
 tokens each, 256-token windows).
 
-    make demo                                           # runs/demo/rcla and runs/demo/rcla-cal
+    make demo                                           # runs/demo/data (held-out text)
     .venv/bin/python experiments/hidden_distill.py [--weight 1.0]
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from common import sotu  # noqa: E402
+from former_demo import former_demo  # noqa: E402
 from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint  # noqa: E402
 from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
@@ -42,9 +43,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for need in (DEMO / "rcla" / "final", DEMO / "rcla-cal", DEMO / "data" / "sotu-2007-2021"):
-        if not need.exists():
-            raise SystemExit(f"{need} is missing: run `make demo` first")
+    if not (DEMO / "data" / "sotu-2007-2021").exists():
+        raise SystemExit(f"{DEMO / 'data' / 'sotu-2007-2021'} is missing: run `make demo` first")
+    former, former_cal = former_demo("rcla"), former_demo("rcla", calibrated=True)
     name = f"rcla-hidden{args.weight:g}"
     start = time.time()
     final = OUT / name / "final"
@@ -60,9 +61,9 @@ def main() -> None:
         calibrate_checkpoint(str(final), "every:2,every:4", sotu(1990, 2006), CalibrationConfig(steps=30), out=cal)
     minutes["calibrate"] = (time.time() - start) / 60 - minutes["train"]
     texts = dict(text=[str(DEMO / "data" / "sotu-2007-2021"), str(MOBY)], window=256, stride=256, max_tokens=4096)
-    plain = evaluate(EvalConfig(checkpoints=[str(DEMO / "rcla" / "final"), str(final)], plans="full,every:2,every:4",
+    plain = evaluate(EvalConfig(checkpoints=[str(former), str(final)], plans="full,every:2,every:4",
                                 out=str(RESULTS / "plain"), **texts))
-    calibrated = evaluate(EvalConfig(checkpoints=[str(DEMO / "rcla-cal"), str(cal)], plans="every:2,every:4",
+    calibrated = evaluate(EvalConfig(checkpoints=[str(former_cal), str(cal)], plans="every:2,every:4",
                                      out=str(RESULTS / "calibrated"), **texts))
     rows = [{k: r[k] for k in ("checkpoint", "plan", "calibrated", "data", "metric", "value")}
             for w in (plain, calibrated) for r in w.rows if r["metric"] == "perplexity"]

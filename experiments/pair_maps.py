@@ -6,8 +6,8 @@ each), the demo's 16 fictional context-QA questions (F1) and a 64-token greedy c
 
 - ``base+pairs``: the untrained SmolLM2 with closed-form pairwise maps (``kvroute calibrate
   --pairs`` on SOTU 1990-2006), one fit for every plan;
-- ``rcla+pairs``: the demo's R-CLA checkpoint with closed-form pairwise maps (post hoc);
-- ``rcla-pairs-trained``: the demo's R-CLA recipe (60 steps, p=0.6, plan sources, distillation
+- ``rcla+pairs``: the former demo's R-CLA checkpoint (experiments/former_demo.py) with closed-form pairwise maps (post hoc);
+- ``rcla-pairs-trained``: the former demo's R-CLA recipe (60 steps, p=0.6, plan sources, distillation
   from the frozen base, lr 4e-4, bf16) started from ``base+pairs`` with ``--pair-maps``, so the
   maps train with the routes;
 - with ``--maps-only`` (not yet measured), also ``base+pairs-maps-only``: ``base+pairs`` with only the maps trained on R-CLA routes (60 steps,
@@ -16,8 +16,8 @@ each), the demo's 16 fictional context-QA questions (F1) and a 64-token greedy c
 - with ``--plan-cal``, also ``rcla-pairs-trained+cal``: ``rcla-pairs-trained`` with the demo's
   per-plan calibration on top (every:2 and every:4; closed form plus 30 refinement steps on SOTU
   1990-2006), which takes precedence over the pairs under those two plans;
-- for reference, the demo's per-plan calibrations (``base+cal``, ``rcla+cal``) when
-  runs/demo holds them (``make demo``).
+- for reference, the per-plan calibrations ``base+cal`` (``make demo``) and ``rcla+cal`` (the
+  former demo's) when runs/demo and runs/demo-former hold them.
 
 Writes experiments/results/pair_maps.json; a rerun reuses finished checkpoints and the scores
 already in that file.
@@ -49,6 +49,7 @@ from kvroute.models import load_tokenizer  # noqa: E402
 from kvroute.pairs import read_pair_maps  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
 from common import sotu  # noqa: E402
+from former_demo import OUT as FORMER, former_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MOBY = ROOT / "assets" / "text" / "moby" / "data"
@@ -117,9 +118,7 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    demo_rcla = DEMO / "rcla" / "final"
-    if not (demo_rcla / "config.json").is_file():
-        demo_rcla = rcla("rcla", BASE, args.steps)
+    demo_rcla = former_demo("rcla") if args.steps == 60 else rcla("rcla", BASE, args.steps)
     timings["rcla_minutes"] = (time.perf_counter() - t) / 60
     base_pairs, fit_base = with_pairs("base-pairs", BASE, args.tokens)
     rcla_pairs, fit_rcla = with_pairs("rcla-pairs", demo_rcla, args.tokens)
@@ -144,9 +143,9 @@ def main() -> None:
               "rcla+pairs": rcla_pairs, "rcla-pairs-trained": trained,
               "rcla-pairs-trained+cal": trained_cal}
     models = {k: v for k, v in models.items() if v is not None}
-    for name in ("base-cal", "rcla-cal"):
-        if (DEMO / name / "kvroute_calibration.safetensors").is_file():
-            models[name.replace("-", "+")] = DEMO / name
+    for folder in (DEMO / "base-cal", FORMER / "rcla-cal"):
+        if (folder / "kvroute_calibration.safetensors").is_file():
+            models[folder.name.replace("-", "+")] = folder
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     same = all(old.get(k) == v for k, v in (("tokens", args.tokens), ("steps", args.steps), ("pair_lr", args.pair_lr)))
     rows = {}

@@ -10,7 +10,7 @@ With ``--ppl`` it also scores held-out perplexity through each engine: ``prompt_
 earlier tokens as stored in the (bf16 or fp8) KV cache, as kvroute's own quantized eval does.
 The first step's tokens are not scored (they see no cache).
 
-    .venv-vllm/bin/python experiments/vllm_fp8_kv.py [--checkpoint runs/demo/rcla-cal] \
+    .venv-vllm/bin/python experiments/vllm_fp8_kv.py [--checkpoint runs/demo-former/rcla-cal] \
         [--out experiments/results/vllm_fp8_kv.json]
 """
 
@@ -29,7 +29,7 @@ os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="runs/demo/rcla-cal")
+    ap.add_argument("--checkpoint", default="runs/demo-former/rcla-cal")
     ap.add_argument("--text", default="runs/demo/data/sotu-2007-2021", help="held-out text folder (.txt)")
     ap.add_argument("--plans", default="full,every:2,every:4")
     ap.add_argument("--prompts", type=int, default=8)
