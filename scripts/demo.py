@@ -24,9 +24,10 @@
 
 Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations.
 Size knobs (environment): DEMO_STEPS (the standard fine-tune, default 60), DEMO_RCLA_STEPS (the
-R-CLA fine-tune, default 120), DEMO_TEXT_STEPS (its text stage, default 40; 0: none), DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions),
-DEMO_QA_TRAIN (fictional QA training records, default 2000), DEMO_CAL_STEPS (calibration refinement
-steps, default 10; 0 = closed form only).
+R-CLA fine-tune, default 120), DEMO_TEXT_STEPS (its text stage, default 40; 0: none),
+DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA
+training records, default 2000), DEMO_CAL_STEPS (calibration refinement steps, default 10; 0 =
+closed form only).
 
 The one-plan model of earlier demos (the calibrated untrained model fine-tuned for every:2 only) is
 `experiments/one_plan_demo.py --variants steps120`, from this demo's runs/demo/base-cal.
@@ -65,10 +66,11 @@ PAIR_TOKENS = 2048  # the pairwise fit: 435 pairs for SmolLM2's 30 layers
 QA_TRAIN = int(os.environ.get("DEMO_QA_TRAIN", "2000"))  # fictional QA training records it sees
 CALIB_YEARS = (1990, 2006)  # calibration text: part of the training years, never the held-out ones
 LR = 4e-4
-#: measured on 2 cores (docs/RESULTS.md, "The demo on a CPU without native bf16")
+#: measured on 2 cores (docs/RESULTS.md, "The demo: one model for every plan ..." and "The former demo on a CPU
+#: without native bf16")
 FP32_NOTE = ("on 2 cores of an AMD EPYC (AVX2) a fine-tuning step took 10.9 s in fp32 against 3.5 s in bf16 on a "
-             "Xeon with AMX, and this demo took 50 min (docs/RESULTS.md); DEMO_STEPS=20 DEMO_RCLA_STEPS=40 "
-             "DEMO_CAL_STEPS=0 is a quicker look")
+             "Xeon with AMX, and this demo took 62 min (docs/RESULTS.md); DEMO_STEPS=20 DEMO_RCLA_STEPS=40 "
+             "DEMO_TEXT_STEPS=0 DEMO_CAL_STEPS=0 is a quicker look")
 
 STANDARD = dict(routing="none", plan="full")
 #: the pairs mix (docs/training.md, "One model for every plan"): its pairwise maps are its calibration
