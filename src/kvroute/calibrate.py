@@ -28,7 +28,7 @@ them beside a checkpoint (``kvroute_calibration.safetensors``) and :func:`kvrout
 reads them back.
 
 Example:
-    >>> model = kvroute.load("runs/demo/rcla-mix/final")                      # doctest: +SKIP
+    >>> model = kvroute.load("runs/demo/rcla-mix-text/final")               # doctest: +SKIP
     >>> kvroute.calibrate(model, ["every:2", "every:4"], ["sotu/train"], tokenizer=tok)  # doctest: +SKIP
     >>> kvroute.set_plan(model, "every:2")   # calibrated                 # doctest: +SKIP
 """

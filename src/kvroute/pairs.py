@@ -19,7 +19,7 @@ KV head and one complex scalar per query head and RoPE frequency pair
 before the pairs. They are saved beside a checkpoint in ``kvroute_pairs.safetensors``.
 
 Example:
-    >>> model = kvroute.load("runs/demo/rcla-mix/final")                               # doctest: +SKIP
+    >>> model = kvroute.load("runs/demo/rcla-mix-text/final")            # doctest: +SKIP
     >>> kvroute.pairs.fit_pair_maps(model, ["sotu/train"], tokenizer=tok)          # doctest: +SKIP
     >>> kvroute.set_plan(model, "layers:0,3,9,17")   # calibrated by its pairs      # doctest: +SKIP
 """
