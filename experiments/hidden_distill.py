@@ -1,11 +1,11 @@
-"""Layer-wise hidden-state distillation, isolated: the demo's R-CLA recipe with and without it.
+"""Layer-wise hidden-state distillation, isolated: the former demo's R-CLA recipe with and without it.
 
-Trains the former demo's R-CLA fine-tune (experiments/former_demo.py) (60 steps of 4 x 256 SOTU 1790-2006 tokens, p=0.6, plan
-sources, KL distillation from the frozen base with weight 1, lr 4e-4, cosine, seed 0, bf16
-autocast) once more with ``distill_hidden`` added, calibrates it like the demo (every:2 and
-every:4, closed form plus 30 refinement steps on SOTU 1990-2006), and scores both it and the
-former demo's R-CLA checkpoints on the demo's held-out text (SOTU 2007-2021 and Moby Dick, 4,096
-tokens each, 256-token windows).
+Trains the former demo's R-CLA fine-tune (experiments/former_demo.py: 60 steps of 4 x 256 SOTU
+1790-2006 tokens, p=0.6, plan sources, KL distillation from the frozen base with weight 1, lr 4e-4,
+cosine, seed 0, bf16 autocast) once more with ``distill_hidden`` added, calibrates it like the
+former demo (every:2 and every:4, closed form plus 30 refinement steps on SOTU 1990-2006), and
+scores both it and the former demo's R-CLA checkpoints on the demo's held-out text (SOTU 2007-2021
+and Moby Dick, 4,096 tokens each, 256-token windows).
 
     make demo                                           # runs/demo/data (held-out text)
     .venv/bin/python experiments/hidden_distill.py [--weight 1.0]
