@@ -111,30 +111,19 @@ def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, 
     return train(config).final_checkpoint
 
 
-def calibrated(name: str, checkpoint: str, calib_files: list[str]) -> Path:
+def calibrated(name: str, checkpoint: str, calib_files: list[str], pairs: bool = False) -> Path:
+    """``checkpoint`` calibrated for the demo's plans (``NAME-cal``), or with ``pairs`` its pairwise maps
+    (``NAME-pairs``), written as a new checkpoint; reused when already there."""
     from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint
-
-    out = OUT / f"{name}-cal"
-    if (out / "kvroute_calibration.safetensors").is_file():
-        print(f"{name}: reusing {out}")
-        return out
-    config = CalibrationConfig(steps=CAL_STEPS, lr=CAL_LR)
-    folder, results = calibrate_checkpoint(checkpoint, CALIBRATED_PLANS, calib_files, config, out=out)
-    for r in results:
-        print(f"{name}: {r.summary()}")
-    return folder
-
-
-def with_pairs(name: str, checkpoint: str, calib_files: list[str]) -> Path:
-    from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint
+    from kvroute.calibration.store import CALIBRATION_FILE
     from kvroute.pairs import PAIRS_FILE
 
-    out = OUT / f"{name}-pairs"
-    if (out / PAIRS_FILE).is_file():
+    out = OUT / f"{name}-{'pairs' if pairs else 'cal'}"
+    if (out / (PAIRS_FILE if pairs else CALIBRATION_FILE)).is_file():
         print(f"{name}: reusing {out}")
         return out
-    folder, results = calibrate_checkpoint(checkpoint, CALIBRATED_PLANS, calib_files,
-                                           CalibrationConfig(tokens=PAIR_TOKENS), out=out, pairs=True)
+    config = CalibrationConfig(tokens=PAIR_TOKENS) if pairs else CalibrationConfig(steps=CAL_STEPS, lr=CAL_LR)
+    folder, results = calibrate_checkpoint(checkpoint, CALIBRATED_PLANS, calib_files, config, out=out, pairs=pairs)
     for r in results:
         print(f"{name}: {r.summary()}")
     return folder
@@ -197,7 +186,7 @@ def main() -> None:
         stage(f"calibrate {name}")
 
     banner(f"pairwise maps of base: one per (layer, source layer), closed form on {PAIR_TOKENS} tokens")
-    base_pairs = with_pairs("base", str(MODEL), calib_files)
+    base_pairs = calibrated("base", str(MODEL), calib_files, pairs=True)
     stage("pairwise maps of base")
     banner(f"fine-tune: R-CLA, the pairs mix ({RCLA_STEPS} steps of 4 x 256 tokens, {data_note})")
     rcla = finetune("rcla-mix", base_pairs, mix, steps=RCLA_STEPS, **RCLA)
