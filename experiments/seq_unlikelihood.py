@@ -11,7 +11,7 @@ same rows under the same plan.
 Starts from a checkpoint trained for the plans (default: the two-plan model of
 ``one_plan_demo.py --variants plans2-steps120``) and trains ``--steps`` steps through
 ``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records
-(``--text-only``: SOTU alone; ``--first-year``: more SOTU years; ``--prompts text``: rollouts
+(``--text-only``: SOTU alone; ``--qa-records N``: only the first N QA records; ``--first-year``: more SOTU years; ``--prompts text``: rollouts
 from the text rows only, ``kvroute train --seq-ul-prompts text``; ``--routing``: another policy, e.g. a mix
 with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score the start as it is; ``--qa``/``--questions``: another QA test set; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
 eight held-out prompts; nothing comes from the held-out years. Appends to
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-only", action="store_true",
                         help="train on SOTU 1990-2006 alone (default: mixed with the demo's fictional QA records)")
+    parser.add_argument("--qa-records", type=int, default=None,
+                        help="train on the first N of the demo's fictional QA training records (default: all)")
     parser.add_argument("--prompts", choices=["all", "text"], default="all",
                         help="rows that prompt rollouts (kvroute train --seq-ul-prompts): all, or running text only")
     parser.add_argument("--first-year", type=int, default=1990,
@@ -96,6 +98,7 @@ def main() -> None:
     plans = list(policy_from_spec(routing).drawn_plans)  # "every:2,3*every:4": every:4 drawn 3 times as often
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
                          + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
+                         + (f"-qa{args.qa_records}" if args.qa_records is not None else "")
                          + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
                          + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else "")
                          # other plans, another run: a finished run of the name is scored, not retrained
@@ -109,9 +112,15 @@ def main() -> None:
     start, train_s = time.perf_counter(), None
     final = out / "final" if args.steps else Path(args.start)  # --steps 0 scores the start as it is
     if not (final / "config.json").is_file():  # a finished run is scored again, not retrained
+        qa_train = demo / "data/fictional/train.jsonl"
+        if args.qa_records is not None and not args.text_only:
+            records = qa_train.read_text(encoding="utf-8").splitlines()[:args.qa_records]
+            qa_train = out / f"qa-train-{args.qa_records}.jsonl"
+            out.mkdir(parents=True, exist_ok=True)
+            qa_train.write_text("\n".join(records) + "\n", encoding="utf-8")
         train(TrainConfig(
             model=args.start, output_dir=str(out),
-            data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(demo / "data/fictional/train.jsonl")]),
+            data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(qa_train)]),
             routing=routing, seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
@@ -136,6 +145,7 @@ def main() -> None:
         sample = generate(model, tokenizer, texts[0], max_new_tokens=64).text
         begin = Path(args.start)
         row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
+               "qa_records": None if args.text_only else args.qa_records,
                "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,

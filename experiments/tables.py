@@ -97,6 +97,10 @@ def budgets(key: str = "mean") -> str:
     return "\n".join(lines)
 
 
+def _label(name: str, run: dict) -> str:
+    return run.get("label", name)
+
+
 def main() -> None:
     for exp in ("pretrain", "ablation"):
         path = c.RESULTS / f"{exp}.json"
@@ -104,10 +108,9 @@ def main() -> None:
             print(f"## {exp}: no results yet\n")
             continue
         results = json.loads(path.read_text())
-        label = (lambda n, r: r.get("label", n))
         for key in ("mean", *c.HELDOUT):
             print(f"## {exp}: held-out loss ({key})\n")
-            print(table(results, key, label))
+            print(table(results, key, _label))
             print()
         runs = results["runs"]
         if exp == "pretrain" and "pt_p1.00" in runs:
