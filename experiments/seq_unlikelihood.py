@@ -8,16 +8,17 @@ of its rows greedily under it (through the plan's shared cache, calibrated), and
 continuation token that is part of a repeated n-gram (``-log(1 - p)``), next to the LM loss on the
 same rows under the same plan.
 
-Starts from a checkpoint trained for the plans (default: the two-plan model of
-``one_plan_demo.py --variants plans2-steps120``) and trains ``--steps`` steps through
-``kvroute.train`` on SOTU 1990-2006 mixed with the demo's fictional QA training records
-(``--text-only``: SOTU alone; ``--qa-records N``: only the first N QA records; ``--first-year``: more SOTU years; ``--prompts text``: rollouts
-from the text rows only, ``kvroute train --seq-ul-prompts text``; ``--routing``: another policy, e.g. a mix
-with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score the start as it is; ``--qa``/``--questions``: another QA test set; AdamW, constant lr). Scores what ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s
-eight held-out prompts; nothing comes from the held-out years. Appends to
-experiments/results/seq_unlikelihood.json (rows with ``"loop": "kvroute train"``; the earlier rows
-came from this script's own training loop, commit 5376695, which drew LM rows and prefixes apart
-and trained on text only).
+Starts from a checkpoint trained for the plans (default: the two-plan model of ``one_plan_demo.py
+--variants plans2-steps120``) and trains ``--steps`` steps through ``kvroute.train`` on SOTU
+1990-2006 mixed with the demo's fictional QA training records (``--text-only``: SOTU alone;
+``--qa-records N``: only the first N QA records; ``--first-year``: more SOTU years; ``--prompts
+text``: rollouts from the text rows only, ``kvroute train --seq-ul-prompts text``; ``--routing``:
+another policy, e.g. a mix with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score
+the start as it is; ``--qa``/``--questions``: another QA test set; AdamW, constant lr). Scores what
+``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s eight held-out prompts;
+nothing comes from the held-out years. Appends to experiments/results/seq_unlikelihood.json (rows
+with ``"loop": "kvroute train"``; the earlier rows came from this script's own training loop, commit
+5376695, which drew LM rows and prefixes apart and trained on text only).
 
     make demo
     .venv/bin/python experiments/one_plan_demo.py --variants plans2-steps120
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16, help="test questions scored")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
+    if args.qa_records is not None and (args.qa_records < 1 or args.text_only):
+        parser.error("--qa-records takes N >= 1 QA records to mix in, and no --text-only")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", PlanMismatchWarning)
     routing = args.routing or "plan:" + "+".join(args.plans.split(","))
@@ -113,7 +116,7 @@ def main() -> None:
     final = out / "final" if args.steps else Path(args.start)  # --steps 0 scores the start as it is
     if not (final / "config.json").is_file():  # a finished run is scored again, not retrained
         qa_train = demo / "data/fictional/train.jsonl"
-        if args.qa_records is not None and not args.text_only:
+        if args.qa_records is not None:
             records = qa_train.read_text(encoding="utf-8").splitlines()[:args.qa_records]
             qa_train = out / f"qa-train-{args.qa_records}.jsonl"
             out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +148,7 @@ def main() -> None:
         sample = generate(model, tokenizer, texts[0], max_new_tokens=64).text
         begin = Path(args.start)
         row = {"run": name, "loop": "kvroute train", "seed": args.seed, "qa_in_training": not args.text_only,
-               "qa_records": None if args.text_only else args.qa_records,
+               "qa_records": args.qa_records,
                "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
