@@ -63,6 +63,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="0: score --start without training")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight", type=float, default=1.0, help="weight of the sequence-level unlikelihood")
+    parser.add_argument("--seq-distill", type=float, default=0.0,
+                        help="weight of on-policy distillation on the same rollouts (kvroute train --seq-distill)")
+    parser.add_argument("--teacher", choices=["self", "base"], default="self",
+                        help="--seq-distill's teacher under the full cache (kvroute train --distill-from): the model "
+                             "itself, or the frozen start")
     parser.add_argument("--batch", type=int, default=4, help="rows per step: LM rows, each also a rollout's prefix")
     parser.add_argument("--prefix", type=int, default=32)
     parser.add_argument("--continuation", type=int, default=48)
@@ -102,6 +107,7 @@ def main() -> None:
     name = args.name or (f"train-ul{args.weight:g}-steps{args.steps}-lr{args.lr:g}-seed{args.seed}"
                          + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
                          + (f"-qa{args.qa_records}" if args.qa_records is not None else "")
+                         + (f"-sd{args.seq_distill:g}{args.teacher}" if args.seq_distill else "")
                          + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
                          + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else "")
                          # other plans, another run: a finished run of the name is scored, not retrained
@@ -124,7 +130,8 @@ def main() -> None:
         train(TrainConfig(
             model=args.start, output_dir=str(out),
             data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(qa_train)]),
-            routing=routing, seq_unlikelihood=args.weight, seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
+            routing=routing, seq_unlikelihood=args.weight, seq_distill=args.seq_distill, distill_from=args.teacher,
+            seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
             device="cpu", eval_every=0, save_every=20, quiet=True, pair_maps=args.pair_maps))
@@ -151,7 +158,8 @@ def main() -> None:
                "qa_records": args.qa_records,
                "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
-               "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight, "ngram": args.ngram,
+               "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight,
+               "seq_distill": args.seq_distill, "teacher": args.teacher if args.seq_distill else None, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
                "qa_file": qa_file, "questions": questions,
                "distinct2_mean_8_prompts": round(statistics.mean(d2), 3),

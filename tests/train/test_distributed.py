@@ -85,22 +85,29 @@ def test_fsdp_distills_from_a_sharded_teacher_with_checkpointing(assets, tmp_pat
     assert any(r["distill"] > 0 for r in read_metrics(out) if "distill" in r)
 
 
-@pytest.mark.parametrize("mode, routing", [("fsdp", "plan:every:2+every:3"), ("ddp", "plan:every:2+every:3"),
-                                           ("fsdp", "mix:rcla|plan:every:2")])
-def test_rollout_unlikelihood_on_two_processes_equals_one(assets, tmp_path, mode, routing):
+@pytest.mark.parametrize("mode, routing, distill", [("fsdp", "plan:every:2+every:3", 0.0),
+                                                    ("ddp", "plan:every:2+every:3", 0.0),
+                                                    ("fsdp", "mix:rcla|plan:every:2", 0.0),
+                                                    ("fsdp", "plan:every:2+every:3", 0.5)])
+def test_rollout_unlikelihood_on_two_processes_equals_one(assets, tmp_path, mode, routing, distill):
     """Greedy rollouts under the drawn plan on every rank, their loss divided by all ranks' continuation tokens;
-    in a mix, on the steps that draw the plan only (every rank draws alike)."""
+    in a mix, on the steps that draw the plan only (every rank draws alike); with ``--seq-distill`` the
+    frozen start, sharded, reads the rollouts as their teacher."""
     flags = dict(routing=routing, seq_unlikelihood=1.0, seq_ul_prefix=8, seq_ul_length=8)
-    ref = train_one_process(assets, tmp_path / "one", **flags)
+    extra = dict(seq_distill=distill, distill_from="base") if distill else {}
+    ref = train_one_process(assets, tmp_path / "one", **flags, **extra)
     out = tmp_path / mode
     torchrun(2, cli_args(assets, out, 2, *(["--fsdp"] if mode == "fsdp" else []), "--routing", flags["routing"],
-                         "--seq-unlikelihood", "1", "--seq-ul-prefix", "8", "--seq-ul-length", "8"))
+                         "--seq-unlikelihood", "1", "--seq-ul-prefix", "8", "--seq-ul-length", "8",
+                         *(["--seq-distill", str(distill), "--distill-from", "base"] if distill else [])))
     assert_same_run(out, ref)
     got, want = read_metrics(out), read_metrics(ref)
-    rolled = [r["repeated"] > 0 for r in want if "loss" in r]
+    rolled = [r["repeated"] > 0 or r["seq_distill"] > 0 for r in want if "loss" in r]
     assert all(rolled) if routing.startswith("plan:") else any(rolled) and not all(rolled)
-    torch.testing.assert_close([r["seq_unlikelihood"] for r in got if "loss" in r],
-                               [r["seq_unlikelihood"] for r in want if "loss" in r], rtol=0, atol=1e-5)
+    for key in ("seq_unlikelihood", "seq_distill"):
+        torch.testing.assert_close([r[key] for r in got if "loss" in r], [r[key] for r in want if "loss" in r],
+                                   rtol=0, atol=1e-5)
+    assert all(r["seq_distill"] > 0 for r in want if "loss" in r) == bool(distill)
 
 
 def test_fsdp_trains_pair_maps_like_one_process(assets, tmp_path):

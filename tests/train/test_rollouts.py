@@ -1,5 +1,6 @@
-"""Sequence-level unlikelihood (kvroute.train.rollouts, ``--seq-unlikelihood``): the mask, the loss, the
-greedy rollout through a plan's cache, and training with it, token-exact across micro-batches."""
+"""Sequence-level unlikelihood and on-policy distillation on greedy rollouts (kvroute.train.rollouts,
+``--seq-unlikelihood``, ``--seq-distill``): the mask, the losses, the greedy rollout through a plan's
+cache, and training with them, token-exact across micro-batches."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import kvroute
 from kvroute.train import TrainConfig, greedy_rollout, repeated_ngram_mask, sequence_unlikelihood, train
 from kvroute.train import read_metrics
 from kvroute.train import rollouts
+from kvroute.hf.patch import ROUTE_ARG
 from textkit import make_model_dir, write_corpus
 from train_helpers import accumulated_grads
 
@@ -155,7 +157,7 @@ def test_a_mix_rolls_out_on_the_passes_that_draw_a_plan_only(assets, tmp_path, m
         kvroute.set_plan(model, "every:2")
         ids = real(model, prompts, 12)
         model.train()
-        total, _ = rollout_loss(model, ids, 8, 2, every2.source)
+        total, _, _ = rollout_loss(model, ids, 8, 2, every2.source)
         (total / (sum(drawn) * 2 * 12)).backward()
     # every:2 skips the K/V projections of layers 1 and 3: only the R-CLA passes' LM loss reaches them
     hand = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
@@ -184,7 +186,7 @@ def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_
     model.eval()
     ids = greedy_rollout(model, batch["input_ids"][:, :8], 12)
     model.train()
-    total, _ = rollout_loss(model, ids, 8, 2, get_router(model).plan.source)
+    total, _, _ = rollout_loss(model, ids, 8, 2, get_router(model).plan.source)
     (total / (4 * 12)).backward()
     hand = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert hand.keys() == one.keys() and total.item() > 0
@@ -193,14 +195,14 @@ def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_
         torch.testing.assert_close(two[name] - zero[name], 2 * hand[name], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("data", ["text", "mix", "mix-text-prompts"])
+@pytest.mark.parametrize("data", ["text", "mix", "mix-text-prompts", "text-distill"])
 def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data):
     """One batch of 4 rows and 2 or 4 micro-batches of the same rows: the same gradient, also when
     padded QA rows too short to prompt a rollout share micro-batches with text rows, and when
     ``--seq-ul-prompts text`` keeps QA rows long enough to prompt from rolling out."""
     from textkit import write_qa
 
-    extra = {}
+    extra = dict(seq_distill=0.5) if data == "text-distill" else {}
     if data == "mix-text-prompts":  # the same rows; a 16-token prompt would fit the 21-token QA rows
         extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
                      seq_ul_prefix=16, seq_ul_prompts="text", seed=0)
@@ -215,7 +217,7 @@ def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data
     one = _grads(assets, tmp_path / "one", batch_size=4, **extra)
     two = _grads(assets, tmp_path / "two", batch_size=2, grad_accum=2, **extra)
     four = _grads(assets, tmp_path / "four", batch_size=1, grad_accum=4, **extra)
-    zero = _grads(assets, tmp_path / "zero", batch_size=4, **{**extra, "seq_unlikelihood": 0.0})
+    zero = _grads(assets, tmp_path / "zero", batch_size=4, **{**extra, "seq_unlikelihood": 0.0, "seq_distill": 0.0})
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-6)
@@ -284,6 +286,10 @@ def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, prompted
     (dict(routing="none"), "needs --routing plan:SPEC"),
     (dict(routing="mix:rcla|cla:2"), "needs --routing plan:SPEC"),  # a mix that names no plan
     (dict(seq_unlikelihood=-1.0), "--seq-unlikelihood must be >= 0"),
+    (dict(seq_distill=-1.0), "--seq-distill must be >= 0"),
+    (dict(seq_unlikelihood=0.0, seq_distill=1.0, routing="rcla"), "^--seq-distill trains on greedy text .* needs"),
+    (dict(seq_distill=1.0, routing="none"), "^--seq-unlikelihood and --seq-distill trains on greedy text"),
+    (dict(seq_unlikelihood=0.0, seq_distill=1.0, seq_ul_prefix=32), "--seq-ul-prefix 32 must be shorter"),
     (dict(seq_ul_prefix=32), "--seq-ul-prefix 32 must be shorter than --seq-len 32"),
     (dict(seq_ul_length=0), "--seq-ul-length must be a positive integer"),
     (dict(seq_ul_ngram=0), "--seq-ul-ngram must be a positive integer"),
@@ -313,3 +319,66 @@ def test_rollouts_train_a_lora_model_and_with_gradient_checkpointing(assets, tmp
         train(config(assets, tmp_path / name, **extra), callbacks=[infos.append])
         assert all(i.seq_unlikelihood > 0 and math.isfinite(i.loss) for i in infos), name
         assert kvroute.load(tmp_path / name / "final").config.kvroute["plan"] == "every:2"
+
+
+def test_rollout_distillation_is_the_teachers_kl_at_the_continuation_tokens():
+    """``rollout_loss`` with teacher logits: KL(teacher || student) summed over the positions that
+    predict a continuation token (start - 1 to T - 2), computed by hand; none without a teacher."""
+    from kvroute.train.rollouts import rollout_loss
+
+    torch.manual_seed(0)
+    vocab, ids = 7, torch.tensor([[1, 2, 3, 4, 5, 6], [2, 2, 2, 2, 2, 2]])
+    student, teacher = torch.randn(2, 6, vocab), torch.randn(2, 6, vocab)
+
+    class Fixed(torch.nn.Module):  # a "model" whose logits are given
+        def forward(self, input_ids, use_cache, **kwargs):
+            return type("Out", (), {"logits": student})()
+
+    ul, marked, kl = rollout_loss(Fixed(), ids, 3, 2, (0,), teacher)
+    s, t = student.log_softmax(-1), teacher.log_softmax(-1)
+    want = sum(float((t[b, i].exp() * (t[b, i] - s[b, i])).sum()) for b in range(2) for i in range(2, 5))
+    assert kl.item() == pytest.approx(want, rel=1e-5) and kl.item() > 0
+    assert marked == 3 and ul.item() > 0  # row 1 repeats (2, 2) from the start on
+    assert rollout_loss(Fixed(), ids, 3, 2, (0,))[2].item() == 0.0
+    same = rollout_loss(Fixed(), ids, 3, 2, (0,), student.clone())[2]
+    assert same.item() == pytest.approx(0.0, abs=1e-5)  # a student that is its teacher
+
+
+@pytest.mark.parametrize("teacher", ["self", "base"])
+def test_rollout_distillation_gradient_is_the_weighted_mean_kl_over_continuation_tokens(assets, tmp_path, teacher):
+    """``--seq-distill W``: the step's gradient minus the LM's is W x d/dθ [summed KL to the full-cache
+    teacher over the rollouts' continuation tokens / (rows x length)], computed by hand. At the first
+    step the frozen start (``--distill-from base``) is the model itself, so both teachers give it."""
+    from kvroute.hf.patch import get_router
+    from kvroute.train import _Run
+    from kvroute.train.rollouts import rollout_loss
+
+    flags = dict(seq_unlikelihood=0.0, distill_from=teacher)
+    zero = _grads(assets, tmp_path / "w0", **flags)
+    one = _grads(assets, tmp_path / "w1", seq_distill=1.0, **flags)
+    run = _Run(config(assets, tmp_path / "hand", max_steps=1, seq_distill=1.0, **flags))
+    assert (run.base is not None) == (teacher == "base")
+    model, batch = run.plain, run.batches(0)
+    model.eval()
+    ids = greedy_rollout(model, batch["input_ids"][:, :8], 12)
+    model.train()
+    router = get_router(model)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False, **{ROUTE_ARG: router.identity()}).logits
+    _, _, kl = rollout_loss(model, ids, 8, 2, router.plan.source, full)
+    (kl / (4 * 12)).backward()
+    hand = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert hand.keys() == one.keys() and kl.item() > 0
+    for name in one:
+        torch.testing.assert_close(one[name] - zero[name], hand[name], rtol=1e-3, atol=1e-6)
+
+
+def test_training_logs_the_rollout_distillation(assets, tmp_path):
+    infos = []
+    train(config(assets, tmp_path / "run", seq_distill=0.5), callbacks=[infos.append])
+    for i in infos:
+        assert i.seq_distill > 0 and i.repeated > 0
+        assert i.loss == pytest.approx(i.lm_loss + i.seq_unlikelihood + 0.5 * i.seq_distill, rel=1e-5)
+    header = (tmp_path / "run" / "train.csv").read_text().splitlines()[0].split(",")
+    assert "seq_distill" in header
+    assert all(r["seq_distill"] > 0 for r in read_metrics(tmp_path / "run") if "loss" in r)

@@ -90,6 +90,12 @@ class TrainConfig:
             ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing, or a mix
             with a ``plan:`` part: the rollouts run under the plans the model will serve, so in a mix
             only the micro-batches that draw one of those plans roll out.
+        seq_distill: weight of on-policy distillation on the same greedy rollouts (0: off): at every
+            continuation token, KL(teacher || routed student), the teacher (``distill_from``) reading
+            the full cache over the text the student wrote under the plan. Sequence-level
+            unlikelihood only pushes repeats down; this says what to write instead. It rolls out as
+            ``seq_unlikelihood`` does (the same ``seq_ul_*`` settings and routing needs), per
+            continuation token.
         seq_ul_prefix: prompt tokens of each rollout; padded rows (QA) with fewer tokens do not roll out.
         seq_ul_prompts: which rows prompt rollouts: ``all``, or ``text``: only rows whose first
             ``seq_ul_prefix`` tokens are all trained on (running text; a QA record's context is not),
@@ -154,6 +160,7 @@ class TrainConfig:
     distill_from: Teacher = "self"
     unlikelihood: float = 0.0
     seq_unlikelihood: float = 0.0
+    seq_distill: float = 0.0
     seq_ul_prefix: int = 32
     seq_ul_prompts: RolloutPrompts = "all"
     seq_ul_length: int = 48
@@ -217,7 +224,8 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood"):
+        for name in ("weight_decay", "grad_clip", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood",
+                     "seq_distill"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("warmup", "val_fraction"):
@@ -230,14 +238,15 @@ class TrainConfig:
             raise ValueError(f"--betas must be two numbers in [0, 1), got {self.betas}")
         if self.fsdp and self.lora_r:
             raise ValueError("--fsdp with LoRA (--lora-r) is not supported; use DDP (leave out --fsdp) for LoRA")
-        if self.seq_unlikelihood > 0 and not policy.drawn_plans:
-            raise ValueError(f"--seq-unlikelihood trains on greedy text written under the plans the model will "
+        rollouts = self.rollouts
+        if rollouts and not policy.drawn_plans:
+            raise ValueError(f"{rollouts} trains on greedy text written under the plans the model will "
                              f"serve: it needs --routing plan:SPEC (e.g. plan:every:2+every:4) or a mix with a "
                              f"plan: part (e.g. mix:rcla|plan:every:2), not {policy.spec!r}")
-        if self.seq_unlikelihood > 0 and self.seq_ul_prefix >= self.seq_len:
+        if rollouts and self.seq_ul_prefix >= self.seq_len:
             raise ValueError(f"--seq-ul-prefix {self.seq_ul_prefix} must be shorter than --seq-len {self.seq_len}: "
                              "the rollouts start from the first tokens of each training row")
-        if self.seq_unlikelihood > 0 and self.seq_ul_prompts == "text" and self.data_kind == "qa":
+        if rollouts and self.seq_ul_prompts == "text" and self.data_kind == "qa":
             raise ValueError("--seq-ul-prompts text rolls out from running text, and --data holds QA records "
                              "only; add text sources or use --seq-ul-prompts all")
         if self.pair_maps and not policy.routes:
@@ -251,6 +260,12 @@ class TrainConfig:
             raise ValueError(f"--pair-lr must be positive, got {self.pair_lr}")
         if not parse_plan_list(self.eval_plans):
             raise ValueError("--eval-plans: give at least one plan, e.g. full,every:2")
+
+    @property
+    def rollouts(self) -> str:
+        """The flags that train on greedy rollouts under the plans (``--seq-unlikelihood``, ``--seq-distill``),
+        joined by `` and ``; empty when neither is on."""
+        return " and ".join(_flag(n) for n in ("seq_unlikelihood", "seq_distill") if getattr(self, n) > 0)
 
     @property
     def policy(self) -> RoutingPolicy:
@@ -313,7 +328,7 @@ def _check_inputs(config: TrainConfig):
     if limit is not None and config.seq_len > limit:
         raise ValueError(f"--seq-len {config.seq_len} is above the model's maximum of {limit} positions")
     rollout = config.seq_ul_prefix + config.seq_ul_length
-    if config.seq_unlikelihood > 0 and limit is not None and rollout > limit:
+    if config.rollouts and limit is not None and rollout > limit:
         raise ValueError(f"--seq-ul-prefix + --seq-ul-length = {rollout} is above the model's maximum of "
                          f"{limit} positions")
     _check_routing(config, text_config)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_COLUMNS = ("step", "loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood",
-                 "repeated", "lr", "grad_norm", "tokens", "tok_per_s")
+                 "repeated", "seq_distill", "lr", "grad_norm", "tokens", "tok_per_s")
 EVAL_COLUMNS = ("step", "plan", "loss", "ppl")
 
 
@@ -41,6 +41,8 @@ class StepInfo:
     #: that repeat an n-gram (``--seq-unlikelihood``; 0 when off)
     seq_unlikelihood: float = 0.0
     repeated: float = 0.0
+    #: on-policy distillation on the same rollouts, per continuation token (``--seq-distill``; 0 when off)
+    seq_distill: float = 0.0
 
 
 class MetricsLog:
@@ -84,8 +86,8 @@ class MetricsLog:
         self._append(record)
         _append_csv(self.train_csv, TRAIN_COLUMNS, record)
         if self.writer is not None:
-            for key in ("loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood", "repeated", "lr",
-                        "tok_per_s", "grad_norm"):
+            for key in ("loss", "lm_loss", "distill", "distill_hidden", "unlikelihood", "seq_unlikelihood", "repeated",
+                        "seq_distill", "lr", "tok_per_s", "grad_norm"):
                 if record.get(key) is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], info.step)
 

@@ -95,7 +95,7 @@ class _Run:
 
         _seed_everything(c.seed)  # LoRA initialisation and dropout follow --seed
         model = _starting_model(c, self.tokenizer)
-        distill_base = (c.distill > 0 or c.distill_hidden > 0) and c.distill_from == "base"
+        distill_base = (c.distill > 0 or c.distill_hidden > 0 or c.seq_distill > 0) and c.distill_from == "base"
         self.base = None  # frozen teacher; with LoRA the model itself with its adapters off
         if distill_base and c.lora_r == 0:
             self.base = _frozen_teacher(model, acc.device, c.fsdp)
@@ -156,21 +156,21 @@ class _Run:
                    for k in range(c.grad_accum)]
         self.micro += c.grad_accum
         routes = [self.router.sample() for _ in batches]  # each pass's route, passed to its forward explicitly
-        rolls = [c.seq_unlikelihood > 0 and route in self.plan_of_route for route in routes]
+        rolls = [bool(c.rollouts) and route in self.plan_of_route for route in routes]
         rollout_tokens = c.seq_ul_length * sum(int(self.rollout_rows(b).sum()) for b, roll in zip(batches, rolls) if roll)
         counted, rolled = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches)),
                                                   float(rollout_tokens)], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
         rollout_scale = acc.num_processes / float(rolled.clamp(min=1))
-        # summed token losses: loss, lm, distill, distill_hidden, ul; then sequence-level ul and the
-        # repeated tokens of the rollouts (per continuation token)
-        sums = torch.zeros(7, device=acc.device)
+        # summed token losses: loss, lm, distill, distill_hidden, ul; then the rollouts' sequence-level
+        # ul, repeated tokens and on-policy distillation (per continuation token)
+        sums = torch.zeros(8, device=acc.device)
         hidden = c.distill_hidden > 0
         tokens = 0
         for k, (batch, route, roll) in enumerate(zip(batches, routes, rolls)):
             last = k == c.grad_accum - 1
             if roll:  # its own forward and backward, never the one that syncs gradients
-                sums[5:] += self.rollout_unlikelihood(batch, route, rollout_scale)
+                sums[5:] += self.rollout_losses(batch, route, rollout_scale)
             sharding.set_gradient_sync(model, last)
             with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(model):
                 with self.autocast():
@@ -204,12 +204,12 @@ class _Run:
         self._check_same_routes(routes)
         summed = self._sum(sums)
         totals = summed[:5] / counted.clamp(min=1)
-        seq_ul, repeated = (summed[5:] / rolled.clamp(min=1)).tolist()
+        seq_ul, repeated, seq_kl = (summed[5:] / rolled.clamp(min=1)).tolist()
         tokens *= acc.num_processes
         elapsed = max(time.perf_counter() - t0, 1e-9)
-        return StepInfo(self.step, float(totals[0]) + c.seq_unlikelihood * seq_ul, float(totals[1]), float(totals[2]),
-                        lr, grad_norm, tokens, tokens / elapsed, routes, float(totals[3]), float(totals[4]),
-                        seq_ul, repeated)
+        return StepInfo(self.step, float(totals[0]) + c.seq_unlikelihood * seq_ul + c.seq_distill * seq_kl,
+                        float(totals[1]), float(totals[2]), lr, grad_norm, tokens, tokens / elapsed, routes,
+                        float(totals[3]), float(totals[4]), seq_ul, repeated, seq_kl)
 
     def rollout_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)`` bool: the rows that prompt a rollout: ``seq_ul_prefix`` real tokens, and with
@@ -226,18 +226,19 @@ class _Run:
             rows &= (batch["labels"][:, :c.seq_ul_prefix] != IGNORE_INDEX).all(1)  # prompt is all trained text
         return rows
 
-    def rollout_unlikelihood(self, batch: dict[str, torch.Tensor], route: tuple[int, ...],
-                             scale: float) -> torch.Tensor:
-        """Sequence-level unlikelihood of one micro-batch under ``route``'s plan: forward and backward.
+    def rollout_losses(self, batch: dict[str, torch.Tensor], route: tuple[int, ...], scale: float) -> torch.Tensor:
+        """The rollout losses of one micro-batch under ``route``'s plan (sequence-level unlikelihood,
+        on-policy distillation): forward and backward.
 
         Greedily continues the first ``seq_ul_prefix`` tokens of each row that has them
         (:meth:`rollout_rows`) through the plan's cache, in eval mode, then trains on the
         continuations under the same route with gradients accumulating locally (the micro-batch's
-        LM backward syncs them). A micro-batch without such a row rolls out its first row's tokens
+        LM backward syncs them); with ``seq_distill`` the teacher (:meth:`teacher`) reads them
+        under the full cache first. A micro-batch without such a row rolls out its first row's tokens
         at weight 0, so that every process makes the same forward calls (FSDP2 gathers in each).
 
         Returns:
-            ``(summed unlikelihood, repeated tokens)`` of the micro-batch, detached.
+            ``(summed unlikelihood, repeated tokens, summed KL)`` of the micro-batch, detached.
         """
         c, acc = self.config, self.accelerator
         keep = self.rollout_rows(batch)
@@ -248,13 +249,14 @@ class _Run:
         with plans_in_eval(self.model, self.plain), self.autocast():
             set_plan(self.plain, self.plan_of_route[route])
             ids = greedy_rollout(self.plain, prompts, c.seq_ul_length)
+        teacher = self.teacher({"input_ids": ids}).logits if c.seq_distill > 0 else None
         sharding.set_gradient_sync(self.model, False)
         with contextlib.nullcontext() if self.fsdp else acc.no_sync(self.model):
             with self.autocast():
-                total, repeated = rollout_loss(self.model, ids, prompts.shape[1], c.seq_ul_ngram, route)
-            total = total * weight
-            acc.backward(total * (c.seq_unlikelihood * scale))
-        return torch.stack([total.detach(), torch.tensor(float(repeated * weight), device=total.device)])
+                total, repeated, kl = rollout_loss(self.model, ids, prompts.shape[1], c.seq_ul_ngram, route, teacher)
+            total, kl = total * weight, kl * weight
+            acc.backward((c.seq_unlikelihood * total + c.seq_distill * kl) * scale)
+        return torch.stack([total.detach(), torch.tensor(float(repeated * weight), device=total.device), kl.detach()])
 
     def _check_same_routes(self, routes: list[tuple[int, ...]]) -> None:
         """Every process must have drawn the same routes (the same seed, the same number of passes)."""
@@ -344,7 +346,9 @@ def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] | Non
             if info.step % c.log_every == 0 or info.step == c.max_steps:
                 log.step(info)
             bar.update(1)
-            extra = {"repeated": f"{info.repeated:.2f}"} if c.seq_unlikelihood else {}
+            extra = {"repeated": f"{info.repeated:.2f}"} if c.rollouts else {}
+            if c.seq_distill:
+                extra["seq_kl"] = f"{info.seq_distill:.3f}"
             bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.2e}", tok_s=f"{info.tok_per_s:.0f}", **extra)
             for callback in callbacks or []:
                 callback(info)

@@ -5,7 +5,9 @@ where the model seldom repeats itself, and leaves greedy loops under a shared pl
 are. The sequence-level form trains on what the model writes: it continues a prefix greedily
 under the plan (:func:`greedy_rollout`, through the plan's shared cache), marks every token
 that completes or continues an n-gram already in the row (:func:`repeated_ngram_mask`), and
-pushes those tokens down by ``-log(1 - p)`` (:func:`sequence_unlikelihood`).
+pushes those tokens down by ``-log(1 - p)`` (:func:`sequence_unlikelihood`). On-policy
+distillation (``--seq-distill``) trains on the same rollouts: the student under the plan is pulled
+to a full-cache teacher's next-token distribution over the text the student wrote.
 
 ``kvroute train --seq-unlikelihood W`` runs this on every micro-batch under the plan the
 micro-batch draws (``--routing plan:A+B``); see :mod:`kvroute.train.loop`.
@@ -22,7 +24,8 @@ import torch
 
 from kvroute.hf.compat import cache_kwargs, output_cache
 from kvroute.hf.patch import ROUTE_ARG
-from kvroute.train.losses import pushed_down
+from kvroute.data.qa import IGNORE_INDEX
+from kvroute.train.losses import distill_kl, pushed_down
 
 
 def repeated_ngram_mask(ids: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -78,13 +81,20 @@ def greedy_rollout(model: torch.nn.Module, prefix: torch.Tensor, length: int) ->
     return ids
 
 
-def rollout_loss(model: torch.nn.Module, ids: torch.Tensor, start: int, n: int,
-                 route: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    """The summed sequence-level unlikelihood of rollouts ``ids`` under ``route``, and how many tokens it marks.
+def rollout_loss(model: torch.nn.Module, ids: torch.Tensor, start: int, n: int, route: tuple[int, ...],
+                 teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The summed losses of rollouts ``ids`` under ``route``: sequence-level unlikelihood, how many
+    tokens it marks, and with ``teacher_logits`` (a full-cache forward over ``ids``) the summed
+    KL(teacher || student) at every continuation token (on-policy distillation; else 0).
 
     ``model`` runs in training mode with gradients; ``route`` is passed by value as the forward's
     :data:`~kvroute.hf.patch.ROUTE_ARG`, so the pass reads the KV the plan's cache would.
     """
     mask = repeated_ngram_mask(ids, start, n)
     logits = model(input_ids=ids, use_cache=False, **{ROUTE_ARG: route}).logits
-    return sequence_unlikelihood(logits, ids, mask, "sum"), int(mask[:, 1:].sum())
+    kl = torch.zeros((), device=logits.device)
+    if teacher_logits is not None:
+        continuation = ids.clone()
+        continuation[:, :start] = IGNORE_INDEX  # the positions that predict a continuation token
+        kl = distill_kl(logits, teacher_logits, continuation, reduction="sum")
+    return sequence_unlikelihood(logits, ids, mask, "sum"), int(mask[:, 1:].sum()), kl
