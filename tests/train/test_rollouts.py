@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import kvroute
+from kvroute.hf.patch import ROUTE_ARG
 from kvroute.train import TrainConfig, greedy_rollout, repeated_ngram_mask, sequence_unlikelihood, train
 from kvroute.train import read_metrics
 from kvroute.train import rollouts
-from kvroute.hf.patch import ROUTE_ARG
 from textkit import make_model_dir, write_corpus
 from train_helpers import accumulated_grads
 
@@ -321,33 +321,38 @@ def test_rollouts_train_a_lora_model_and_with_gradient_checkpointing(assets, tmp
         assert kvroute.load(tmp_path / name / "final").config.kvroute["plan"] == "every:2"
 
 
-def test_rollout_distillation_is_the_teachers_kl_at_the_continuation_tokens():
+def test_rollout_distillation_is_the_teachers_kl_up_to_the_first_repeat():
     """``rollout_loss`` with teacher logits: KL(teacher || student) summed over the positions that
-    predict a continuation token (start - 1 to T - 2), computed by hand; none without a teacher."""
+    predict a continuation token up to and including the row's first marked (repeating) one, computed
+    by hand; none without a teacher."""
     from kvroute.train.rollouts import rollout_loss
 
     torch.manual_seed(0)
-    vocab, ids = 7, torch.tensor([[1, 2, 3, 4, 5, 6], [2, 2, 2, 2, 2, 2]])
-    student, teacher = torch.randn(2, 6, vocab), torch.randn(2, 6, vocab)
+    vocab, start = 9, 3
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8],   # no repeat: tokens 3-7 count
+                        [1, 2, 3, 4, 5, 1, 2, 7]])  # (1, 2) repeats at 5-6: tokens 3-5 count
+    student, teacher = torch.randn(2, 8, vocab), torch.randn(2, 8, vocab)
 
     class Fixed(torch.nn.Module):  # a "model" whose logits are given
         def forward(self, input_ids, use_cache, **kwargs):
             return type("Out", (), {"logits": student})()
 
-    ul, marked, kl = rollout_loss(Fixed(), ids, 3, 2, (0,), teacher)
+    ul, marked, kl = rollout_loss(Fixed(), ids, start, 2, (0,), teacher)
+    assert marked == 2 and ul.item() > 0
     s, t = student.log_softmax(-1), teacher.log_softmax(-1)
-    want = sum(float((t[b, i].exp() * (t[b, i] - s[b, i])).sum()) for b in range(2) for i in range(2, 5))
+    counted = {0: range(2, 7), 1: range(2, 5)}  # the positions predicting tokens 3-7 and 3-5
+    want = sum(float((t[b, i].exp() * (t[b, i] - s[b, i])).sum()) for b, rows in counted.items() for i in rows)
     assert kl.item() == pytest.approx(want, rel=1e-5) and kl.item() > 0
-    assert marked == 3 and ul.item() > 0  # row 1 repeats (2, 2) from the start on
-    assert rollout_loss(Fixed(), ids, 3, 2, (0,))[2].item() == 0.0
-    same = rollout_loss(Fixed(), ids, 3, 2, (0,), student.clone())[2]
+    assert rollout_loss(Fixed(), ids, start, 2, (0,))[2].item() == 0.0
+    same = rollout_loss(Fixed(), ids, start, 2, (0,), student.clone())[2]
     assert same.item() == pytest.approx(0.0, abs=1e-5)  # a student that is its teacher
 
 
 @pytest.mark.parametrize("teacher", ["self", "base"])
 def test_rollout_distillation_gradient_is_the_weighted_mean_kl_over_continuation_tokens(assets, tmp_path, teacher):
     """``--seq-distill W``: the step's gradient minus the LM's is W x d/dθ [summed KL to the full-cache
-    teacher over the rollouts' continuation tokens / (rows x length)], computed by hand. At the first
+    teacher over the rollouts' continuation tokens up to each row's first repeat / (rows x length)],
+    computed by hand. At the first
     step the frozen start (``--distill-from base``) is the model itself, so both teachers give it."""
     from kvroute.hf.patch import get_router
     from kvroute.train import _Run

@@ -90,12 +90,12 @@ class TrainConfig:
             ``seq_ul_ngram`` tokens, per continuation token. Needs ``plan:SPEC`` routing, or a mix
             with a ``plan:`` part: the rollouts run under the plans the model will serve, so in a mix
             only the micro-batches that draw one of those plans roll out.
-        seq_distill: weight of on-policy distillation on the same greedy rollouts (0: off): at every
-            continuation token, KL(teacher || routed student), the teacher (``distill_from``) reading
-            the full cache over the text the student wrote under the plan. Sequence-level
-            unlikelihood only pushes repeats down; this says what to write instead. It rolls out as
-            ``seq_unlikelihood`` does (the same ``seq_ul_*`` settings and routing needs), per
-            continuation token.
+        seq_distill: weight of on-policy distillation on the same greedy rollouts (0: off): at each
+            continuation token up to and including the first that repeats an n-gram, KL(teacher ||
+            routed student), the teacher (``distill_from``) reading the full cache over the text the
+            student wrote under the plan. Sequence-level unlikelihood only pushes repeats down; this
+            says what to write instead. It rolls out as ``seq_unlikelihood`` does (the same
+            ``seq_ul_*`` settings and routing needs), per continuation token.
         seq_ul_prefix: prompt tokens of each rollout; padded rows (QA) with fewer tokens do not roll out.
         seq_ul_prompts: which rows prompt rollouts: ``all``, or ``text``: only rows whose first
             ``seq_ul_prefix`` tokens are all trained on (running text; a QA record's context is not),

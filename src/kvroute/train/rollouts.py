@@ -7,7 +7,8 @@ under the plan (:func:`greedy_rollout`, through the plan's shared cache), marks 
 that completes or continues an n-gram already in the row (:func:`repeated_ngram_mask`), and
 pushes those tokens down by ``-log(1 - p)`` (:func:`sequence_unlikelihood`). On-policy
 distillation (``--seq-distill``) trains on the same rollouts: the student under the plan is pulled
-to a full-cache teacher's next-token distribution over the text the student wrote.
+to a full-cache teacher's next-token distribution over the text the student wrote, up to where it
+starts repeating itself.
 
 ``kvroute train --seq-unlikelihood W`` runs this on every micro-batch under the plan the
 micro-batch draws (``--routing plan:A+B``); see :mod:`kvroute.train.loop`.
@@ -85,7 +86,9 @@ def rollout_loss(model: torch.nn.Module, ids: torch.Tensor, start: int, n: int, 
                  teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The summed losses of rollouts ``ids`` under ``route``: sequence-level unlikelihood, how many
     tokens it marks, and with ``teacher_logits`` (a full-cache forward over ``ids``) the summed
-    KL(teacher || student) at every continuation token (on-policy distillation; else 0).
+    KL(teacher || student) at each continuation token up to and including a row's first marked
+    one (on-policy distillation; else 0). Past that token the teacher reads the student's loop
+    and, copying it, would teach the loop (distilling at every token made loops worse; docs/RESULTS.md).
 
     ``model`` runs in training mode with gradients; ``route`` is passed by value as the forward's
     :data:`~kvroute.hf.patch.ROUTE_ARG`, so the pass reads the KV the plan's cache would.
@@ -94,7 +97,8 @@ def rollout_loss(model: torch.nn.Module, ids: torch.Tensor, start: int, n: int, 
     logits = model(input_ids=ids, use_cache=False, **{ROUTE_ARG: route}).logits
     kl = torch.zeros((), device=logits.device)
     if teacher_logits is not None:
-        continuation = ids.clone()
-        continuation[:, :start] = IGNORE_INDEX  # the positions that predict a continuation token
+        clean = mask.cumsum(1) - mask.long() == 0  # no marked token before: up to the first marked one
+        continuation = ids.masked_fill(~clean, IGNORE_INDEX)
+        continuation[:, :start] = IGNORE_INDEX  # the positions that predict a clean continuation token
         kl = distill_kl(logits, teacher_logits, continuation, reduction="sum")
     return sequence_unlikelihood(logits, ids, mask, "sum"), int(mask[:, 1:].sum()), kl
