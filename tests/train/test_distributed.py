@@ -54,16 +54,18 @@ def one_process(assets, tmp_path_factory) -> Path:
     return train_one_process(assets, tmp_path_factory.mktemp("one") / "run")
 
 
-def assert_same_run(run: Path, ref: Path) -> None:
+def assert_same_run(run: Path, ref: Path, atol: float = 1e-5) -> None:
+    """The same routes, losses and gradient norms step by step, and the same final weights (to ``atol``)."""
     got, want = steps(run), steps(ref)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["route"] for r in got] == [r["route"] for r in want]  # the same draws as one process
     torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=0, atol=1e-5)
+    torch.testing.assert_close([r["grad_norm"] for r in got], [r["grad_norm"] for r in want], rtol=1e-4, atol=0)
     a = kvroute.load_model(run / "final").state_dict()
     b = kvroute.load_model(ref / "final").state_dict()
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
@@ -100,7 +102,10 @@ def test_rollout_unlikelihood_on_two_processes_equals_one(assets, tmp_path, mode
     torchrun(2, cli_args(assets, out, 2, *(["--fsdp"] if mode == "fsdp" else []), "--routing", flags["routing"],
                          "--seq-unlikelihood", "1", "--seq-ul-prefix", "8", "--seq-ul-length", "8",
                          *(["--seq-distill", str(distill), "--distill-from", "base"] if distill else [])))
-    assert_same_run(out, ref)
+    # the KL's gradient, p_student - p_teacher, is a difference of near-equal numbers (the teacher is the
+    # start), so the summation order across ranks moves a few weights by up to 3e-5 after Adam's
+    # second step (one process split into micro-batches agrees to 1e-6); the losses agree to 1e-5
+    assert_same_run(out, ref, atol=1e-4 if distill else 1e-5)
     got, want = read_metrics(out), read_metrics(ref)
     rolled = [r["repeated"] > 0 or r["seq_distill"] > 0 for r in want if "loss" in r]
     assert all(rolled) if routing.startswith("plan:") else any(rolled) and not all(rolled)

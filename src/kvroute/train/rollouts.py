@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from kvroute.data.qa import IGNORE_INDEX
 from kvroute.hf.compat import cache_kwargs, output_cache
 from kvroute.hf.patch import ROUTE_ARG
-from kvroute.data.qa import IGNORE_INDEX
 from kvroute.train.losses import distill_kl, pushed_down
 
 
