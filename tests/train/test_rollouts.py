@@ -352,8 +352,8 @@ def test_rollout_distillation_is_the_teachers_kl_up_to_the_first_repeat():
 def test_rollout_distillation_gradient_is_the_weighted_mean_kl_over_continuation_tokens(assets, tmp_path, teacher):
     """``--seq-distill W``: the step's gradient minus the LM's is W x d/dθ [summed KL to the full-cache
     teacher over the rollouts' continuation tokens up to each row's first repeat / (rows x length)],
-    computed by hand. At the first
-    step the frozen start (``--distill-from base``) is the model itself, so both teachers give it."""
+    computed by hand. At the first step the frozen start (``--distill-from base``) is the model itself,
+    so both teachers give it."""
     from kvroute.hf.patch import get_router
     from kvroute.train import _Run
     from kvroute.train.rollouts import rollout_loss
