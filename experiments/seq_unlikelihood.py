@@ -46,6 +46,7 @@ from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
 from kvroute.hf.patch import PlanMismatchWarning  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
+from kvroute.plan import parse_plan_list  # noqa: E402
 from kvroute.policy import policy_from_spec  # noqa: E402
 from kvroute.train import TrainConfig, train  # noqa: E402
 from common import append_rows, slug, sotu  # noqa: E402
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows per step: LM rows, each also a rollout's prefix")
     parser.add_argument("--prefix", type=int, default=32)
     parser.add_argument("--continuation", type=int, default=48)
+    parser.add_argument("--per-row", type=int, default=1,
+                        help="rollout prompts per row (kvroute train --seq-ul-per-row), evenly spaced over it")
     parser.add_argument("--ngram", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -111,6 +114,7 @@ def main() -> None:
                          + (f"-sd{args.seq_distill:g}{args.teacher}" if args.seq_distill else "")
                          + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
                          + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else "")
+                         + (f"-x{args.per_row}" if args.per_row != 1 else "")
                          # other plans, another run: a finished run of the name is scored, not retrained
                          + ("-" + args.plans.replace(":", "").replace(",", "-").replace("*", "x")
                             if args.plans != "every:2,every:4" else "")
@@ -132,14 +136,14 @@ def main() -> None:
             model=args.start, output_dir=str(out),
             data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(qa_train)]),
             routing=routing, seq_unlikelihood=args.weight, seq_distill=args.seq_distill, distill_from=args.teacher,
-            seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts,
+            seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts, seq_ul_per_row=args.per_row,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
             device="cpu", eval_every=0, save_every=20, quiet=True, pair_maps=args.pair_maps))
         train_s = round(time.perf_counter() - start, 1)
     tokenizer = load_tokenizer(final)
 
-    scored = ["full", *(args.score_plans.split(",") if args.score_plans else plans)]
+    scored = ["full", *(parse_plan_list(args.score_plans) if args.score_plans else plans)]
     qa_file = args.qa or str(demo / "data/fictional/test.jsonl")
     questions = len(read_qa([qa_file], limit=args.questions, flag="--qa"))  # fewer when the file holds fewer
     writer = evaluate(EvalConfig(checkpoints=[str(final)], plans=",".join(scored), out=str(out / "eval"),
@@ -159,7 +163,7 @@ def main() -> None:
                "qa_records": args.qa_records,
                "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
-               "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "lr": args.lr, "weight": args.weight,
+               "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "per_row": args.per_row, "lr": args.lr, "weight": args.weight,
                "seq_distill": args.seq_distill, "teacher": args.teacher if args.seq_distill else None,
                "seq_distill_tokens": "to the first repeat" if args.seq_distill else None, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,

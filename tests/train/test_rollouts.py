@@ -172,22 +172,25 @@ def _grads(assets, out: Path, **overrides) -> dict[str, torch.Tensor]:
     return accumulated_grads(config(assets, out, grad_clip=0.0, max_steps=1, **overrides))
 
 
-def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_path):
-    """The step's gradient minus the LM's is W x d/dθ [summed unlikelihood / (rows x length)], computed by hand."""
+@pytest.mark.parametrize("per_row", [1, 2])
+def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_path, per_row):
+    """The step's gradient minus the LM's is W x d/dθ [summed unlikelihood / (rollouts x length)], computed
+    by hand; with ``--seq-ul-per-row 2`` each 32-token row prompts at tokens 0 and 16, row by row."""
     from kvroute.hf.patch import get_router
     from kvroute.train import _Run
     from kvroute.train.rollouts import rollout_loss
 
-    zero = _grads(assets, tmp_path / "w0", seq_unlikelihood=0.0)
-    one = _grads(assets, tmp_path / "w1", seq_unlikelihood=1.0)
-    two = _grads(assets, tmp_path / "w2", seq_unlikelihood=2.0)
+    zero = _grads(assets, tmp_path / "w0", seq_unlikelihood=0.0, seq_ul_per_row=per_row)
+    one = _grads(assets, tmp_path / "w1", seq_unlikelihood=1.0, seq_ul_per_row=per_row)
+    two = _grads(assets, tmp_path / "w2", seq_unlikelihood=2.0, seq_ul_per_row=per_row)
     run = _Run(config(assets, tmp_path / "hand", max_steps=1))  # the same start, batch and plan
     model, batch = run.plain, run.batches(0)
     model.eval()
-    ids = greedy_rollout(model, batch["input_ids"][:, :8], 12)
+    prompts = torch.stack([batch["input_ids"][:, o:o + 8] for o in (0, 16)[:per_row]], 1).reshape(-1, 8)
+    ids = greedy_rollout(model, prompts, 12)
     model.train()
     total, _, _ = rollout_loss(model, ids, 8, 2, get_router(model).plan.source)
-    (total / (4 * 12)).backward()
+    (total / (4 * per_row * 12)).backward()
     hand = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert hand.keys() == one.keys() and total.item() > 0
     for name in one:
@@ -195,17 +198,19 @@ def test_rollout_term_is_the_weighted_mean_over_continuation_tokens(assets, tmp_
         torch.testing.assert_close(two[name] - zero[name], 2 * hand[name], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("data", ["text", "mix", "mix-text-prompts", "text-distill"])
+@pytest.mark.parametrize("data", ["text", "mix", "mix-text-prompts", "text-distill", "mix-per-row"])
 def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data):
     """One batch of 4 rows and 2 or 4 micro-batches of the same rows: the same gradient, also when
-    padded QA rows too short to prompt a rollout share micro-batches with text rows, and when
-    ``--seq-ul-prompts text`` keeps QA rows long enough to prompt from rolling out."""
+    padded QA rows too short to prompt a rollout share micro-batches with text rows, when
+    ``--seq-ul-prompts text`` keeps QA rows long enough to prompt from rolling out, and with two
+    prompts per row, of which QA rows have only the first."""
     from textkit import write_qa
 
     extra = dict(seq_distill=0.5) if data == "text-distill" else {}
-    if data == "mix-text-prompts":  # the same rows; a 16-token prompt would fit the 21-token QA rows
+    if data in ("mix-text-prompts", "mix-per-row"):  # the same rows; a 16-token prompt fits the 21-token QA rows
         extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
-                     seq_ul_prefix=16, seq_ul_prompts="text", seed=0)
+                     seq_ul_prefix=16, seed=0)
+        extra.update(seq_ul_prompts="text") if data == "mix-text-prompts" else extra.update(seq_ul_per_row=2)
     if data == "mix":  # QA rows of 21 tokens: shorter than the 24-token prompt, so text rows alone roll out;
         # the first 4 rows are 2 text and 2 QA rows (checked below), so 2 x 2 has a QA-only micro-batch
         extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
@@ -280,8 +285,33 @@ def test_text_prompts_roll_out_from_running_text_only(assets, tmp_path, prompted
     assert infos[0].seq_unlikelihood > 0 and infos[1].loss > 0
 
 
+@pytest.mark.parametrize("per_row, prompts, shapes", [(2, "all", [(6, 16), (4, 16)]), (2, "text", [(4, 16), (1, 16)]),
+                                                     (3, "text", [(6, 16), (1, 16)])])
+def test_prompts_per_row_start_evenly_over_each_row(assets, tmp_path, prompted, per_row, prompts, shapes):
+    """``--seq-ul-per-row K``: each row prompts at tokens 0, 48 // K, ... row by row, where its real (and with
+    ``--seq-ul-prompts text`` trained) tokens cover the window: 21-token QA rows only at token 0."""
+    from textkit import write_qa
+
+    from kvroute.train import _Run
+
+    run = config(assets, tmp_path / "run", data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))],
+                 seq_len=48, seq_ul_prefix=16, seq_ul_prompts=prompts, seq_ul_per_row=per_row, seed=1)
+    first = _Run(config(assets, tmp_path / "probe", data=run.data, seq_len=48, seed=1)).batches(0)
+    assert run.rollout_offsets == ((0, 24) if per_row == 2 else (0, 16, 32))
+    infos = []
+    train(run, callbacks=[infos.append])
+    assert [tuple(p.shape) for p in prompted] == shapes
+    text_rows = first["attention_mask"].sum(1) == 48  # 2 text rows and 2 QA rows of 21 tokens
+    windows = [[first["input_ids"][r, o:o + 16] for o in run.rollout_offsets] for r in range(4)]
+    expected = [w for r in range(4) for k, w in enumerate(windows[r]) if text_rows[r] or (prompts == "all" and k == 0)]
+    assert torch.equal(prompted[0], torch.stack(expected))
+    assert infos[0].seq_unlikelihood > 0 and math.isfinite(infos[1].loss)
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(seq_ul_prompts="prose"), "--seq-ul-prompts must be one of all, text"),
+    (dict(seq_ul_per_row=0), "--seq-ul-per-row must be a positive integer"),
+    (dict(seq_ul_per_row=8), r"--seq-ul-per-row 8 prompts of --seq-ul-prefix 8 tokens start at \[0, 4, .*, 28\]: the last"),
     (dict(routing="rcla"), "needs --routing plan:SPEC"),
     (dict(routing="none"), "needs --routing plan:SPEC"),
     (dict(routing="mix:rcla|cla:2"), "needs --routing plan:SPEC"),  # a mix that names no plan

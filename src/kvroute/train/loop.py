@@ -157,7 +157,7 @@ class _Run:
         self.micro += c.grad_accum
         routes = [self.router.sample() for _ in batches]  # each pass's route, passed to its forward explicitly
         rolls = [bool(c.rollouts) and route in self.plan_of_route for route in routes]
-        rollout_tokens = c.seq_ul_length * sum(int(self.rollout_rows(b).sum()) for b, roll in zip(batches, rolls) if roll)
+        rollout_tokens = c.seq_ul_length * sum(len(self.rollout_prompts(b)) for b, roll in zip(batches, rolls) if roll)
         counted, rolled = self._sum(torch.tensor([float(sum(labelled_tokens(b) for b in batches)),
                                                   float(rollout_tokens)], device=acc.device))
         scale = acc.num_processes / float(counted.clamp(min=1))  # ranks' gradients are averaged
@@ -211,38 +211,45 @@ class _Run:
                         float(totals[1]), float(totals[2]), lr, grad_norm, tokens, tokens / elapsed, routes,
                         float(totals[3]), float(totals[4]), seq_ul, repeated, seq_kl)
 
-    def rollout_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B,)`` bool: the rows that prompt a rollout: ``seq_ul_prefix`` real tokens, and with
-        ``--seq-ul-prompts text`` all of them trained on (running text, not a QA record's context).
+    def rollout_prompts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, seq_ul_prefix)`` token ids: the prompts of the micro-batch's rollouts, row by row.
 
-        A row's prompt never depends on the other rows of its micro-batch, so the rollouts, and the
-        gradient, are the same however the rows are split over micro-batches and processes.
+        Each row offers ``seq_ul_per_row`` windows of ``seq_ul_prefix`` tokens (at
+        ``TrainConfig.rollout_offsets``); a window prompts when it holds real tokens only, and with
+        ``--seq-ul-prompts text`` when all of them are trained on (running text, not a QA record's
+        context). A row's prompts never depend on the other rows of its micro-batch, so the
+        rollouts, and the gradient, are the same however the rows are split over micro-batches and
+        processes.
         """
         c, ids = self.config, batch["input_ids"]
-        rows = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        if "attention_mask" in batch:
-            rows &= batch["attention_mask"].sum(1) >= c.seq_ul_prefix
-        if c.seq_ul_prompts == "text":  # labels[t] is the target at t (shifted in the loss); the
-            rows &= (batch["labels"][:, :c.seq_ul_prefix] != IGNORE_INDEX).all(1)  # prompt is all trained text
-        return rows
+        offsets = [o for o in c.rollout_offsets if o + c.seq_ul_prefix <= ids.shape[1]]  # padded to its longest row
+        if not offsets:
+            return ids.new_empty((0, c.seq_ul_prefix))
+        windows = torch.stack([ids[:, o:o + c.seq_ul_prefix] for o in offsets], 1)  # (B, K, P)
+        keep = torch.ones(windows.shape[:2], dtype=torch.bool, device=ids.device)
+        for k, o in enumerate(offsets):
+            if "attention_mask" in batch:
+                keep[:, k] &= batch["attention_mask"].sum(1) >= o + c.seq_ul_prefix
+            if c.seq_ul_prompts == "text":  # labels[t] is the target at t (shifted in the loss): the
+                keep[:, k] &= (batch["labels"][:, o:o + c.seq_ul_prefix] != IGNORE_INDEX).all(1)  # window is trained
+        return windows[keep]
 
     def rollout_losses(self, batch: dict[str, torch.Tensor], route: tuple[int, ...], scale: float) -> torch.Tensor:
         """The rollout losses of one micro-batch under ``route``'s plan (sequence-level unlikelihood,
         on-policy distillation): forward and backward.
 
-        Greedily continues the first ``seq_ul_prefix`` tokens of each row that has them
-        (:meth:`rollout_rows`) through the plan's cache, in eval mode, then trains on the
-        continuations under the same route with gradients accumulating locally (the micro-batch's
-        LM backward syncs them); with ``seq_distill`` the teacher (:meth:`teacher`) reads them
-        under the full cache first. A micro-batch without such a row rolls out its first row's tokens
-        at weight 0, so that every process makes the same forward calls (FSDP2 gathers in each).
+        Greedily continues the micro-batch's prompts (:meth:`rollout_prompts`) through the plan's
+        cache, in eval mode, then trains on the continuations under the same route with gradients
+        accumulating locally (the micro-batch's LM backward syncs them); with ``seq_distill`` the
+        teacher (:meth:`teacher`) reads them under the full cache first. A micro-batch without a
+        prompt rolls out its first row's tokens at weight 0, so that every process makes the same
+        forward calls (FSDP2 gathers in each).
 
         Returns:
             ``(summed unlikelihood, repeated tokens, summed KL)`` of the micro-batch, detached.
         """
         c, acc = self.config, self.accelerator
-        keep = self.rollout_rows(batch)
-        prompts, weight = batch["input_ids"][keep, :c.seq_ul_prefix], 1.0
+        prompts, weight = self.rollout_prompts(batch), 1.0
         if prompts.shape[0] == 0:
             length = int(batch["attention_mask"][0].sum())
             prompts, weight = batch["input_ids"][:1, :max(1, min(length, c.seq_ul_prefix))], 0.0
