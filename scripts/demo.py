@@ -22,7 +22,8 @@
    fictional context-QA.
 6. Generate 64 greedy tokens under every:2 and every:4; report distinct-2 and the KV bytes saved.
 
-Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations.
+Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations; a training run
+whose settings changed, or whose start was rewritten, is trained again (the old one moves to NAME.previous).
 Size knobs (environment): DEMO_STEPS (the standard fine-tune, default 60), DEMO_RCLA_STEPS (the
 R-CLA fine-tune, default 120), DEMO_TEXT_STEPS (its text stage, default 40; 0: none),
 DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA
@@ -38,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,15 +102,45 @@ def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, 
 
     run_dir = OUT / name
     final = run_dir / "final"
-    if (final / "config.json").is_file():
-        print(f"{name}: reusing {final}")
-        return final
     config = TrainConfig(**{
         "model": str(model), "data": data, "output_dir": str(run_dir), "seq_len": 256, "batch_size": 4,
         "max_steps": steps, "lr": LR, "warmup": 0.05, "schedule": "cosine", "seed": 0, "device": "cpu",
         "eval_every": 0, "save_every": max(steps // 2, 1), **recipe,  # a recipe may set its own schedule
     })
+    if (final / "config.json").is_file():
+        why = stale_run(run_dir, config)
+        if why is None:
+            print(f"{name}: reusing {final}")
+            return final
+        previous = run_dir.with_name(f"{name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        run_dir.rename(previous)
+        print(f"{name}: retraining, {why}; the old run is in {previous}")
     return train(config).final_checkpoint
+
+
+def stale_run(run_dir: Path, config) -> str | None:
+    """Why the finished run in ``run_dir`` cannot stand for ``config`` (None: it can): it was trained
+    with other settings (a changed recipe or DEMO_* knob), or its start was written after it (an
+    earlier stage was retrained)."""
+    from dataclasses import MISSING, asdict, fields
+
+    saved_file = run_dir / "run_config.json"
+    if not saved_file.is_file():
+        return "it has no run_config.json"
+    saved = json.loads(saved_file.read_text())
+    wanted = json.loads(json.dumps(asdict(config)))  # as the run wrote it: tuples become lists
+    # a setting added to TrainConfig after the run was trained counts at its default
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(config) if f.default is not MISSING}))
+    was = {k: saved.get(k, defaults.get(k)) for k in wanted}
+    changed = sorted(k for k in wanted if was[k] != wanted[k])
+    if changed:
+        return "its settings differ: " + ", ".join(f"{k} {was[k]!r} -> {wanted[k]!r}" for k in changed)
+    weights = sorted((run_dir / "final").glob("*.safetensors"))
+    start = sorted(Path(config.model).glob("*.safetensors")) if Path(config.model).is_dir() else []
+    if weights and start and max(f.stat().st_mtime for f in start) > min(f.stat().st_mtime for f in weights):
+        return f"its start {config.model} was written after it"
+    return None
 
 
 def calibrated(name: str, checkpoint: str, calib_files: list[str], pairs: bool = False) -> Path:

@@ -1,0 +1,67 @@
+"""The demo's reuse of finished training runs (scripts/demo.py, ``stale_run``): a rerun reuses a run
+only when its settings and its start are unchanged."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from kvroute.train import TrainConfig
+from textkit import make_model_dir, write_corpus
+
+# loaded from its file: scripts/ is not a package
+_SPEC = importlib.util.spec_from_file_location("kvroute_demo_script",
+                                               Path(__file__).resolve().parents[1] / "scripts" / "demo.py")
+_DEMO = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_DEMO)
+stale_run = _DEMO.stale_run
+
+
+def _finished(tmp_path: Path, **overrides) -> tuple[Path, TrainConfig]:
+    """A run folder as a finished ``train()`` leaves it (run_config.json, final weights), and its config."""
+    start = make_model_dir(tmp_path / "start")
+    config = TrainConfig(model=str(start), data=[str(write_corpus(tmp_path / "corpus"))],
+                         output_dir=str(tmp_path / "run"), max_steps=40, **overrides)
+    run = Path(config.output_dir)
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "model.safetensors").write_bytes(b"weights")
+    (run / "run_config.json").write_text(json.dumps({**asdict(config), "precision_resolved": "fp32"}))
+    return run, config
+
+
+def test_an_unchanged_run_is_reused(tmp_path):
+    run, config = _finished(tmp_path, seq_ul_prefix=16)
+    assert stale_run(run, config) is None
+
+
+def test_changed_settings_name_what_changed(tmp_path):
+    run, config = _finished(tmp_path)
+    shorter = TrainConfig(**{**asdict(config), "max_steps": 20})
+    assert stale_run(run, shorter) == "its settings differ: max_steps 40 -> 20"
+
+
+def test_a_setting_added_after_the_run_counts_at_its_default(tmp_path):
+    run, config = _finished(tmp_path)
+    saved = json.loads((run / "run_config.json").read_text())
+    del saved["seq_ul_per_row"]  # as a run trained before the setting existed wrote it
+    (run / "run_config.json").write_text(json.dumps(saved))
+    assert stale_run(run, config) is None
+    assert stale_run(run, TrainConfig(**{**asdict(config), "seq_ul_per_row": 4})) == (
+        "its settings differ: seq_ul_per_row 1 -> 4")
+
+
+def test_a_start_written_after_the_run_makes_it_stale(tmp_path):
+    run, config = _finished(tmp_path)
+    weights = run / "final" / "model.safetensors"
+    start = next(Path(config.model).glob("*.safetensors"))
+    os.utime(start, (weights.stat().st_mtime + 10,) * 2)  # an earlier stage retrained
+    assert stale_run(run, config) == f"its start {config.model} was written after it"
+
+
+def test_a_run_without_its_config_is_stale(tmp_path):
+    run, config = _finished(tmp_path)
+    (run / "run_config.json").unlink()
+    assert stale_run(run, config) == "it has no run_config.json"
