@@ -22,8 +22,8 @@
    fictional context-QA.
 6. Generate 64 greedy tokens under every:2 and every:4; report distinct-2 and the KV bytes saved.
 
-Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations; a training run
-whose settings changed, or whose start was rewritten, is trained again (the old one moves to NAME.previous).
+Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations; a run or
+calibration whose settings changed, or whose start was rewritten, is redone (the old one moves to NAME.previous).
 Size knobs (environment): DEMO_STEPS (the standard fine-tune, default 60), DEMO_RCLA_STEPS (the
 R-CLA fine-tune, default 120), DEMO_TEXT_STEPS (its text stage, default 40; 0: none),
 DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA
@@ -112,10 +112,7 @@ def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, 
         if why is None:
             print(f"{name}: reusing {final}")
             return final
-        previous = run_dir.with_name(f"{name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        run_dir.rename(previous)
-        print(f"{name}: retraining, {why}; the old run is in {previous}")
+        print(f"{name}: retraining, {why}; the old run is in {_set_aside(run_dir)}")
     return train(config).final_checkpoint
 
 
@@ -123,38 +120,76 @@ def stale_run(run_dir: Path, config) -> str | None:
     """Why the finished run in ``run_dir`` cannot stand for ``config`` (None: it can): it was trained
     with other settings (a changed recipe or DEMO_* knob), or its start was written after it (an
     earlier stage was retrained)."""
-    from dataclasses import MISSING, asdict, fields
-
     saved_file = run_dir / "run_config.json"
     if not saved_file.is_file():
         return "it has no run_config.json"
-    saved = json.loads(saved_file.read_text())
-    wanted = json.loads(json.dumps(asdict(config)))  # as the run wrote it: tuples become lists
-    # a setting added to TrainConfig after the run was trained counts at its default
+    return (_settings_changed(json.loads(saved_file.read_text()), config)
+            or _start_newer(config.model, sorted((run_dir / "final").glob("*.safetensors"))))
+
+
+def stale_calibration(maps_file: Path, checkpoint: str | Path, config) -> str | None:
+    """Why the calibration (or pairwise maps) in ``maps_file`` cannot stand for ``config`` fitted to
+    ``checkpoint`` (None: it can): any plan (or the pairs) fitted with other settings, or the
+    checkpoint written after it."""
+    from safetensors import safe_open
+
+    with safe_open(str(maps_file), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
+    fits = [entry.get("config", {}) for entry in meta.get("plans", {}).values()] + (
+        [meta["info"].get("config", {})] if "info" in meta else [])
+    if not fits:
+        return "it records no settings"
+    return next((why for why in map(lambda saved: _settings_changed(saved, config), fits) if why), None) or \
+        _start_newer(str(checkpoint), [maps_file])
+
+
+def _settings_changed(saved: dict, config) -> str | None:
+    """The settings of dataclass ``config`` that differ from ``saved`` (its asdict as JSON), or None;
+    a setting added after ``saved`` was written counts at its default."""
+    from dataclasses import MISSING, asdict, fields
+
+    wanted = json.loads(json.dumps(asdict(config)))  # as JSON holds it: tuples become lists
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(config) if f.default is not MISSING}))
     was = {k: saved.get(k, defaults.get(k)) for k in wanted}
     changed = sorted(k for k in wanted if was[k] != wanted[k])
-    if changed:
-        return "its settings differ: " + ", ".join(f"{k} {was[k]!r} -> {wanted[k]!r}" for k in changed)
-    weights = sorted((run_dir / "final").glob("*.safetensors"))
-    start = sorted(Path(config.model).glob("*.safetensors")) if Path(config.model).is_dir() else []
-    if weights and start and max(f.stat().st_mtime for f in start) > min(f.stat().st_mtime for f in weights):
-        return f"its start {config.model} was written after it"
+    return ("its settings differ: " + ", ".join(f"{k} {was[k]!r} -> {wanted[k]!r}" for k in changed)
+            if changed else None)
+
+
+def _start_newer(start: str, outputs: list[Path]) -> str | None:
+    """Whether the weights of checkpoint folder ``start`` were written after the oldest of ``outputs``."""
+    weights = sorted(Path(start).glob("*.safetensors")) if Path(start).is_dir() else []
+    if weights and outputs and max(f.stat().st_mtime for f in weights) > min(f.stat().st_mtime for f in outputs):
+        return f"its start {start} was written after it"
     return None
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move ``folder`` to ``NAME.previous`` (replacing an older one) and return where it went."""
+    previous = folder.with_name(f"{folder.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    folder.rename(previous)
+    return previous
 
 
 def calibrated(name: str, checkpoint: str, calib_files: list[str], pairs: bool = False) -> Path:
     """``checkpoint`` calibrated for the demo's plans (``NAME-cal``), or with ``pairs`` its pairwise maps
-    (``NAME-pairs``), written as a new checkpoint; reused when already there."""
+    (``NAME-pairs``), written as a new checkpoint; reused when already there with the same settings."""
     from kvroute.calibrate import CalibrationConfig, calibrate_checkpoint
     from kvroute.calibration.store import CALIBRATION_FILE
     from kvroute.pairs import PAIRS_FILE
 
     out = OUT / f"{name}-{'pairs' if pairs else 'cal'}"
-    if (out / (PAIRS_FILE if pairs else CALIBRATION_FILE)).is_file():
-        print(f"{name}: reusing {out}")
-        return out
-    config = CalibrationConfig(tokens=PAIR_TOKENS) if pairs else CalibrationConfig(steps=CAL_STEPS, lr=CAL_LR)
+    # pairwise maps are one value map per KV head ("group"; kvroute.pairs), as their file records
+    config = (CalibrationConfig(tokens=PAIR_TOKENS, value_maps="group") if pairs
+              else CalibrationConfig(steps=CAL_STEPS, lr=CAL_LR))
+    maps_file = out / (PAIRS_FILE if pairs else CALIBRATION_FILE)
+    if maps_file.is_file():
+        why = stale_calibration(maps_file, checkpoint, config)
+        if why is None:
+            print(f"{name}: reusing {out}")
+            return out
+        print(f"{name}: calibrating again, {why}; the old one is in {_set_aside(out)}")
     folder, results = calibrate_checkpoint(checkpoint, CALIBRATED_PLANS, calib_files, config, out=out, pairs=pairs)
     for r in results:
         print(f"{name}: {r.summary()}")

@@ -17,7 +17,7 @@ _SPEC = importlib.util.spec_from_file_location("kvroute_demo_script",
                                                Path(__file__).resolve().parents[1] / "scripts" / "demo.py")
 _DEMO = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(_DEMO)
-stale_run = _DEMO.stale_run
+stale_run, stale_calibration = _DEMO.stale_run, _DEMO.stale_calibration
 
 
 def _finished(tmp_path: Path, **overrides) -> tuple[Path, TrainConfig]:
@@ -65,3 +65,36 @@ def test_a_run_without_its_config_is_stale(tmp_path):
     run, config = _finished(tmp_path)
     (run / "run_config.json").unlink()
     assert stale_run(run, config) == "it has no run_config.json"
+
+
+def _calibrated(tmp_path: Path, config) -> tuple[Path, Path]:
+    """A checkpoint folder and the calibration of every:2 that ``kvroute.calibrate`` saved beside it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import kvroute
+    from conftest import tiny_model
+    from kvroute.calibrate import calibrate
+    from kvroute.calibration.store import CALIBRATION_FILE
+    from kvroute.models import save_checkpoint
+    from textkit import make_tokenizer
+
+    model = kvroute.apply(tiny_model("llama", layers=4))
+    data = torch.randint(3, 97, (24, 32), generator=torch.Generator().manual_seed(0))
+    calibrate(model, "every:2", data, config, progress=False)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt", AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok")))
+    return Path(ckpt), Path(ckpt) / CALIBRATION_FILE
+
+
+def test_a_calibration_is_reused_only_with_its_settings_and_start(tmp_path):
+    from dataclasses import replace
+
+    from kvroute.calibrate import CalibrationConfig
+
+    config = CalibrationConfig(tokens=1024, chunk_tokens=32, val_fraction=0.25, precision="fp32")
+    ckpt, maps = _calibrated(tmp_path, config)
+    assert stale_calibration(maps, ckpt, config) is None
+    assert stale_calibration(maps, ckpt, replace(config, steps=10)) == "its settings differ: steps 0 -> 10"
+    weights = next(ckpt.glob("model*.safetensors"))
+    os.utime(weights, (maps.stat().st_mtime + 10,) * 2)  # the checkpoint was trained again
+    assert stale_calibration(maps, ckpt, config) == f"its start {ckpt} was written after it"
