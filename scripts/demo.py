@@ -22,8 +22,9 @@
    fictional context-QA.
 6. Generate 64 greedy tokens under every:2 and every:4; report distinct-2 and the KV bytes saved.
 
-Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations; a run or
-calibration whose settings changed, or whose start was rewritten, is redone (the old one moves to NAME.previous).
+Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations and resumes a
+fine-tune stopped part-way; one whose settings changed, or whose start was rewritten, is redone (the
+old one moves to NAME.previous).
 Size knobs (environment): DEMO_STEPS (the standard fine-tune, default 60), DEMO_RCLA_STEPS (the
 R-CLA fine-tune, default 120), DEMO_TEXT_STEPS (its text stage, default 40; 0: none),
 DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA
@@ -42,6 +43,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -107,23 +109,28 @@ def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, 
         "max_steps": steps, "lr": LR, "warmup": 0.05, "schedule": "cosine", "seed": 0, "device": "cpu",
         "eval_every": 0, "save_every": max(steps // 2, 1), **recipe,  # a recipe may set its own schedule
     })
-    if (final / "config.json").is_file():
+    if run_dir.is_dir():
         why = stale_run(run_dir, config)
-        if why is None:
+        if why is not None:
+            print(f"{name}: training again, {why}; the old run is in {_set_aside(run_dir)}")
+        elif (final / "config.json").is_file():
             print(f"{name}: reusing {final}")
             return final
-        print(f"{name}: retraining, {why}; the old run is in {_set_aside(run_dir)}")
+        else:  # a run stopped part-way goes on from its last checkpoint (from step 0 if it saved none)
+            config = replace(config, resume="latest")
     return train(config).final_checkpoint
 
 
 def stale_run(run_dir: Path, config) -> str | None:
-    """Why the finished run in ``run_dir`` cannot stand for ``config`` (None: it can): it was trained
-    with other settings (a changed recipe or DEMO_* knob), or its start was written after it (an
-    earlier stage was retrained)."""
+    """Why the run in ``run_dir`` (finished, or stopped part-way) cannot stand for ``config`` (None: it
+    can): it was trained with other settings (a changed recipe or DEMO_* knob), or its start was
+    written after it (an earlier stage was retrained)."""
+    from kvroute.train.config import REPORTING_ONLY
+
     saved_file = run_dir / "run_config.json"
     if not saved_file.is_file():
         return "it has no run_config.json"
-    return (_settings_changed(json.loads(saved_file.read_text()), config)
+    return (_settings_changed(json.loads(saved_file.read_text()), config, ignore=REPORTING_ONLY)
             or _start_newer(config.model, sorted((run_dir / "final").glob("*.safetensors"))))
 
 
@@ -143,15 +150,15 @@ def stale_calibration(maps_file: Path, checkpoint: str | Path, config) -> str | 
         _start_newer(str(checkpoint), [maps_file])
 
 
-def _settings_changed(saved: dict, config) -> str | None:
+def _settings_changed(saved: dict, config, ignore: tuple[str, ...] = ()) -> str | None:
     """The settings of dataclass ``config`` that differ from ``saved`` (its asdict as JSON), or None;
-    a setting added after ``saved`` was written counts at its default."""
+    a setting added after ``saved`` was written counts at its default, and those in ``ignore`` not at all."""
     from dataclasses import MISSING, asdict, fields
 
     wanted = json.loads(json.dumps(asdict(config)))  # as JSON holds it: tuples become lists
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(config) if f.default is not MISSING}))
     was = {k: saved.get(k, defaults.get(k)) for k in wanted}
-    changed = sorted(k for k in wanted if was[k] != wanted[k])
+    changed = sorted(k for k in wanted if was[k] != wanted[k] and k not in ignore)
     return ("its settings differ: " + ", ".join(f"{k} {was[k]!r} -> {wanted[k]!r}" for k in changed)
             if changed else None)
 

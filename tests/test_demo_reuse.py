@@ -98,3 +98,13 @@ def test_a_calibration_is_reused_only_with_its_settings_and_start(tmp_path):
     weights = next(ckpt.glob("model*.safetensors"))
     os.utime(weights, (maps.stat().st_mtime + 10,) * 2)  # the checkpoint was trained again
     assert stale_calibration(maps, ckpt, config) == f"its start {ckpt} was written after it"
+
+
+def test_a_run_stopped_part_way_is_resumed_and_reporting_settings_do_not_count(tmp_path):
+    run, config = _finished(tmp_path)
+    (run / "final" / "model.safetensors").unlink()  # stopped before its final checkpoint
+    assert stale_run(run, config) is None  # the demo resumes it (resume="latest")
+    resumed = TrainConfig(**{**asdict(config), "resume": "latest", "quiet": True, "save_every": 7})
+    (run / "run_config.json").write_text(json.dumps(asdict(resumed)))  # as the resumed run rewrites it
+    assert stale_run(run, config) is None
+    assert stale_run(run, TrainConfig(**{**asdict(config), "lr": 1e-3})).startswith("its settings differ: lr")

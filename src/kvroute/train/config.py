@@ -303,6 +303,10 @@ class TrainConfig:
         return "text" if qa == 0 else "qa" if qa == len(files) else "mix"
 
 
+#: settings that change only what a run reports, saves or resumes from, never the weights it trains.
+REPORTING_ONLY = ("eval_plans", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "resume",
+                  "tensorboard", "cache_dir", "quiet")
+
 #: settings a resumed run must share with its checkpoint (else the data order or weights differ).
 RESUME_FIXED = ("data", "data_format", "model", "preset", "layers", "tokenizer", "seq_len", "batch_size",
                 "grad_accum", "seed", "routing", "p", "sources", "lora_r", "lora_targets", "val_fraction", "fsdp",
