@@ -102,8 +102,8 @@ class TrainConfig:
             so that with QA records in the mix the rollouts continue prose, not QA contexts.
         seq_ul_per_row: rollout prompts per row: ``K`` prompts of ``seq_ul_prefix`` tokens start at
             ``0, seq_len // K, 2 * seq_len // K, ...`` (``seq_ul_prompts`` and padding apply to each).
-            Decoding is memory-bound, so on a CPU 16 rollouts cost about 1.7x the decode time of 4:
-            more rollouts per step for little more time.
+            Decoding is memory-bound, so on a CPU 16 rollouts decode in about 1.7x the time of 4;
+            training on them grows with their number (with 4 a row, a step took 1.3-1.6x as long).
         seq_ul_length: greedy tokens per rollout.
         seq_ul_ngram: a continuation token is pushed down when it is part of an n-gram this long
             that the row already had.
