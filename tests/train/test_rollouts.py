@@ -210,7 +210,10 @@ def test_rollout_loss_is_token_exact_across_micro_batches(assets, tmp_path, data
     if data in ("mix-text-prompts", "mix-per-row"):  # the same rows; a 16-token prompt fits the 21-token QA rows
         extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
                      seq_ul_prefix=16, seed=0)
-        extra.update(seq_ul_prompts="text") if data == "mix-text-prompts" else extra.update(seq_ul_per_row=2)
+        if data == "mix-text-prompts":
+            extra["seq_ul_prompts"] = "text"
+        else:
+            extra["seq_ul_per_row"] = 2
     if data == "mix":  # QA rows of 21 tokens: shorter than the 24-token prompt, so text rows alone roll out;
         # the first 4 rows are 2 text and 2 QA rows (checked below), so 2 x 2 has a QA-only micro-batch
         extra = dict(data=[str(assets["corpus"]), str(write_qa(tmp_path / "qa.jsonl", n=16))], seq_len=48,
