@@ -138,16 +138,20 @@ def stale_calibration(maps_file: Path, checkpoint: str | Path, config) -> str | 
     """Why the calibration (or pairwise maps) in ``maps_file`` cannot stand for ``config`` fitted to
     ``checkpoint`` (None: it can): any plan (or the pairs) fitted with other settings, or the
     checkpoint written after it."""
-    from safetensors import safe_open
+    from kvroute import pairs
+    from kvroute.calibration import store
 
-    with safe_open(str(maps_file), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kvroute", "{}"))
-    fits = [entry.get("config", {}) for entry in meta.get("plans", {}).values()] + (
-        [meta["info"].get("config", {})] if "info" in meta else [])
-    if not fits:
-        return "it records no settings"
-    return next((why for why in map(lambda saved: _settings_changed(saved, config), fits) if why), None) or \
-        _start_newer(str(checkpoint), [maps_file])
+    pairwise = maps_file.name == pairs.PAIRS_FILE
+    meta, _ = store.read_maps_file(maps_file, (pairs if pairwise else store).FORMAT_VERSION,
+                                   "pairwise-maps" if pairwise else "calibration")
+    fits = [meta.get("info", {})] if pairwise else list(meta.get("plans", {}).values())
+    for fit in fits or [{}]:
+        if "config" not in fit:
+            return "it records no settings"
+        why = _settings_changed(fit["config"], config)
+        if why:
+            return why
+    return _start_newer(str(checkpoint), [maps_file])
 
 
 def _settings_changed(saved: dict, config, ignore: tuple[str, ...] = ()) -> str | None:
