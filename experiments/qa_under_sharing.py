@@ -117,6 +117,8 @@ def main() -> None:
         name += "-" + slug(args.routing)
     if args.precision != "bf16":
         name += f"-{args.precision}"
+    if args.lr != parser.get_default("lr"):
+        name += f"-lr{args.lr:g}"
     if args.calibrated_start:
         name += "-calstart"
     if args.distill_from != "base":

@@ -67,9 +67,11 @@ def main() -> None:
     parser.add_argument("--weight", type=float, default=1.0, help="weight of the sequence-level unlikelihood")
     parser.add_argument("--seq-distill", type=float, default=0.0,
                         help="weight of on-policy distillation on the same rollouts (kvroute train --seq-distill)")
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight of logit distillation on the routed passes (kvroute train --distill)")
     parser.add_argument("--teacher", choices=["self", "base"], default="self",
-                        help="--seq-distill's teacher under the full cache (kvroute train --distill-from): the model "
-                             "itself, or the frozen start")
+                        help="--seq-distill's and --distill's teacher under the full cache (kvroute train "
+                             "--distill-from): the model itself, or the frozen start")
     parser.add_argument("--batch", type=int, default=4, help="rows per step: LM rows, each also a rollout's prefix")
     parser.add_argument("--prefix", type=int, default=32)
     parser.add_argument("--continuation", type=int, default=48)
@@ -112,6 +114,7 @@ def main() -> None:
                          + ("-text" if args.text_only else "") + ("-textprompts" if args.prompts == "text" else "")
                          + (f"-qa{args.qa_records}" if args.qa_records is not None else "")
                          + (f"-sd{args.seq_distill:g}{args.teacher}" if args.seq_distill else "")
+                         + (f"-d{args.distill:g}{args.teacher}" if args.distill else "")
                          + (f"-sotu{args.first_year}" if args.first_year != 1990 else "")
                          + (f"-p{args.prefix}c{args.continuation}" if (args.prefix, args.continuation) != (32, 48) else "")
                          + (f"-x{args.per_row}" if args.per_row != 1 else "")
@@ -135,7 +138,8 @@ def main() -> None:
         train(TrainConfig(
             model=args.start, output_dir=str(out),
             data=sotu(args.first_year, 2006) + ([] if args.text_only else [str(qa_train)]),
-            routing=routing, seq_unlikelihood=args.weight, seq_distill=args.seq_distill, distill_from=args.teacher,
+            routing=routing, seq_unlikelihood=args.weight, seq_distill=args.seq_distill, distill=args.distill,
+            distill_from=args.teacher,
             seq_ul_prefix=args.prefix, seq_ul_prompts=args.prompts, seq_ul_per_row=args.per_row,
             seq_ul_length=args.continuation, seq_ul_ngram=args.ngram, seq_len=args.seq_len, batch_size=args.batch,
             max_steps=args.steps, lr=args.lr, warmup=0.0, schedule="constant", weight_decay=0.0, seed=args.seed,
@@ -164,7 +168,8 @@ def main() -> None:
                "routing": routing, "rollout_prompts": args.prompts, "sotu_years": [args.first_year, 2006],
                "start": str(begin.relative_to(ROOT)) if begin.is_relative_to(ROOT) else args.start,
                "steps": args.steps, "pair_maps": args.pair_maps, "batch": args.batch, "prefix": args.prefix, "continuation": args.continuation, "per_row": args.per_row, "lr": args.lr, "weight": args.weight,
-               "seq_distill": args.seq_distill, "teacher": args.teacher if args.seq_distill else None,
+               "seq_distill": args.seq_distill, "distill": args.distill,
+               "teacher": args.teacher if args.seq_distill or args.distill else None,
                "seq_distill_tokens": "to the first repeat" if args.seq_distill else None, "ngram": args.ngram,
                "train_seconds": train_s, "threads": args.threads, "plan": plan, **scores,
                "qa_file": qa_file, "questions": questions,
