@@ -13,7 +13,8 @@ Starts from a checkpoint trained for the plans (default: the two-plan model of `
 1990-2006 mixed with the demo's fictional QA training records (``--text-only``: SOTU alone;
 ``--qa-records N``: only the first N QA records; ``--first-year``: more SOTU years; ``--prompts
 text``: rollouts from the text rows only, ``kvroute train --seq-ul-prompts text``; ``--seq-distill
-W``: on-policy distillation on the same rollouts, ``--teacher`` self or the frozen start; ``--routing``:
+W``: on-policy distillation on the same rollouts, ``--teacher`` self or the frozen start; ``--distill W``:
+logit distillation on the routed passes from the same teacher; ``--routing``:
 another policy, e.g. a mix with R-CLA whose ``plan:`` parts' passes roll out; ``--steps 0``: score
 the start as it is; ``--qa``/``--questions``: another QA test set; AdamW, constant lr). Scores what
 ``one_plan_demo.py`` scores, plus distinct-2 over ``greedy_loops.py``'s eight held-out prompts;
