@@ -106,6 +106,11 @@ def sotu(first: int, last: int) -> list[str]:
     return [str(f) for f in sorted(SOTU.glob("*.txt")) if first <= _year(f) <= last]
 
 
+def moby_chapters() -> list[Path]:
+    """The chapter files of Moby Dick, in the book's order."""
+    return sorted(MOBY.glob("chapter_*.txt"), key=_chapter)
+
+
 def prepare_data() -> dict:
     """Copy the text files into train/ and held-out folders (once); returns the split summary."""
     manifest = DATA / "split.json"
@@ -123,7 +128,7 @@ def prepare_data() -> dict:
         held = _year(f) >= HELDOUT_SOTU_FROM
         shutil.copy(f, tmp / ("heldout_sotu" if held else "train") / f"sotu_{f.name}")
         split["sotu_2007plus" if held else "train"].append(f"sotu/{f.name}")
-    for f in sorted(MOBY.glob("chapter_*.txt"), key=_chapter):
+    for f in moby_chapters():
         held = _chapter(f) in HELDOUT_MOBY_CHAPTERS
         shutil.copy(f, tmp / ("heldout_moby" if held else "train") / f"moby_{f.name}")
         split["moby_heldout" if held else "train"].append(f"moby/{f.name}")

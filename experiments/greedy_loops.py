@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from kvroute.generate import generate  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
 from kvroute.plan import parse_plan_list  # noqa: E402
-from common import MOBY, append_rows, sotu  # noqa: E402
+from common import append_rows, moby_chapters, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "greedy_loops.json"
@@ -63,7 +63,7 @@ def prompts(count: int, words: int, domain: str = "sotu") -> list[str]:
     if domain == "sotu":
         files = sotu(2007, 2021)
     elif domain == "moby":
-        files = sorted(MOBY.glob("chapter_*.txt"), key=lambda f: int(f.stem.split("_")[1]))
+        files = moby_chapters()
     else:
         raise ValueError(f"unknown domain {domain!r}: sotu or moby")
     if not files:
