@@ -9,9 +9,10 @@ prompts of ``greedy_loops.py``. The extra memory is ``sinks`` tokens per non-own
 per generated token.
 
 It patches :class:`kvroute.hf.attention.RoutedAttention` in this process only (eager attention,
-one sequence at a time); with ``--sinks 0`` the patched path must give the library's numbers, which
-the script checks on the first plan before it scores anything. Appends to
-experiments/results/attention_sinks.json.
+one sequence at a time; ``--sinks 0`` is the library's own path). Before it scores anything it checks,
+on the first plan, that the patched path with every token a sink reproduces the full cache, and that
+decoding through the shared cache with 4 sinks gives the whole-window logits. In generation the sinks
+come from the prompt (at most its length). Appends to experiments/results/attention_sinks.json.
 
     make demo
     .venv/bin/python experiments/attention_sinks.py --checkpoint runs/demo/rcla-mix-text/final \
