@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -35,14 +34,13 @@ import torch  # noqa: E402
 
 from kvroute.data.text import load_eval_text, tokenize_documents  # noqa: E402
 from kvroute.evaluate import lm_score  # noqa: E402
-from kvroute.generate import generate  # noqa: E402
 from kvroute.hf.attention import RoutedAttention, apply_rope  # noqa: E402
 from kvroute.hf.cache import SharedKVCache  # noqa: E402
 from kvroute.hf.compat import cache_kwargs  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
 from kvroute.plan import parse_plan_list  # noqa: E402
 from common import append_rows, sotu  # noqa: E402
-from greedy_loops import prompts  # noqa: E402
+from greedy_loops import greedy_scores, prompts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "attention_sinks.json"
@@ -96,11 +94,8 @@ def sink_forward(self: RoutedAttention, hidden_states: torch.Tensor, position_em
 
 def score(model, tokenizer, docs: list[list[int]], texts: list[str]) -> dict:
     lm = lm_score(model, docs, window=256, stride=256)
-    samples = [generate(model, tokenizer, text, max_new_tokens=64) for text in texts]
-    d2 = [s.distinct2 for s in samples]
-    return {"perplexity": round(lm.perplexity, 2), "distinct2_mean": round(statistics.mean(d2), 3),
-            "share_at_least_0.5": round(sum(d >= 0.5 for d in d2) / len(d2), 3), "distinct2": [round(d, 3) for d in d2],
-            "first_sample": texts[0] + samples[0].text}
+    summary, samples = greedy_scores(model, tokenizer, texts)
+    return {"perplexity": round(lm.perplexity, 2), **summary, "first_sample": texts[0] + samples[0].text}
 
 
 def main() -> None:

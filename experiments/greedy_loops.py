@@ -77,6 +77,15 @@ def prompts(count: int, words: int, domain: str = "sotu") -> list[str]:
     return out
 
 
+def greedy_scores(model, tokenizer, texts: list[str]) -> tuple[dict, list]:
+    """64 greedy tokens after each prompt under the model's plan: the distinct-2 summary, and the samples."""
+    samples = [generate(model, tokenizer, text, max_new_tokens=64) for text in texts]
+    scores = [s.distinct2 for s in samples]
+    return {"distinct2_mean": round(statistics.mean(scores), 3),
+            "share_at_least_0.5": round(sum(d >= 0.5 for d in scores) / len(scores), 3),
+            "distinct2": [round(d, 3) for d in scores]}, samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="a finished `make demo` folder")
@@ -103,13 +112,11 @@ def main() -> None:
             continue
         start = time.perf_counter()
         model, tokenizer = load(source, plan=plan), load_tokenizer(source)
-        samples = [generate(model, tokenizer, text, max_new_tokens=64) for text in texts]
-        scores = [s.distinct2 for s in samples]
+        summary, samples = greedy_scores(model, tokenizer, texts)
         row = {"pair": name, "checkpoint": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
-               "plan": plan, "domain": args.domain, "prompts": len(texts), "distinct2_mean": round(statistics.mean(scores), 3),
-               "share_at_least_0.5": round(sum(d >= 0.5 for d in scores) / len(scores), 3),
-               "distinct2": [round(d, 3) for d in scores], "seconds": round(time.perf_counter() - start, 1),
-               "threads": args.threads, "first_sample": texts[0] + samples[0].text}
+               "plan": plan, "domain": args.domain, "prompts": len(texts), **summary,
+               "seconds": round(time.perf_counter() - start, 1), "threads": args.threads,
+               "first_sample": texts[0] + samples[0].text}
         print(json.dumps({k: v for k, v in row.items() if k != "first_sample"}), flush=True)
         rows.append(row)
         del model
