@@ -295,6 +295,54 @@ def test_a_failing_plan_leaves_the_other_results_on_disk(eval_inputs, tmp_path, 
     assert len(writer.errors) == 1 and "every:4" in format_table(writer.rows)
 
 
+def test_eval_in_bf16_autocast_is_recorded_and_close_to_fp32(eval_inputs, tmp_path):
+    root, ckpt, qa, _ = eval_inputs
+    args = [str(ckpt), "--plans", "full,every:2", "--text", str(root / "text"), "--qa", str(qa),
+            "--window", "32", "--stride", "16", "--max-new-tokens", "4"]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["eval", *args, "--precision", precision, "--out", str(out)]) == 0
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["run"]["precision"] == precision and not doc["errors"]
+        assert {r["precision"] for r in doc["rows"]} == {precision}
+        assert {r["task"] for r in doc["rows"]} == {"lm", "qa"}  # QA generates through the cache under autocast
+        losses[precision] = {r["plan"]: r["value"] for r in doc["rows"] if r["metric"] == "loss"}
+        with (out / "results.csv").open() as f:
+            assert {row["precision"] for row in csv.DictReader(f)} == {precision}
+    for plan in ("full", "every:2"):  # bf16 matmuls: close, not the same numbers
+        assert losses["bf16"][plan] == pytest.approx(losses["fp32"][plan], rel=2e-2)
+        assert losses["bf16"][plan] != losses["fp32"][plan]
+    assert main(["eval", *args, "--precision", "fp32", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["rows"]
+    assert {r["plan"]: r["value"] for r in again if r["metric"] == "loss"} == losses["fp32"]  # fp32 untouched
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        EvalConfig([str(ckpt)], plans="full", text=[str(root / "text")], precision="fp16")
+
+
+def test_bf16_scoring_casts_each_weight_once_however_many_tokens_it_decodes():
+    """autocast keeps its bf16 copies of the weights only outside inference mode: greedy QA casts the
+    weights once per scoring call, not once per decoded token (kvroute.precision.autocast)."""
+    from torch.profiler import profile
+
+    from kvroute.precision import autocast
+
+    model = kvroute.apply(tiny_lm(layers=4, seed=4)).eval()
+    weight_shapes = [list(p.shape) for p in model.parameters() if p.dim() == 2]
+    tok = tiny_tokenizer()
+    record = QARecord("The capital is Hunaes.", "Capital?", ("Hunaes",))
+    casts, forwards = {}, {}
+    for new_tokens in (2, 8):
+        with autocast("bf16", "cpu"), profile(record_shapes=True) as prof:
+            qa_score(model, tok, [record], max_new_tokens=new_tokens)
+        events = prof.events()
+        casts[new_tokens] = sum(1 for e in events if e.name == "aten::_to_copy" and e.input_shapes
+                                and e.input_shapes[0] in weight_shapes)
+        forwards[new_tokens] = sum(1 for e in events if e.name == "aten::embedding")
+    assert forwards[8] > forwards[2]  # it decoded further
+    assert 0 < casts[2] == casts[8]
+
+
 def test_bad_inputs_give_clear_messages(eval_inputs, tmp_path, capsys):
     root, ckpt, qa, _ = eval_inputs
     base = ["--qa", str(qa), "--out", str(tmp_path / "out")]

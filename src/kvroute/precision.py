@@ -67,6 +67,11 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def autocast(precision: str, device: torch.device | str):
-    """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else a no-op context."""
+    """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else a no-op context.
+
+    Run gradient-free work under it with :func:`torch.no_grad`, not :func:`torch.inference_mode`:
+    in inference mode autocast does not keep its bf16 copies of the weights, so every forward
+    casts every weight again (greedy decoding then ran slower than in fp32; tested).
+    """
     device = torch.device(device)
     return torch.autocast(device.type, torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")

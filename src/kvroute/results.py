@@ -35,8 +35,8 @@ METRICS: dict[str, bool] = {
 #: the metric a plot shows for each task
 PRIMARY = {"lm": "loss", "qa": "f1", "mc": "acc"}
 COLUMNS = [
-    "checkpoint", "model_type", "num_layers", "dtype", "plan", "calibrated", "plan_source", "owners", "retention",
-    "kv_kib_per_token", "kv_dtype", "task", "data", "metric", "value", "higher_is_better",
+    "checkpoint", "model_type", "num_layers", "dtype", "precision", "plan", "calibrated", "plan_source", "owners",
+    "retention", "kv_kib_per_token", "kv_dtype", "task", "data", "metric", "value", "higher_is_better",
     "delta_vs_full", "delta_pct_vs_full", "n", "tokens_scored", "tokens_total", "window", "stride", "seconds",
 ]
 _KEY = ("checkpoint", "plan", "calibrated", "task", "data", "metric")

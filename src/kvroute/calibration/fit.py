@@ -75,7 +75,7 @@ class _Captured:
     sin: list[torch.Tensor]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: see kvroute.precision.autocast
 def _capture(model: torch.nn.Module, plan: SharingPlan, chunks: torch.Tensor, batch_size: int,
              precision: str = "fp32") -> _Captured:
     """Each attention layer's inputs and RoPE under ``plan``; the passes run under ``precision``."""
