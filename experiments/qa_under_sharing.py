@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--plan", default="every:2", help="the plan of the plan recipe")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--pair-lr", type=float, default=None,
+                        help="with --pair-maps: the maps' learning rate (default: --lr)")
     parser.add_argument("--distill", type=float, default=0.0, help="distillation weight (teacher: --distill-from)")
     parser.add_argument("--distill-hidden", type=float, default=0.0,
                         help="hidden-state distillation weight (teacher: --distill-from)")
@@ -119,6 +121,8 @@ def main() -> None:
         name += f"-{args.precision}"
     if args.lr != parser.get_default("lr"):
         name += f"-lr{args.lr:g}"
+    if args.pair_lr is not None:
+        name += f"-plr{args.pair_lr:g}"
     if args.calibrated_start:
         name += "-calstart"
     if args.distill_from != "base":
@@ -149,6 +153,9 @@ def main() -> None:
             calibrate_checkpoint(str(BASE), "every:2,every:4", sotu(1990, 2006), CalibrationConfig(tokens=2048),
                                  out=model_start, pairs=True)
         routing["pair_maps"] = True
+        routing["pair_lr"] = args.pair_lr
+    elif args.pair_lr is not None:
+        parser.error("--pair-lr goes with --pair-maps")
     final = OUT / name / "final"
     if args.score_only and not (final / "config.json").is_file():
         parser.error(f"--score-only: {final} is missing; run the same flags without --score-only first")
@@ -179,7 +186,7 @@ def main() -> None:
            "steps": args.steps,
            "lr": args.lr, "distill": args.distill, "distill_hidden": args.distill_hidden,
            "distill_from": args.distill_from, "qa_train": args.qa_train, "qa_test": args.qa_test, "text_years": [args.text_from, 2006],
-           "calibrated": cal, "pair_maps": args.pair_maps, "seed": args.seed, "train_minutes": None if train_min is None else round(train_min, 2), "threads": args.threads,
+           "calibrated": cal, "pair_maps": args.pair_maps, "pair_lr": args.pair_lr, "seed": args.seed, "train_minutes": None if train_min is None else round(train_min, 2), "threads": args.threads,
            "score_only": args.score_only, "calibration_kept": kept,
            "scores": scores, "base_full": base_scores}
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
