@@ -242,9 +242,10 @@ class EvalConfig:
         chat: wrap QA prompts in the tokenizer's chat template.
         dtype: dtype the model is loaded in.
         precision: ``fp32`` (default) scores in the model's dtype; ``bf16`` under bfloat16 autocast
-            (matmuls in bf16, the loss in fp32: about half the time on a CPU with AMX-BF16 or
-            AVX512-BF16; perplexities within about 1% of fp32 on the demo, docs/RESULTS.md);
-            ``auto``: bf16 where the device runs it natively (:mod:`kvroute.precision`).
+            (matmuls in bf16, the loss in fp32: on the demo, with AVX512-BF16, the perplexity passes
+            took 0.63x the fp32 time and full-cache and calibrated perplexities moved by at most
+            0.3%; docs/RESULTS.md); ``auto``: bf16 where the device runs it natively
+            (:mod:`kvroute.precision`).
         device: device the model runs on.
         kv_dtype: dtype the KV KiB/token figure assumes (default: the model's).
         kv_quant: KV cache storage, comma-separated: ``none``, ``int8``, ``int4``; every plan runs
