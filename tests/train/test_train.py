@@ -141,6 +141,18 @@ def test_rcla_draws_varied_routes(assets, tmp_path):
     assert len(set(seen)) > 1 and all(s <= layer for r in seen for layer, s in enumerate(r))
 
 
+def test_cpu_runs_update_with_fused_adamw(assets, tmp_path):
+    """On a CPU (or CUDA) the run's AdamW is torch's fused one; its groups are the unfused one's."""
+    from kvroute.train import _Run, _optimizer
+
+    run = _Run(config(assets, tmp_path / "run"))
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # Accelerate wraps it
+    assert optimizer.defaults["fused"] is True
+    plain = _optimizer(run.plain, run.config)
+    assert not plain.defaults["fused"]
+    assert [g["weight_decay"] for g in plain.param_groups] == [g["weight_decay"] for g in optimizer.param_groups]
+
+
 def test_distill_kl_is_zero_for_equal_outputs():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, 3, 4]])

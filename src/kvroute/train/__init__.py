@@ -26,6 +26,7 @@ from kvroute.train.losses import (
     hidden_distill,
     labelled_tokens,
     mean_loss,
+    next_token_losses,
     unlikelihood,
 )
 from kvroute.train.model import LRSchedule, _optimizer as _optimizer
@@ -45,6 +46,7 @@ __all__ = [
     "distill_kl",
     "evaluate_plans",
     "mean_loss",
+    "next_token_losses",
     "hidden_distill",
     "unlikelihood",
     "sequence_unlikelihood",

@@ -37,8 +37,7 @@ from kvroute.train.config import TrainConfig, _check_inputs
 from kvroute.train.data import _Batches, _load_data
 from kvroute.train.log import MetricsLog, StepInfo
 from kvroute.train.losses import (
-    _forward, causal_lm_loss, distill_kl, evaluate_plans, hidden_distill, labelled_tokens, plans_in_eval,
-    unlikelihood,
+    _forward, evaluate_plans, hidden_distill, labelled_tokens, next_token_losses, plans_in_eval, unlikelihood,
 )
 from kvroute.train.rollouts import greedy_rollout, rollout_loss
 from kvroute.train.model import (
@@ -125,7 +124,8 @@ class _Run:
             self.model = self.plain = sharding.shard(model, acc.device)
             self.optimizer = _optimizer(self.model, c)
         else:
-            self.model, self.optimizer = acc.prepare(model, _optimizer(model, c))
+            fused = acc.device.type in ("cpu", "cuda")  # torch's fused AdamW runs there
+            self.model, self.optimizer = acc.prepare(model, _optimizer(model, c, fused))
             self.plain = acc.unwrap_model(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule())
         self.step, self.micro = 0, 0
@@ -176,16 +176,12 @@ class _Run:
                 with self.autocast():
                     out = _forward(model, batch, hidden, route)
                 logits = out.logits
-                lm = causal_lm_loss(logits, batch["labels"], reduction="sum")
-                dist = torch.zeros((), device=lm.device)
-                dist_hidden = torch.zeros((), device=lm.device)
-                if (c.distill > 0 or hidden) and route != self.router.identity():  # only routed passes
-                    teacher = self.teacher(batch, hidden)
-                    if c.distill > 0:
-                        dist = distill_kl(logits, teacher.logits, batch["labels"], reduction="sum")
-                    if hidden:
-                        dist_hidden = hidden_distill(out.hidden_states, teacher.hidden_states, batch["labels"],
-                                                     reduction="sum")
+                teacher = (self.teacher(batch, hidden) if (c.distill > 0 or hidden)
+                           and route != self.router.identity() else None)  # only routed passes distil
+                lm, dist = next_token_losses(logits, batch["labels"], teacher.logits if teacher is not None
+                                             and c.distill > 0 else None, reduction="sum")  # one pass over V
+                dist_hidden = (hidden_distill(out.hidden_states, teacher.hidden_states, batch["labels"], reduction="sum")
+                               if teacher is not None and hidden else torch.zeros((), device=lm.device))
                 ul = (unlikelihood(logits, batch["labels"], reduction="sum") if c.unlikelihood > 0
                       else torch.zeros((), device=lm.device))
                 loss = lm + c.distill * dist + c.distill_hidden * dist_hidden + c.unlikelihood * ul
