@@ -32,12 +32,14 @@ def batch(dtype=torch.float32, vocab=37, length=70, seed=0):
 
 
 @pytest.mark.parametrize("with_teacher", [True, False])
-def test_fused_losses_and_gradients_equal_the_unfused_form(with_teacher):
-    logits, teacher, labels = batch()  # 3 x 70 positions: more than two chunks
-    assert labels[:, 1:].ne(IGNORE_INDEX).sum() > 2 * losses.VOCAB_CHUNK
+def test_fused_losses_and_gradients_equal_the_unfused_form(monkeypatch, with_teacher):
+    logits, teacher, labels = batch()  # 3 x 70 positions: more than two chunks of 32, as SmolLM2's on a CPU
+    monkeypatch.setattr(losses, "CPU_CHUNK_BYTES", 32 * 4 * logits.shape[-1])
+    size = losses.chunk_positions(logits.device, logits.shape[-1])
+    assert labels[:, 1:].ne(IGNORE_INDEX).sum() > 2 * size
     rows = (labels[:, 1:].flatten() != IGNORE_INDEX).nonzero()[:, 0]
     rows = rows + rows // 69
-    assert {type(part) for _, part in losses._chunks(rows)} == {slice, torch.Tensor}  # both ways of reading rows
+    assert {type(part) for *_, part in losses._chunks(rows, size)} == {slice, torch.Tensor}  # both ways of reading rows
     a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     ce, kl = next_token_losses(a, labels, teacher if with_teacher else None, "sum")
     ref_ce, ref_kl = reference(b, labels, teacher)
@@ -53,6 +55,27 @@ def test_fused_losses_and_gradients_equal_the_unfused_form(with_teacher):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     assert a.grad[1, :49].abs().sum() == 0 and a.grad[:, -1].abs().sum() == 0  # unscored positions: no gradient
     assert b.grad[1, :49].abs().sum() == 0
+
+
+@pytest.mark.parametrize("positions", [1, 7, 10_000])
+def test_any_chunk_size_gives_the_same_losses_and_gradients(monkeypatch, positions):
+    """One position per chunk, a ragged last chunk, or one chunk for everything (as on an accelerator)."""
+    logits, teacher, labels = batch()
+    monkeypatch.setattr(losses, "CPU_CHUNK_BYTES", positions * 4 * logits.shape[-1])
+    assert losses.chunk_positions(logits.device, logits.shape[-1]) == positions
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ce, kl = next_token_losses(a, labels, teacher, "sum")
+    ref_ce, ref_kl = reference(b, labels, teacher)
+    torch.testing.assert_close(torch.stack([ce, kl]), torch.stack([ref_ce, ref_kl]), rtol=1e-5, atol=1e-4)
+    (ce + kl).backward()
+    (ref_ce + ref_kl).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_fit_the_cache_on_a_cpu_and_are_large_on_an_accelerator():
+    assert losses.chunk_positions(torch.device("cpu"), 49152) == 32
+    assert losses.chunk_positions(torch.device("cuda"), 49152) == 1365
+    assert losses.chunk_positions(torch.device("cpu"), 10 ** 9) == 1
 
 
 def test_per_position_gradients_reach_their_own_position():

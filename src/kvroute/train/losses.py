@@ -15,8 +15,16 @@ from kvroute.data.qa import IGNORE_INDEX
 from kvroute.hf.patch import ROUTE_ARG, PlanMismatchWarning, get_router, set_plan
 
 
-#: positions per chunk of the vocabulary-sized loss work: a chunk's fp32 rows stay in cache
-VOCAB_CHUNK = 32
+#: fp32 bytes per chunk of the vocabulary-sized loss work: on a CPU a chunk stays in cache (32 positions of
+#: SmolLM2's 49,152 tokens); on an accelerator chunks are large, so that few kernels launch
+CPU_CHUNK_BYTES = 6 << 20
+ACCELERATOR_CHUNK_BYTES = 256 << 20
+
+
+def chunk_positions(device: torch.device, vocab: int) -> int:
+    """Positions per chunk of :func:`next_token_losses` on ``device`` for a vocabulary of ``vocab``."""
+    budget = CPU_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    return max(1, budget // (4 * vocab))
 
 
 class _NextTokenLosses(torch.autograd.Function):
@@ -42,15 +50,14 @@ class _NextTokenLosses(torch.autograd.Function):
         flat_t = teacher.reshape(batch * length, vocab) if teacher is not None else None
         ce = torch.zeros(batch * (length - 1), dtype=torch.float32, device=logits.device)
         kl = torch.zeros_like(ce)
-        chunks = _chunks(rows)
-        for i, part in chunks:
-            at = scored[i:i + VOCAB_CHUNK]
+        chunks = _chunks(rows, chunk_positions(logits.device, vocab))
+        for i, j, part in chunks:
             log_s = flat[part].float().log_softmax(-1)  # (C, V)
-            ce[at] = -log_s.gather(1, target[i:i + VOCAB_CHUNK, None])[:, 0]
+            ce[scored[i:j]] = -log_s.gather(1, target[i:j, None])[:, 0]
             if flat_t is not None:
                 log_t = flat_t[part].float().log_softmax(-1)
                 gap = log_t - log_s
-                kl[at] = log_t.exp_().mul_(gap).sum(-1)
+                kl[scored[i:j]] = log_t.exp_().mul_(gap).sum(-1)
         ctx.save_for_backward(logits, teacher if teacher is not None else logits.new_empty(0), scored, target)
         ctx.chunks, ctx.has_teacher = chunks, teacher is not None
         return ce.view(batch, length - 1), kl.view(batch, length - 1)
@@ -65,25 +72,25 @@ class _NextTokenLosses(torch.autograd.Function):
         g_ce = g_ce.flatten()[scored].float() if g_ce is not None else torch.zeros(len(scored), device=logits.device)
         g_kl = (g_kl.flatten()[scored].float() if g_kl is not None and ctx.has_teacher
                 else torch.zeros(len(scored), device=logits.device))
-        for i, part in ctx.chunks:
-            w_ce, w_kl = g_ce[i:i + VOCAB_CHUNK, None], g_kl[i:i + VOCAB_CHUNK, None]
+        for i, j, part in ctx.chunks:
+            w_ce, w_kl = g_ce[i:j, None], g_kl[i:j, None]
             g = flat[part].float().softmax(-1).mul_(w_ce + w_kl)  # (C, V)
-            g.scatter_add_(1, target[i:i + VOCAB_CHUNK, None], -w_ce)
+            g.scatter_add_(1, target[i:j, None], -w_ce)
             if flat_t is not None:
                 g.sub_(flat_t[part].float().softmax(-1).mul_(w_kl))
             grad[part] = g.to(grad.dtype)
         return grad.view(batch, length, vocab), None, None
 
 
-def _chunks(rows: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """``(i, rows[i:i + VOCAB_CHUNK])`` for each chunk, as a slice where the rows are consecutive (a
-    QA record's answer, running text): slicing copies far faster than gathering rows on a CPU."""
-    out: list[tuple[int, slice | torch.Tensor]] = []
+def _chunks(rows: torch.Tensor, size: int) -> list[tuple[int, int, slice | torch.Tensor]]:
+    """``(i, j, rows[i:j])`` for each chunk of ``size`` rows, as a slice where the rows are consecutive
+    (a QA record's answer, running text): slicing copies far faster than gathering rows on a CPU."""
+    out: list[tuple[int, int, slice | torch.Tensor]] = []
     listed = rows.tolist()
-    for i in range(0, len(listed), VOCAB_CHUNK):
-        part = listed[i:i + VOCAB_CHUNK]
+    for i in range(0, len(listed), size):
+        part, j = listed[i:i + size], min(i + size, len(listed))
         consecutive = part[-1] - part[0] == len(part) - 1
-        out.append((i, slice(part[0], part[-1] + 1) if consecutive else rows[i:i + VOCAB_CHUNK]))
+        out.append((i, j, slice(part[0], part[-1] + 1) if consecutive else rows[i:j]))
     return out
 
 
