@@ -153,6 +153,28 @@ def test_cpu_runs_update_with_fused_adamw(assets, tmp_path):
     assert [g["weight_decay"] for g in plain.param_groups] == [g["weight_decay"] for g in optimizer.param_groups]
 
 
+def test_a_checkpoint_from_the_unfused_optimizer_resumes_with_the_fused_one(assets, tmp_path):
+    """Checkpoints written before the fused AdamW (their groups say ``fused: None``) resume with this
+    run's update kernel, from the saved moments."""
+    from kvroute.train import _Run
+    from kvroute.train.checkpoint import restore_run
+
+    train(config(assets, tmp_path / "cut", max_steps=2, save_every=1))
+    ckpt = latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    state_file = ckpt / "training_state" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None  # as an older kvroute saved it
+    torch.save(state, state_file)
+    run = _Run(config(assets, tmp_path / "cut", max_steps=4))
+    restore_run(run, ckpt)
+    assert all(group["fused"] is True for group in run.optimizer.param_groups)
+    moments = [s["exp_avg"].clone() for s in run.optimizer.state.values()]
+    assert moments and any(m.abs().sum() > 0 for m in moments)  # the saved moments came back
+    run.train_step()
+    assert any(not torch.equal(m, s["exp_avg"]) for m, s in zip(moments, run.optimizer.state.values()))
+
+
 def test_distill_kl_is_zero_for_equal_outputs():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, 3, 4]])

@@ -79,7 +79,10 @@ def restore_run(run: Any, folder: Path) -> None:
     if run.fsdp:
         sharding.load_sharded(run.model, run.optimizer, folder / STATE_DIR)
     else:
+        fused = [group.get("fused") for group in run.optimizer.param_groups]
         run.optimizer.load_state_dict(state["optimizer"])
+        for group, kind in zip(run.optimizer.param_groups, fused):  # this run's update kernel, not the saved one's
+            group["fused"] = kind
     run.scheduler.load_state_dict(state["scheduler"])
     run.scheduler.lr_lambdas = [run.schedule()] * len(run.scheduler.lr_lambdas)  # this run's --max-steps
     run.router.load_state_dict(state["router"])
