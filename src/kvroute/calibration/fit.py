@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvroute.calibration.maps import _attention_layers, _plan_maps, _running, remove_calibration
@@ -21,6 +20,7 @@ from kvroute.precision import autocast as precision_autocast
 from kvroute.router import route_key
 from kvroute.data.text import read_texts
 from kvroute.search import calibration_chunks
+from kvroute.train.losses import next_token_losses
 
 if TYPE_CHECKING:
     from kvroute.calibrate import CalibrationConfig
@@ -331,9 +331,10 @@ class TeacherLogits:
 
     The refinement's target does not depend on the plan, so one instance serves every plan
     of a :func:`kvroute.calibrate` call: each chunk's teacher pass runs once, not once per
-    step that draws it. Logits are kept in the dtype the forward returns (bf16 under bf16
-    autocast, so they are exactly what a fresh pass would give). Past ``max_bytes`` nothing is
-    kept and every call recomputes.
+    step that draws it. Logits are kept and returned in the dtype the forward returns (bf16
+    under bf16 autocast, so they are exactly what a fresh pass would give); the loss
+    normalises them chunk by chunk (:func:`kvroute.train.losses.next_token_losses`). Past
+    ``max_bytes`` nothing is kept and every call recomputes.
     """
 
     def __init__(self, chunks: torch.Tensor, max_bytes: int = TEACHER_CACHE_BYTES) -> None:
@@ -342,7 +343,7 @@ class TeacherLogits:
         self._logits: dict[int, torch.Tensor] = {}
 
     def __call__(self, model: torch.nn.Module, index: list[int], autocast: Any) -> torch.Tensor:
-        """Full-cache log-probabilities ``(B, T, V)`` (float32) for chunks ``index``."""
+        """Full-cache logits ``(B, T, V)`` for chunks ``index``, in the forward's dtype."""
         device = next(model.parameters()).device
         missing = [i for i in index if i not in self._logits]
         if missing:
@@ -350,9 +351,9 @@ class TeacherLogits:
             with torch.no_grad(), _running(model, full), autocast:
                 logits = model(input_ids=self.chunks[missing].to(device), use_cache=False).logits
             if self.chunks.shape[0] * logits[0].numel() * logits.element_size() > self.max_bytes:
-                return logits.float().log_softmax(-1)
+                return logits
             self._logits.update(zip(missing, logits))
-        return torch.stack([self._logits[i] for i in index]).float().log_softmax(-1)
+        return torch.stack([self._logits[i] for i in index])
 
 
 def refine(
@@ -365,8 +366,8 @@ def refine(
 ) -> None:
     """Train the attached maps of ``plan`` so the model under it matches its own full-cache outputs.
 
-    The loss is KL(full-cache next-token distribution || the plan's), averaged over positions;
-    only the maps train (the model's weights are frozen). ``teacher`` (built on ``train``)
+    The loss is KL(full-cache next-token distribution || the plan's), averaged over the positions
+    that predict a next token (:func:`~kvroute.train.losses.next_token_losses`); only the maps train (the model's weights are frozen). ``teacher`` (built on ``train``)
     shares the full-cache passes between the plans of one call.
     """
     tensors = [t for m in _plan_maps(model, plan).values() for t in (m.query, m.value) if t is not None]
@@ -397,8 +398,8 @@ def refine(
             autocast = precision_autocast(config.precision, device)
             target = teacher(model, index, autocast)
             with _running(model, plan), autocast:
-                student = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
-            loss = F.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+                student = model(input_ids=batch, use_cache=False).logits
+            loss = next_token_losses(student, batch, target)[1]  # every position labelled
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
