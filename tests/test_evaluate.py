@@ -452,3 +452,22 @@ def test_compare_results_merges_and_writes(tmp_path):
         compare_results([], tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="result file not found"):
         compare_results([tmp_path / "missing"], tmp_path / "none")
+
+
+@pytest.mark.parametrize("plan", ["full", "every:2"])
+def test_qa_batches_answer_as_each_prompt_alone_and_keep_the_order(plan):
+    """Left-padded batches of prompts of different lengths (sorted by length inside qa_score) give each
+    prompt the answer it gets alone, and the predictions come back in the examples' order."""
+    tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan=plan)
+    contexts = ["Hunaes is the capital.", "The river Olt runs past the old mill and the long wall of the town.",
+                "Tessaly grows figs.", "Marrow Hill is north of the sea, beyond the three bridges of Cuvan.",
+                "Pell sings."]
+    examples = [QARecord(c, f"What about item {i}?", ("Hunaes",), str(i)) for i, c in enumerate(contexts)]
+    alone = [qa_score(model, tok, [ex], max_new_tokens=6, batch_size=1)[1][0] for ex in examples]
+    metrics, batched = qa_score(model, tok, examples, max_new_tokens=6, batch_size=3)
+    assert [p["id"] for p in batched] == [ex.id for ex in examples]
+    assert [p["prediction"] for p in batched] == [p["prediction"] for p in alone]
+    assert len({p["prediction"] for p in alone}) > 1  # the prompts really get different answers
+    assert metrics["f1"] == pytest.approx(sum(p["f1"] for p in alone) / len(alone))
+    with pytest.raises(ValueError, match="batch size"):
+        qa_score(model, tok, examples, batch_size=0)
