@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(ROOT / "assets" / "smollm2-135m"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", default=None,
+                        help="recorded with each row, e.g. which kvroute source ran (PYTHONPATH=/tmp/before/src)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.checkpoint)
@@ -73,7 +75,8 @@ def main() -> None:
             ppl[plan] = round(math.exp(mean_loss(model, held, 4)), 2)
         row = {"variant": name, "checkpoint": args.checkpoint, "query_stride": stride, "config": fields,
                "seconds": round(seconds, 1), "seconds_per_plan": [round(r.seconds) for r in results],
-               "threads": args.threads, "ppl_sotu_2007plus": ppl}
+               "threads": args.threads, "ppl_sotu_2007plus": ppl,
+               **({"label": args.label} if args.label else {}), "kvroute_source": str(Path(kvroute.__file__).parent)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     append_rows(RESULTS, rows)

@@ -454,11 +454,17 @@ def test_compare_results_merges_and_writes(tmp_path):
         compare_results([tmp_path / "missing"], tmp_path / "none")
 
 
-@pytest.mark.parametrize("plan", ["full", "every:2"])
-def test_qa_batches_answer_as_each_prompt_alone_and_keep_the_order(plan):
+@pytest.mark.parametrize("plan,kv_quant", [("full", None), ("every:2", None), ("every:2", "int8-residual-2")])
+def test_qa_batches_answer_as_each_prompt_alone_and_keep_the_order(plan, kv_quant):
     """Left-padded batches of prompts of different lengths (sorted by length inside qa_score) give each
-    prompt the answer it gets alone, and the predictions come back in the examples' order."""
+    prompt the answer it gets alone, and the predictions come back in the examples' order; also through
+    an int8 cache whose residual window is short enough that the prompts' KV is quantized."""
+    from kvroute.hf.patch import set_kv_quant
+    from kvroute.kvquant import KVQuant
+
     tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan=plan)
+    if kv_quant:
+        set_kv_quant(model, KVQuant(8, residual=2))
     contexts = ["Hunaes is the capital.", "The river Olt runs past the old mill and the long wall of the town.",
                 "Tessaly grows figs.", "Marrow Hill is north of the sea, beyond the three bridges of Cuvan.",
                 "Pell sings."]
