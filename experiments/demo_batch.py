@@ -10,10 +10,12 @@ what the quality follows. The text stage and the scoring are ``seq_unlikelihood.
 
     .venv/bin/python experiments/demo_batch.py --batch 2 --steps 240 --seed 1 --threads 1
     .venv/bin/python experiments/seq_unlikelihood.py --start runs/demo_batch/mix-b2-s240-seed1/final \\
-        --pair-maps --steps 80 --batch 2 --seed 1 --threads 1 --text-only \\
+        --pair-maps --steps 80 --batch 2 --threads 1 --text-only \\
         --routing "mix:rcla:p=0.6,sources=plan|3*plan:every:2+2*every:4" \\
         --qa runs/qa_under_sharing/data/test.jsonl --questions 32 --score-plans every:2,every:3,every:4 \\
-        --name demo-b2-mix240-sul80-seed1
+        --name demo-b2-mix240-sul80-start1
+
+(the text stage at seed 0, as the demo's; the runs of docs/RESULTS.md passed ``--demo runs/demo-fast`` to both)
 
 Needs a finished ``make demo`` folder (``--demo``, default runs/demo) for its pairwise maps and
 QA records. Writes runs/demo_batch/mix-bB-sS-seedN; a finished run is not trained again.

@@ -11,10 +11,9 @@
 4. R-CLA, the best recipe for one model that serves every plan that fits here: pairwise maps of the
    untrained model (`kvroute calibrate --pairs`, closed form on 2,048 tokens: one map per (layer,
    source layer), so any plan is calibrated), then DEMO_RCLA_STEPS steps of DEMO_BATCH x 256 tokens
-   of the pairs mix: R-CLA
-   (p=0.6, plan sources) on one pass in four, every:2 or every:4 (2:1) on the others, the maps trained
-   with the routes, logits and hidden states distilled from the frozen untrained model
-   (`--routing "mix:rcla:p=0.6,sources=plan|3*plan:2*every:2+every:4" --pair-maps`); then
+   of the pairs mix: R-CLA (p=0.6, plan sources) on one pass in four, every:2 or every:4 (2:1) on the
+   others, the maps trained with the routes, logits and hidden states distilled from the frozen
+   untrained model (`--routing "mix:rcla:p=0.6,sources=plan|3*plan:2*every:2+every:4" --pair-maps`); then
    DEMO_TEXT_STEPS steps of the text stage against greedy loops: sequence-level unlikelihood on
    its own greedy rollouts under the plans, on State of the Union 1990-2006 alone, in a mix that
    rolls out every:4 twice as often as every:2 (`--seq-unlikelihood 1`, lr 1e-4, constant).
@@ -62,8 +61,8 @@ BATCH = int(os.environ.get("DEMO_BATCH", "2"))
 #: 240 steps of 2 rows: the tokens of 120 steps of 4 rows, which met the perplexity targets for every plan on
 #: three seeds and the every:2 QA target on one (docs/RESULTS.md, "Context QA under a shared cache")
 RCLA_STEPS = int(os.environ.get("DEMO_RCLA_STEPS", "240"))
-#: 80 text-stage steps of 2 rows: the rollouts of 40 steps of 4, which took every:2 from distinct-2 0.17 to 0.66
-#: over eight held-out prompts and lowered every plan's perplexity (docs/RESULTS.md)
+#: 80 text-stage steps of 2 rows: the rollouts of 40 steps of 4. After the 2-row mix they took every:2 and every:4 to
+#: distinct-2 0.75 and 0.61 over eight held-out prompts on the demo's seed (0.46-0.64 for every:4 on two others)
 TEXT_STEPS = int(os.environ.get("DEMO_TEXT_STEPS", "80"))
 EVAL_TOKENS = int(os.environ.get("DEMO_EVAL_TOKENS", "4096"))
 QA_N = int(os.environ.get("DEMO_QA", "16"))

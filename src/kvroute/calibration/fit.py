@@ -367,8 +367,9 @@ def refine(
     """Train the attached maps of ``plan`` so the model under it matches its own full-cache outputs.
 
     The loss is KL(full-cache next-token distribution || the plan's), averaged over the positions
-    that predict a next token (:func:`~kvroute.train.losses.next_token_losses`); only the maps train (the model's weights are frozen). ``teacher`` (built on ``train``)
-    shares the full-cache passes between the plans of one call.
+    that predict a next token (:func:`~kvroute.train.losses.next_token_losses`); only the maps
+    train (the model's weights are frozen). ``teacher`` (built on ``train``) shares the
+    full-cache passes between the plans of one call.
     """
     tensors = [t for m in _plan_maps(model, plan).values() for t in (m.query, m.value) if t is not None]
     if not tensors:
