@@ -371,9 +371,20 @@ def write_json(path: Path, data: dict | list) -> None:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append result rows to a JSON list file (created if missing), keeping every earlier run's rows."""
-    old = json.loads(path.read_text()) if path.is_file() else []
-    write_json(path, old + rows)
+    """Append result rows to a JSON list file (created if missing), keeping every earlier run's rows.
+
+    Runs side by side append to the same file: the read and the write happen under an exclusive lock
+    (``PATH.lock``), so one run's rows never overwrite another's; the file is replaced atomically.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.is_file() else []
+        partial = path.with_name(path.name + ".partial")
+        write_json(partial, old + rows)
+        partial.replace(path)
     print(f"appended to {path}")
 
 
