@@ -59,15 +59,9 @@ def config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from kvroute.train import train
 
     result = train(config(args))
-    if dist.is_available() and dist.is_initialized():
-        # this process ends here: shut the group down while the interpreter still runs; left to exit,
-        # a rank of a gloo run aborted once with "terminate called without an active exception"
-        dist.destroy_process_group()
     if not result.main_process:
         return 0
     summary = "  ".join(f"{plan}: {loss:.3f}" for plan, loss in result.eval_loss.items())
