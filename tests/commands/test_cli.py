@@ -88,3 +88,42 @@ def test_generate_says_when_its_plan_is_calibrated(tmp_path, capsys):
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+RANK_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+if sys.argv[1] != "-":
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+atexit.register(print, "interpreter finalized")
+from kvroute.cli import main
+code = main(sys.argv[2:])
+print("main returned", code)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("group", [True, False])
+def test_a_rank_leaves_without_finalizing_python(tmp_path, group):
+    """In a process group (a torchrun rank) the command ends the process with os._exit once its output is
+    flushed: a gloo rank that let Python finalize aborted now and then after its work was done. Outside one,
+    main returns its code as usual."""
+    import subprocess
+    import sys
+
+    def kvroute(*argv: str) -> subprocess.CompletedProcess:
+        store = str(tmp_path / f"store-{len(list(tmp_path.iterdir()))}") if group else "-"
+        return subprocess.run([sys.executable, "-c", RANK_SCRIPT, store, *argv], capture_output=True, text=True,
+                              timeout=120)
+
+    done = kvroute("data", "fictional-qa", "--out", str(tmp_path / "qa"), "--train", "3", "--test", "2")
+    assert done.returncode == 0, done.stderr
+    assert "(3 records)" in done.stdout  # what the command printed was flushed
+    assert len((tmp_path / "qa" / "train.jsonl").read_text().splitlines()) == 3  # what it wrote is complete
+    assert ("main returned" in done.stdout) is not group
+    assert ("interpreter finalized" in done.stdout) is not group
+    bad = kvroute("eval", str(tmp_path / "missing"), "--text", str(tmp_path / "qa" / "train.jsonl"))
+    assert bad.returncode == 2
+    assert "kvroute eval: error:" in bad.stderr
+    assert ("main returned 2" in bad.stdout) is not group
