@@ -77,10 +77,12 @@ def leave_process_group(code: int) -> int:
     two-rank gloo program; ``kvroute train --fsdp`` did it in 2 of 4 CI runs. ``destroy_process_group``
     cured the program but not ``kvroute train --fsdp`` (FSDP's state still holds the group). So a rank
     flushes what it printed and logged and leaves with ``os._exit``; every file a command writes is
-    closed before it returns. Outside a group this returns ``code`` and the process ends as usual.
+    closed before it returns. Outside a group of two or more processes (no group, or vLLM's one-process
+    group in ``bench --vllm``, whose shutdown runs at exit) this returns ``code`` and the process ends
+    as usual.
     """
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return code
     import logging
     import os

@@ -93,11 +93,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 RANK_SCRIPT = """
 import atexit, sys
 import torch.distributed as dist
-if sys.argv[1] != "-":
-    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+if sys.argv[1] != "-":  # a two-process group; rank 1 only joins it
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+    dist.barrier()
+    if sys.argv[2] == "1":
+        import os
+        os._exit(0)
 atexit.register(print, "interpreter finalized")
 from kvroute.cli import main
-code = main(sys.argv[2:])
+code = main(sys.argv[3:])
 print("main returned", code)
 sys.exit(code)
 """
@@ -106,16 +110,21 @@ sys.exit(code)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 @pytest.mark.parametrize("group", [True, False])
 def test_a_rank_leaves_without_finalizing_python(tmp_path, group):
-    """In a process group (a torchrun rank) the command ends the process with os._exit once its output is
-    flushed: a gloo rank that let Python finalize aborted now and then after its work was done. Outside one,
-    main returns its code as usual."""
+    """A rank of a two-process group (a torchrun rank) ends its process with os._exit once its output is
+    flushed: a gloo rank that let Python finalize aborted now and then after its work was done. Outside a
+    group, main returns its code as usual."""
     import subprocess
     import sys
 
     def kvroute(*argv: str) -> subprocess.CompletedProcess:
         store = str(tmp_path / f"store-{len(list(tmp_path.iterdir()))}") if group else "-"
-        return subprocess.run([sys.executable, "-c", RANK_SCRIPT, store, *argv], capture_output=True, text=True,
-                              timeout=120)
+        peer = (subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, store, "1"], stdout=subprocess.DEVNULL)
+                if group else None)
+        done = subprocess.run([sys.executable, "-c", RANK_SCRIPT, store, "0", *argv], capture_output=True,
+                              text=True, timeout=120)
+        if peer is not None:
+            assert peer.wait(timeout=120) == 0
+        return done
 
     done = kvroute("data", "fictional-qa", "--out", str(tmp_path / "qa"), "--train", "3", "--test", "2")
     assert done.returncode == 0, done.stderr
