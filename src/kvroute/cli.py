@@ -75,11 +75,11 @@ def leave_process_group(code: int) -> int:
     and the rank aborts after its work is done ("terminate called without an active exception",
     exit -6), so torchrun reports the run as failed. ``experiments/gloo_exit.py`` counts it in a
     two-rank gloo program; ``kvroute train --fsdp`` did it in 2 of 4 CI runs. ``destroy_process_group``
-    cured the program but not ``kvroute train --fsdp`` (FSDP's state still holds the group). So a rank
-    flushes what it printed and logged and leaves with ``os._exit``; every file a command writes is
-    closed before it returns. Outside a group of two or more processes (no group, or vLLM's one-process
-    group in ``bench --vllm``, whose shutdown runs at exit) this returns ``code`` and the process ends
-    as usual.
+    cured the program but not ``kvroute train --fsdp`` (likely because FSDP's state still holds the
+    group). So a rank flushes what it printed and logged and leaves with ``os._exit``; every file a
+    command writes is closed before it returns. Outside a group of two or more processes (no group, or
+    a one-process group such as an in-process engine's, whose shutdown may run at exit) this returns
+    ``code`` and the process ends as usual.
     """
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
