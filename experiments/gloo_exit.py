@@ -31,7 +31,7 @@ from common import append_rows  # noqa: E402
 from dist_helpers import free_port  # noqa: E402
 
 RANK = """
-import os, sys
+import sys
 import torch
 import torch.distributed as dist
 

@@ -1,8 +1,10 @@
-"""Smoke test of the CLI: every subcommand's --help, and train -> eval -> generate on a tiny model."""
+"""Smoke test of the CLI: every subcommand's --help, train -> eval -> generate on a tiny model, and how a torchrun rank ends."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,11 +115,9 @@ def test_a_rank_leaves_without_finalizing_python(tmp_path, group):
     """A rank of a two-process group (a torchrun rank) ends its process with os._exit once its output is
     flushed: a gloo rank that let Python finalize aborted now and then after its work was done. Outside a
     group, main returns its code as usual."""
-    import subprocess
-    import sys
 
     def kvroute(*argv: str) -> subprocess.CompletedProcess:
-        store = str(tmp_path / f"store-{len(list(tmp_path.iterdir()))}") if group else "-"
+        store = str(tmp_path / f"store-{argv[0]}") if group else "-"  # a fresh FileStore per command
         peer = (subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, store, "1"], stdout=subprocess.DEVNULL)
                 if group else None)
         done = subprocess.run([sys.executable, "-c", RANK_SCRIPT, store, "0", *argv], capture_output=True,
