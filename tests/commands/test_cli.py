@@ -1,4 +1,5 @@
-"""Smoke test of the CLI: every subcommand's --help, train -> eval -> generate on a tiny model, and how a torchrun rank ends."""
+"""Smoke test of the CLI: every subcommand's --help, train -> eval -> generate on a tiny model, and how a
+torchrun rank ends."""
 
 from __future__ import annotations
 
