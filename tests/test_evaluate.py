@@ -17,6 +17,7 @@ from kvroute.data.choice import MCExample, load_mc
 from kvroute.data.qa import QARecord, qa_prompt_ids, read_qa
 from kvroute.data.text import load_eval_text
 from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_score
+from kvroute.metrics import standard_error
 from kvroute.models import save_checkpoint
 from kvroute.results import ResultWriter, compare_results, format_table, merge_results
 
@@ -199,6 +200,16 @@ def test_eval_cli_writes_self_describing_results(eval_inputs, tmp_path, capsys):
     assert described <= set(csv_rows[0])
     assert float(csv_rows[0]["value"]) == pytest.approx(rows[0]["value"])
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 2  # 2 questions x 2 plans
+    # QA and multiple-choice rows carry the standard error of their mean over the examples; perplexity none
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["task"] == "qa":
+            per_question = [p[r["metric"]] for p in predictions if p["plan"] == r["plan"]]
+            assert r["stderr"] == pytest.approx(standard_error(per_question))
+        else:
+            assert r["stderr"] == (None if r["task"] == "lm" else 0.0)  # one multiple-choice example: no spread
+    f1 = next(r for r in rows if r["metric"] == "f1" and r["plan"] == "full")
+    assert f"{f1['value']:.4f} ±{f1['stderr']:.4f}" in table and "stderr" in csv_rows[0]
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvroute.metrics import distinct_n, exact_match, f1_score, normalize_answer, qa_metrics, rouge_l
+from kvroute.metrics import distinct_n, exact_match, f1_score, normalize_answer, qa_metrics, rouge_l, standard_error
 
 
 def test_normalize_answer_follows_squad():
@@ -79,3 +79,13 @@ def test_distinct_n_short_outputs_and_tensors():
     assert distinct_n(torch.tensor([9, 9, 9, 9, 9]), 2) == 0.25  # tensor elements compared by value
     with pytest.raises(ValueError, match="n >= 1"):
         distinct_n([1, 2], 0)
+
+
+def test_standard_error_of_a_mean():
+    import statistics
+
+    scores = [1.0, 0.0, 0.5, 1.0, 0.25]
+    assert standard_error(scores) == pytest.approx(statistics.stdev(scores) / len(scores) ** 0.5)
+    assert standard_error([0.0, 1.0]) == pytest.approx(0.5)  # deviations 0.5, variance 0.5, over n = 2
+    assert standard_error([0.7, 0.7, 0.7]) == pytest.approx(0.0, abs=1e-12)
+    assert standard_error([0.3]) == 0.0 and standard_error([]) == 0.0  # no spread to measure

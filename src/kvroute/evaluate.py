@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from kvroute.data.choice import MCExample, load_mc
 from kvroute.data.qa import QARecord, qa_prompt_ids, read_qa
 from kvroute.data.text import TextSet, load_eval_text, tokenize_documents
-from kvroute.metrics import answer_scores
+from kvroute.metrics import answer_scores, standard_error
 from kvroute.plan import KVShape, SharingPlan, dtype_bytes, parse_plan_list
 from kvroute.precision import Precision, autocast, resolve_precision
 from kvroute.results import ResultWriter, kv_kib_per_token
@@ -231,17 +231,21 @@ def choice_logprobs(model: torch.nn.Module, tokenizer: Any, example: MCExample) 
 
 def mc_score(
     model: torch.nn.Module, tokenizer: Any, examples: list[MCExample], progress: bool = False
-) -> dict[str, float]:
-    """Accuracy by log-likelihood (``acc``) and by log-likelihood per character (``acc_norm``)."""
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Accuracy by log-likelihood (``acc``) and by log-likelihood per character (``acc_norm``).
+
+    Returns:
+        ``({"acc", "acc_norm"}, hits)``; ``hits`` holds each metric's per-example 0/1 scores, in order.
+    """
     if not examples:
         raise ValueError("empty multiple choice dataset")
-    acc = acc_norm = 0
+    hits: dict[str, list[float]] = {"acc": [], "acc_norm": []}
     for ex in tqdm(examples, desc="mc", unit="ex", disable=not progress, leave=False):
         lls = choice_logprobs(model, tokenizer, ex)
         norm = [ll / max(1, len(c)) for ll, c in zip(lls, ex.choices)]
-        acc += int(max(range(len(lls)), key=lls.__getitem__) == ex.answer)
-        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == ex.answer)
-    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
+        hits["acc"].append(float(max(range(len(lls)), key=lls.__getitem__) == ex.answer))
+        hits["acc_norm"].append(float(max(range(len(norm)), key=norm.__getitem__) == ex.answer))
+    return {k: sum(v) / len(v) for k, v in hits.items()}, hits
 
 
 # ------------------------------------------------------------------ the run
@@ -431,10 +435,11 @@ def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents
                                         config.qa_batch_size)
         info = {**base, "task": "qa", "data": path, "n": len(examples),
                 "seconds": round(time.perf_counter() - start, 3)}
-        writer.add(info, metrics, predictions)
+        writer.add(info, metrics, predictions,
+                   stderr={k: standard_error([p[k] for p in predictions]) for k in metrics})
     for path, examples in data.mc:
         start = time.perf_counter()
-        metrics = mc_score(model, tokenizer, examples, progress)
+        metrics, hits = mc_score(model, tokenizer, examples, progress)
         info = {**base, "task": "mc", "data": path, "n": len(examples),
                 "seconds": round(time.perf_counter() - start, 3)}
-        writer.add(info, metrics)
+        writer.add(info, metrics, stderr={k: standard_error(v) for k, v in hits.items()})

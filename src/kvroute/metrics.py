@@ -1,4 +1,5 @@
-"""Answer metrics for context-QA (SQuAD F1 and exact match, ROUGE-L) and distinct-n for generation.
+"""Answer metrics for context-QA (SQuAD F1 and exact match, ROUGE-L), distinct-n for generation, and the
+standard error of a mean over examples.
 
 F1 and exact match follow the official SQuAD evaluation script: both strings are
 normalized (lower case, punctuation and the articles a/an/the removed, whitespace
@@ -8,6 +9,8 @@ letter or digit, no stemming), as ``rouge_score`` computes it without a stemmer.
 With several gold answers each metric takes the best one. Distinct-n measures how
 degenerate a generation is: the share of its token n-grams that are distinct
 (a loop such as "the the the" scores near 0, text that never repeats scores 1).
+A dataset's score is the mean of its examples' scores; :func:`standard_error` says how far that
+mean could move with other examples of the same kind (on 16 questions, about 0.1 of F1).
 
 Example:
     >>> f1_score("The cat sat.", "a cat sat down")
@@ -16,10 +19,13 @@ Example:
     1.0
     >>> distinct_n([5, 6, 5, 6, 5], 2)
     0.5
+    >>> standard_error([0.0, 1.0])
+    0.5
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -151,3 +157,15 @@ def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:
     ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)  # tensors hash by identity
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def standard_error(scores: Sequence[float]) -> float:
+    """Standard error of the mean of per-example scores: their sample standard deviation over sqrt(n).
+
+    Returns 0.0 for fewer than two scores (no spread to measure).
+    """
+    n = len(scores)
+    if n < 2:
+        return 0.0
+    mean = sum(scores) / n
+    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)

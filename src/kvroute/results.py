@@ -36,7 +36,7 @@ METRICS: dict[str, bool] = {
 PRIMARY = {"lm": "loss", "qa": "f1", "mc": "acc"}
 COLUMNS = [
     "checkpoint", "model_type", "num_layers", "dtype", "precision", "plan", "calibrated", "plan_source", "owners",
-    "retention", "kv_kib_per_token", "kv_dtype", "task", "data", "metric", "value", "higher_is_better",
+    "retention", "kv_kib_per_token", "kv_dtype", "task", "data", "metric", "value", "stderr", "higher_is_better",
     "delta_vs_full", "delta_pct_vs_full", "n", "tokens_scored", "tokens_total", "window", "stride", "seconds",
 ]
 _KEY = ("checkpoint", "plan", "calibrated", "task", "data", "metric")
@@ -113,10 +113,16 @@ class ResultWriter:
         self.predictions_path = self.out / "predictions.jsonl"
         self._predictions: list[str] = []
 
-    def add(self, info: dict[str, Any], metrics: dict[str, float], predictions: list[dict] | None = None) -> None:
-        """Add one row per metric (``info`` holds the shared columns) and write the files."""
+    def add(self, info: dict[str, Any], metrics: dict[str, float], predictions: list[dict] | None = None,
+            stderr: dict[str, float] | None = None) -> None:
+        """Add one row per metric (``info`` holds the shared columns) and write the files.
+
+        ``stderr``: the standard error of each metric's mean over examples, where it is one (QA, multiple choice).
+        """
         for name, value in metrics.items():
+            spread = (stderr or {}).get(name)
             self.rows.append({**info, "metric": name, "value": float(value),
+                              "stderr": None if spread is None else float(spread),
                               "higher_is_better": METRICS.get(name, True)})
         for p in predictions or []:
             keep = {k: info.get(k) for k in ("checkpoint", "plan", "calibrated", "data")}
@@ -184,19 +190,20 @@ def compare_results(paths: list[str | Path], out_dir: str | Path) -> ResultWrite
     return writer
 
 
-def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
+def _fmt(value: float | None, metric: str, signed: bool = False, stderr: float | None = None) -> str:
     if value is None:
         return "-"
     digits = 2 if metric == "perplexity" else 4
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text if stderr is None else f"{text} ±{stderr:.{digits}f}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One block per dataset; one line per checkpoint and plan.
 
     Columns: checkpoint, plan (``every:2 (cal)`` when it ran calibrated), retention,
-    KV KiB/token, then each metric with its change against the same checkpoint's full
-    cache (``d metric``).
+    KV KiB/token, then each metric (``± standard error`` over the examples where the row has
+    one: QA, multiple choice) with its change against the same checkpoint's full cache (``d metric``).
     """
     if not rows:
         return "(no results)"
@@ -220,7 +227,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             cells = [ckpt, plan, f"{100 * float(first['retention']):.1f}%", f"{float(first['kv_kib_per_token']):.2f}"]
             for m in metrics:
                 r = by_metric.get(m, {})
-                cells += [_fmt(r.get("value"), m), _fmt(r.get("delta_vs_full"), m, signed=True)]
+                cells += [_fmt(r.get("value"), m, stderr=r.get("stderr")), _fmt(r.get("delta_vs_full"), m, signed=True)]
             table.append(cells)
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for i, row in enumerate(table):
