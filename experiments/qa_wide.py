@@ -75,16 +75,19 @@ def questions(skip: int, n: int) -> Path:
     return path
 
 
-def ratio_interval(f1: list[float], full: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Paired bootstrap 95% interval of mean(f1) / mean(full), resampling questions."""
-    rng, n, ratios = random.Random(seed), len(f1), []
+def bootstrap_interval(values: list[float], reference: list[float] | None = None, draws: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval of mean(values), or with ``reference`` (paired, same examples) of
+    mean(values) / mean(reference), resampling the examples."""
+    reference = reference or [1.0] * len(values)
+    rng, n, stats = random.Random(seed), len(values), []
     for _ in range(draws):
         idx = [rng.randrange(n) for _ in range(n)]
-        base = sum(full[i] for i in idx)
+        base = sum(reference[i] for i in idx)
         if base > 0:
-            ratios.append(sum(f1[i] for i in idx) / base)
-    ratios.sort()
-    return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
+            stats.append(sum(values[i] for i in idx) / base)
+    stats.sort()
+    return stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
 
 
 def score(name: str, checkpoint: str, qa: Path, plans: str) -> list[dict]:
@@ -103,7 +106,7 @@ def score(name: str, checkpoint: str, qa: Path, plans: str) -> list[dict]:
     rows = []
     for plan, f1s in by_plan.items():
         f1 = [f1s[i] for i in ids]
-        low, high = ratio_interval(f1, full)
+        low, high = bootstrap_interval(f1, full)
         row = {"run": name, "checkpoint": checkpoint, "task": "qa", "plan": plan, "qa_file": str(qa.relative_to(ROOT)),
                "questions": len(ids), "f1": round(statistics.mean(f1), 4),
                "f1_vs_full": round(statistics.mean(f1) / max(statistics.mean(full), 1e-9), 3),
@@ -136,13 +139,6 @@ def text_prompts(tokenizer) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor(ids)
 
 
-def mean_interval(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap 95% interval of the mean of ``values``."""
-    rng, n = random.Random(seed), len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
-
-
 def score_text(name: str, checkpoint: str, plans: str) -> list[dict]:
     tokenizer = load_tokenizer(ROOT / checkpoint)
     texts, prompts = text_prompts(tokenizer)
@@ -157,7 +153,7 @@ def score_text(name: str, checkpoint: str, plans: str) -> list[dict]:
                         row = row[:row.index(tokenizer.eos_token_id) + 1]
                     d2.append(distinct_n(row, 2))
                     samples.append(tokenizer.decode(row))
-        low, high = mean_interval(d2)
+        low, high = bootstrap_interval(d2)
         row = {"run": name, "checkpoint": checkpoint, "task": "text", "plan": plan, "prompts": len(d2),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                "distinct2_mean": round(statistics.mean(d2), 3), "distinct2_mean_95": [round(low, 3), round(high, 3)],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -164,8 +165,4 @@ def standard_error(scores: Sequence[float]) -> float:
 
     Returns 0.0 for fewer than two scores (no spread to measure).
     """
-    n = len(scores)
-    if n < 2:
-        return 0.0
-    mean = sum(scores) / n
-    return math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n)
+    return statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) >= 2 else 0.0
