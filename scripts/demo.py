@@ -20,6 +20,9 @@
 5. Evaluate under full, every:2 and every:4, with and without calibration (for R-CLA: with and
    without its trained pairwise maps), on held-out State of the Union 2007-2021, Moby Dick and
    fictional context-QA, in the precision of training (bf16 autocast where the CPU runs it natively).
+   Under the full cache and the calibrated plans, also greedy continuations (64 tokens) of
+   DEMO_PROMPTS sentence starts spread over each held-out text: their mean distinct-2 and the share
+   at 0.5 or more (`kvroute eval --continuations`), the target line of issue 15 on many prompts.
 6. Generate 64 greedy tokens under every:2 and every:4; report distinct-2 and the KV bytes saved.
 
 Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations and resumes a
@@ -28,7 +31,8 @@ old one moves to NAME.previous).
 Size knobs (environment): DEMO_STEPS (the standard fine-tune, 4 x 256 tokens a step, default 60),
 DEMO_RCLA_STEPS (the R-CLA fine-tune, default 240), DEMO_TEXT_STEPS (its text stage, default 80; 0:
 none), DEMO_BATCH (rows of 256 tokens per step of those two, default 2),
-DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_QA_TRAIN (fictional QA
+DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_PROMPTS (continuation prompts per
+held-out text, default 32), DEMO_QA_TRAIN (fictional QA
 training records, default 2000), DEMO_CAL_STEPS (calibration refinement steps, default 10; 0 =
 closed form only).
 
@@ -66,6 +70,8 @@ RCLA_STEPS = int(os.environ.get("DEMO_RCLA_STEPS", "240"))
 TEXT_STEPS = int(os.environ.get("DEMO_TEXT_STEPS", "80"))
 EVAL_TOKENS = int(os.environ.get("DEMO_EVAL_TOKENS", "4096"))
 QA_N = int(os.environ.get("DEMO_QA", "16"))
+#: 32 prompts of 16 tokens decode as one batch: about 8 s per plan and text in bf16 on 2 cores
+PROMPTS = int(os.environ.get("DEMO_PROMPTS", "32"))
 CAL_STEPS = int(os.environ.get("DEMO_CAL_STEPS", "10"))
 CAL_LR = 3e-3  # 10 steps at 3e-3: within 3-5% of 30 at 1e-3, in a third of the time (docs/RESULTS.md)
 PLANS = "full,every:2,every:4"
@@ -292,15 +298,16 @@ def main() -> None:
     # scored under the training precision: bf16 autocast where the CPU runs it natively (evaluation 5.8 min against
     # 8.0 in fp32; full-cache and calibrated perplexities within 0.3%: docs/RESULTS.md); the samples below stay fp32
     texts = dict(text=[held_glob, str(MOBY)], window=256, stride=256, max_tokens=EVAL_TOKENS, precision=precision)
-    qa_set = dict(qa=[str(qa)], limit=QA_N, max_new_tokens=16)
-    # QA is scored under the full cache and the calibrated plans; uncalibrated shared plans score F1 0.00 in
-    # every run so far (docs/RESULTS.md), so the demo spends its time on their perplexity only.
+    decoded = dict(qa=[str(qa)], limit=QA_N, max_new_tokens=16,  # QA, and greedy continuations of held-out text
+                   continuations=[held_glob, str(MOBY)], prompts=PROMPTS)
+    # QA and continuations are scored under the full cache and the calibrated plans; uncalibrated shared plans
+    # score F1 0.00 in every run so far (docs/RESULTS.md), so the demo spends its time on their perplexity only.
     writers = [
         evaluate(EvalConfig(checkpoints=list(checkpoints.values()), plans=PLANS, out=str(OUT / "eval"), **texts)),
         evaluate(EvalConfig(checkpoints=list(checkpoints.values()), plans="full", out=str(OUT / "eval-qa"),
-                            precision=precision, **qa_set)),
+                            precision=precision, **decoded)),
         evaluate(EvalConfig(checkpoints=list(cal.values()), plans=CALIBRATED_PLANS, out=str(OUT / "eval-cal"),
-                            **texts, **qa_set)),
+                            **texts, **decoded)),
     ]
     stage("evaluate")
     names = {v: k for k, v in {**checkpoints, **cal}.items()}
@@ -348,8 +355,10 @@ def main() -> None:
         "maps, kept only if they lower the loss on held-out calibration chunks; the weights never change). "
         f"Training, calibration and evaluation in {precision} (`--precision auto`; the greedy samples in fp32). "
         f"Evaluated on held-out SOTU 2007-2021 and Moby Dick ({EVAL_TOKENS} tokens each, 256-token windows) and "
-        f"{QA_N} fictional context-QA questions (under the full cache and the calibrated plans; uncalibrated shared "
-        "plans are scored on perplexity only). "
+        f"{QA_N} fictional context-QA questions, and greedy continuations (64 tokens) of {PROMPTS} sentence starts "
+        "spread over each held-out text, scored by distinct-2 (mean, and the share at 0.5 or more: "
+        "`non_degenerate`); QA and continuations under the full cache and the calibrated plans, uncalibrated "
+        "shared plans on perplexity only. "
         f"Wall time {minutes:.1f} min ({timing} min), {cpu_minutes:.1f} CPU minutes, {torch.get_num_threads()} "
         f"threads of {cpu}.\n\n"
         "```\n" + table + "\n```\n\n![pareto](pareto.png)\n\n## Greedy generation, 64 tokens\n\n"

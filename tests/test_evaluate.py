@@ -15,9 +15,9 @@ from kvroute.calibrate import CalibrationConfig, calibrate, save_calibration
 from kvroute.cli import main
 from kvroute.data.choice import MCExample, load_mc
 from kvroute.data.qa import QARecord, qa_prompt_ids, read_qa
-from kvroute.data.text import load_eval_text
-from kvroute.evaluate import EvalConfig, choice_logprobs, evaluate, lm_score, qa_score
-from kvroute.metrics import standard_error
+from kvroute.data.text import TextSet, continuation_prompts, load_eval_text
+from kvroute.evaluate import EvalConfig, choice_logprobs, continuation_score, evaluate, lm_score, qa_score
+from kvroute.metrics import distinct_n, standard_error
 from kvroute.models import save_checkpoint
 from kvroute.results import ResultWriter, compare_results, format_table, merge_results
 
@@ -97,6 +97,68 @@ def test_qa_generates_through_the_shared_cache_like_a_full_forward():
     kvroute.set_plan(model, "full")  # another plan, another answer from the same random model
     _, preds_full = qa_score(model, tok, [ex], max_new_tokens=6)
     assert preds_full[0]["prediction"] != preds[0]["prediction"]
+
+
+# ------------------------------------------------------------------ greedy continuations
+SENTENCES = "".join(f"Sentence {chr(65 + i)} is here. " for i in range(12))  # 12 starts, "Sentence A" .. "L"
+
+
+def test_continuation_prompts_are_sentence_starts_spread_over_the_text():
+    tok = tiny_tokenizer()
+    text = TextSet("t", ("a.txt", "b.txt"), (SENTENCES[:120], "  " + SENTENCES[120:].replace(" ", "\n ")))
+    prompts = [tok.decode(p) for p in continuation_prompts(tok, text, 4, 10)]
+    # the documents hold 6 + 6 sentences (the second's whitespace collapsed): the 4 prompts start at the
+    # sentences nearest 1/8, 3/8, 5/8 and 7/8 of the way through
+    assert prompts == ["Sentence B", "Sentence E", "Sentence H", "Sentence K"]
+    assert continuation_prompts(tok, text, 4, 10) == continuation_prompts(tok, text, 4, 10)
+    every = [tok.decode(p) for p in continuation_prompts(tok, text, 12, 10)]
+    assert sorted(every) == [f"Sentence {chr(65 + i)}" for i in range(12)]  # each start at most once
+    # a start without 20 characters after it in its document is passed over: each document ends with
+    # "Sentence F is here." / "Sentence L is here." (19 characters once whitespace is collapsed)
+    ten = [tok.decode(p) for p in continuation_prompts(tok, text, 10, 20)]
+    assert len(ten) == 10 and not any(p.startswith(("Sentence F", "Sentence L")) for p in ten)
+    with pytest.raises(ValueError, match="only 10 sentence starts with 20 tokens after them, fewer than the 12"):
+        continuation_prompts(tok, text, 12, 20)
+
+
+def test_continuations_decode_through_the_shared_cache_like_full_forwards():
+    from kvroute.hf.cache import DummyLayer
+
+    tok, model = tiny_tokenizer(), kvroute.apply(tiny_lm(seed=1), plan="every:2")
+    prompts = [tok(s, add_special_tokens=False)["input_ids"] for s in ("Sentence A", "Sentence B", "Different!")]
+    caches = []  # runs after kvroute's own hook: sees the cache the layers get
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(kwargs.get("cache", kwargs.get("past_key_values"))), with_kwargs=True
+    )
+    metrics, preds = continuation_score(model, tok, prompts, new_tokens=12, batch_size=2)
+    assert [isinstance(layer, DummyLayer) for layer in caches[0].layers] == [False, True, False, True]
+    d2 = []
+    for prompt, pred in zip(prompts, preds):
+        expected = greedy_without_cache(model, prompt, 12, tok.eos_token_id)  # stops after EOS, as the row is cut
+        assert pred["prompt"] == tok.decode(prompt) and pred["continuation"] == tok.decode(expected)
+        assert pred["distinct2"] == distinct_n(expected, 2) and pred["non_degenerate"] == (pred["distinct2"] >= 0.5)
+        d2.append(pred["distinct2"])
+    assert metrics == {"distinct2": pytest.approx(sum(d2) / 3),
+                       "non_degenerate": pytest.approx(sum(d >= 0.5 for d in d2) / 3)}
+    assert continuation_score(model, tok, prompts, 12, batch_size=1) == (metrics, preds)  # batching changes nothing
+    kvroute.set_plan(model, "full")  # another plan, other text from the same random model
+    assert continuation_score(model, tok, prompts, 12)[1] != preds
+    with pytest.raises(ValueError, match="same number of tokens"):
+        continuation_score(model, tok, [[5, 6], [5]])
+
+
+def test_a_looping_continuation_counts_as_degenerate():
+    tok, model = tiny_tokenizer(), tiny_lm(seed=2)
+    with torch.no_grad():  # every position predicts "a": the continuation is one token repeated
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[tok.convert_tokens_to_ids("a")] = 1e4
+    metrics, preds = continuation_score(model, tok, [tok("Go", add_special_tokens=False)["input_ids"]], 8)
+    assert preds[0]["continuation"] == "a" * 8 and preds[0]["distinct2"] == pytest.approx(1 / 7)
+    assert metrics == {"distinct2": pytest.approx(1 / 7), "non_degenerate": 0.0}
+    with torch.no_grad():  # EOS at once: the row is cut after it, and one token has no bigram
+        model.lm_head.bias[tok.eos_token_id] = 2e4
+    _, preds = continuation_score(model, tok, [tok("Go", add_special_tokens=False)["input_ids"]], 8)
+    assert preds[0]["continuation"] == tok.eos_token and preds[0]["distinct2"] == 0.0
 
 
 def test_choice_logprobs_by_hand():
@@ -230,6 +292,33 @@ def test_eval_cli_writes_self_describing_results(eval_inputs, tmp_path, capsys):
         return r["plan"], r["metric"], r["value"]
 
     assert [key(r) for r in single] == [key(r) for r in rows]
+
+
+def test_eval_cli_scores_greedy_continuations(eval_inputs, tmp_path, capsys):
+    root, ckpt, _, _ = eval_inputs
+    out = tmp_path / "out"
+    args = ["eval", str(ckpt), "--plans", "full,every:2", "--continuations", str(root / "text"), "--prompts", "3",
+            "--prompt-tokens", "8", "--continuation-tokens", "6", "--continuation-batch-size", "2", "--out", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["plan"], r["task"], r["metric"]) for r in rows} == {
+        (p, "continuation", m) for p in ("full", "every:2") for m in ("distinct2", "non_degenerate")}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    # the text holds three sentences (two in a.txt, one in b.txt): each starts one prompt, under each plan
+    assert sorted(p["prompt"] for p in predictions) == ["The ligh"] * 6
+    for r in rows:
+        per_prompt = [p[r["metric"]] for p in predictions if p["plan"] == r["plan"]]
+        assert r["n"] == 3 and r["value"] == pytest.approx(sum(per_prompt) / 3)
+        assert r["stderr"] == pytest.approx(standard_error(per_prompt)) and r["higher_is_better"]
+    assert "distinct2" in table and "non_degenerate" in table and (out / "pareto.png").is_file()
+
+    # more prompts than the text has sentence starts: a clear error before any model loads, nothing written
+    assert main([*args[:-1], str(tmp_path / "more"), "--prompts", "4"]) != 0
+    assert "only 3 sentence starts with 8 tokens after them, fewer than the 4" in capsys.readouterr().err
+    assert not (tmp_path / "more" / "results.json").exists()
+    with pytest.raises(ValueError, match="--continuation-tokens must be positive"):
+        EvalConfig([str(ckpt)], continuations=[str(root / "text")], continuation_tokens=0)
 
 
 def test_eval_says_which_plans_ran_calibrated(eval_inputs, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Quality under every sharing plan: language modelling, context-QA, multiple choice.
+"""Quality under every sharing plan: language modelling, context-QA, multiple choice, greedy continuations.
 
 One checkpoint is loaded once; each plan is switched in with :func:`kvroute.set_plan`
 and scored on every dataset. Results go to disk after every plan and dataset, so
@@ -13,6 +13,9 @@ a plan that fails midway leaves the others' results in place.
   first line of the answer is scored with F1, exact match and ROUGE-L.
 - **Multiple choice**: the choice with the highest log-likelihood (``acc``), or the
   highest per character (``acc_norm``).
+- **Greedy continuations**: sentence starts spread over held-out text are continued greedily
+  through the plan's cache; each continuation's distinct-2 (mean: ``distinct2``) and whether it
+  is at least 0.5 (the share: ``non_degenerate``) show whether the plan writes text or loops.
 
 Example:
     >>> cfg = EvalConfig(["runs/rcla/final"], plans="full,every:2", qa=["data/fictional/test.jsonl"])  # doctest: +SKIP
@@ -31,8 +34,8 @@ from tqdm.auto import tqdm
 
 from kvroute.data.choice import MCExample, load_mc
 from kvroute.data.qa import QARecord, qa_prompt_ids, read_qa
-from kvroute.data.text import TextSet, load_eval_text, tokenize_documents
-from kvroute.metrics import answer_scores, standard_error
+from kvroute.data.text import TextSet, continuation_prompts, load_eval_text, tokenize_documents
+from kvroute.metrics import NON_DEGENERATE, answer_scores, distinct_n, standard_error
 from kvroute.plan import KVShape, SharingPlan, dtype_bytes, parse_plan_list
 from kvroute.precision import Precision, autocast, resolve_precision
 from kvroute.results import ResultWriter, kv_kib_per_token
@@ -203,6 +206,47 @@ def qa_score(
 
 
 @torch.no_grad()  # not inference_mode: see kvroute.precision.autocast
+def continuation_score(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], new_tokens: int = 64, batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy continuations of ``prompts`` through the model's cache, scored for loops with distinct-2.
+
+    Prompts of one length decode ``batch_size`` at a time without padding
+    (:func:`~kvroute.train.rollouts.greedy_rollout`); each continuation is cut after its first EOS,
+    as generation stops there. Distinct-2 is over the continuation's tokens (0 when it has under two).
+
+    Returns:
+        ``({"distinct2": mean, "non_degenerate": share with distinct-2 >= 0.5}, predictions)``; one
+        prediction dict (prompt, continuation, distinct2) per prompt, in order.
+    """
+    from kvroute.train.rollouts import greedy_rollout
+
+    if not prompts:
+        raise ValueError("no continuation prompts")
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("continuation prompts must all have the same number of tokens")
+    if batch_size < 1:
+        raise ValueError(f"continuation batch size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    predictions = []
+    bar = tqdm(total=len(prompts), desc="continuations", unit="prompt", disable=not progress, leave=False)
+    for first in range(0, len(prompts), batch_size):
+        batch = torch.tensor(prompts[first:first + batch_size], device=device)
+        for prompt, row in zip(batch.tolist(), greedy_rollout(model, batch, new_tokens)[:, batch.shape[1]:].tolist()):
+            if eos is not None and eos in row:
+                row = row[:row.index(eos) + 1]
+            d2 = distinct_n(row, 2)
+            predictions.append({"prompt": tokenizer.decode(prompt), "continuation": tokenizer.decode(row),
+                                "distinct2": d2, "non_degenerate": float(d2 >= NON_DEGENERATE)})
+        bar.update(batch.shape[0])
+    bar.close()
+    metrics = {k: sum(p[k] for p in predictions) / len(predictions) for k in ("distinct2", "non_degenerate")}
+    return metrics, predictions
+
+
+@torch.no_grad()  # not inference_mode: see kvroute.precision.autocast
 def choice_logprobs(model: torch.nn.Module, tokenizer: Any, example: MCExample) -> list[float]:
     """log p(delimiter + choice | context) for each choice, tokenized as lm-eval does.
 
@@ -259,6 +303,8 @@ class EvalConfig:
         text: held-out text datasets (file, folder or glob each).
         qa: context-QA JSONL files.
         mc: multiple choice JSONL files or BIG-bench ``task.json`` files.
+        continuations: held-out text datasets whose sentence starts are continued greedily
+            (:func:`continuation_score`).
         out: folder for ``results.json``, ``results.csv``, ``predictions.jsonl`` and ``pareto.png``.
         window: sliding window of the language-modelling loss, tokens (None: 1024, or the model's
             context if shorter).
@@ -268,6 +314,11 @@ class EvalConfig:
         max_new_tokens: answer length limit for QA.
         qa_batch_size: QA prompts answered together, left-padded: decoding reads every weight per
             step whatever the batch, so a batch of 8 costs little more than one prompt.
+        prompts: continuation prompts taken from each ``continuations`` dataset (sentence starts
+            spread evenly over it).
+        prompt_tokens: tokens of each continuation prompt.
+        continuation_tokens: greedy tokens each prompt is continued by.
+        continuation_batch_size: continuation prompts decoded together (all of one length: no padding).
         chat: wrap QA prompts in the tokenizer's chat template.
         dtype: dtype the model is loaded in.
         precision: ``fp32`` (default) scores in the model's dtype; ``bf16`` under bfloat16 autocast
@@ -286,6 +337,7 @@ class EvalConfig:
     text: list[str] = field(default_factory=list)
     qa: list[str] = field(default_factory=list)
     mc: list[str] = field(default_factory=list)
+    continuations: list[str] = field(default_factory=list)
     out: str = "eval"
     window: int | None = None
     stride: int | None = None
@@ -293,6 +345,10 @@ class EvalConfig:
     limit: int | None = None
     max_new_tokens: int = 32
     qa_batch_size: int = 8
+    prompts: int = 32
+    prompt_tokens: int = 16
+    continuation_tokens: int = 64
+    continuation_batch_size: int = 32
     chat: bool = False
     dtype: str = "float32"
     precision: Precision = "fp32"
@@ -306,8 +362,8 @@ class EvalConfig:
             raise ValueError("give at least one checkpoint")
         if not self.plans:
             raise ValueError("--plans: give at least one plan")
-        if not (self.text or self.qa or self.mc):
-            raise ValueError("give at least one dataset: --text, --qa or --mc")
+        if not (self.text or self.qa or self.mc or self.continuations):
+            raise ValueError("give at least one dataset: --text, --qa, --mc or --continuations")
         for name in ("window", "stride"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -320,8 +376,9 @@ class EvalConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-        if self.qa_batch_size <= 0:
-            raise ValueError(f"--qa-batch-size must be positive, got {self.qa_batch_size}")
+        for name in ("qa_batch_size", "prompts", "prompt_tokens", "continuation_tokens", "continuation_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.kv_dtype is not None:
             dtype_bytes(self.kv_dtype)
         resolve_precision(self.precision, self.device)  # checks the name
@@ -338,6 +395,7 @@ class _Datasets:
     text: list[TextSet]
     qa: list[tuple[str, list[QARecord]]]
     mc: list[tuple[str, list[MCExample]]]
+    continuations: list[TextSet]
 
 
 def load_datasets(config: EvalConfig) -> _Datasets:
@@ -346,6 +404,7 @@ def load_datasets(config: EvalConfig) -> _Datasets:
         [load_eval_text(p, "--text") for p in config.text],
         [(p, read_qa([p], config.limit, "--qa")) for p in config.qa],
         [(p, load_mc(p, config.limit)) for p in config.mc],
+        [load_eval_text(p, "--continuations") for p in config.continuations],
     )
 
 
@@ -371,8 +430,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
     check_checkpoints(config.checkpoints)
     writer = ResultWriter(config.out, run={k: v for k, v in asdict(config).items() if k != "out"})
     for ckpt in config.checkpoints:
-        model = load(ckpt, plan="full", dtype=config.dtype, device=config.device)
         tokenizer = load_tokenizer(ckpt)
+        # prompts come from the tokenizer: too little text fails before the model loads
+        prompts = [continuation_prompts(tokenizer, t, config.prompts, config.prompt_tokens) for t in data.continuations]
+        model = load(ckpt, plan="full", dtype=config.dtype, device=config.device)
         plans = [SharingPlan.for_model(spec, model.config) for spec in config.plans]  # all checked first
         max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
         if data.text and max_positions and config.window and config.window > max_positions:
@@ -398,7 +459,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
                       f"{'' if quant == 'none' else ', KV ' + quant}", flush=True)
             try:
                 with autocast(config.precision, config.device):
-                    _score_plan(model, tokenizer, config, data, documents, base, writer, progress,
+                    _score_plan(model, tokenizer, config, data, (documents, prompts), base, writer, progress,
                                 (window, stride))
             except Exception as err:  # keep what other plans produced; report and go on
                 writer.add_error({**base, "error": f"{type(err).__name__}: {err}"})
@@ -418,9 +479,9 @@ def lm_windows(config: EvalConfig, max_positions: int | None) -> tuple[int, int]
     return window, stride
 
 
-def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents, base, writer, progress,
+def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, tokenized, base, writer, progress,
                 windows: tuple[int, int]) -> None:
-    window, stride = windows
+    (window, stride), (documents, prompts) = windows, tokenized
     for text_set, docs in zip(data.text, documents):
         start = time.perf_counter()
         score = lm_score(model, docs, window, stride, progress, kv_quant=base.get("kv_quant"))
@@ -443,3 +504,11 @@ def _score_plan(model, tokenizer, config: EvalConfig, data: _Datasets, documents
         info = {**base, "task": "mc", "data": path, "n": len(examples),
                 "seconds": round(time.perf_counter() - start, 3)}
         writer.add(info, metrics, stderr={k: standard_error(v) for k, v in hits.items()})
+    for text_set, ids in zip(data.continuations, prompts):
+        start = time.perf_counter()
+        metrics, predictions = continuation_score(model, tokenizer, ids, config.continuation_tokens,
+                                                  config.continuation_batch_size, progress)
+        info = {**base, "task": "continuation", "data": text_set.path, "n": len(ids),
+                "seconds": round(time.perf_counter() - start, 3)}
+        writer.add(info, metrics, predictions,
+                   stderr={k: standard_error([p[k] for p in predictions]) for k in metrics})

@@ -32,6 +32,9 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+#: a greedy continuation with distinct-2 below this is counted as degenerate (a loop): the threshold of issue 15's
+#: target, and the one the demo and ``kvroute eval --continuations`` report the share above
+NON_DEGENERATE = 0.5
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")

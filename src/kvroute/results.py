@@ -31,9 +31,10 @@ METRICS: dict[str, bool] = {
     "loss": False, "perplexity": False,
     "f1": True, "exact_match": True, "rouge_l": True,
     "acc": True, "acc_norm": True,
+    "distinct2": True, "non_degenerate": True,
 }
 #: the metric a plot shows for each task
-PRIMARY = {"lm": "loss", "qa": "f1", "mc": "acc"}
+PRIMARY = {"lm": "loss", "qa": "f1", "mc": "acc", "continuation": "distinct2"}
 COLUMNS = [
     "checkpoint", "model_type", "num_layers", "dtype", "precision", "plan", "calibrated", "plan_source", "owners",
     "retention", "kv_kib_per_token", "kv_dtype", "task", "data", "metric", "value", "stderr", "higher_is_better",

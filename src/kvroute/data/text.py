@@ -2,7 +2,8 @@
 
 :func:`resolve_files` and :func:`read_documents` turn sources into documents; on top of them,
 :func:`load_text_splits` packs training text, :func:`load_eval_text` reads held-out
-evaluation text and :func:`read_texts` calibration or search text.
+evaluation text (and :func:`continuation_prompts` cuts prompts from it) and :func:`read_texts`
+calibration or search text.
 
 For training, every document is tokenized, followed by EOS, and the documents are concatenated
 into one token stream cut into blocks of ``seq_len`` tokens (the remainder is
@@ -25,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,46 @@ def tokenize_documents(
         if max_tokens is not None and taken >= max_tokens:
             break
     return docs
+
+
+#: where a sentence starts: after ``.``, ``!`` or ``?`` (and closing quotes or brackets), a space, then a capital
+SENTENCE_START = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
+
+
+def continuation_prompts(tokenizer: Any, text: TextSet, n: int, tokens: int) -> list[list[int]]:
+    """``n`` prompts of exactly ``tokens`` token ids, each the start of a sentence, spread evenly over ``text``.
+
+    The documents (whitespace collapsed) are laid end to end; prompt ``k`` is the sentence start
+    nearest the point ``(k + 0.5) / n`` of the way through that no earlier prompt took (a document's
+    first character counts as a sentence start). A start with fewer than ``tokens`` tokens after it
+    in its document is passed over. Deterministic: the same text gives the same prompts.
+
+    Raises:
+        ValueError: when the text has fewer than ``n`` such sentence starts.
+    """
+    if n < 1 or tokens < 1:
+        raise ValueError(f"need at least one prompt of at least one token, got {n} prompts of {tokens}")
+    docs = [" ".join(t.split()) for t in text.texts]
+    starts, offset = [], 0  # (position in the documents laid end to end, document, position in it)
+    for d, doc in enumerate(docs):
+        starts += [(offset + i, d, i) for i in [0] + [m.end() for m in SENTENCE_START.finditer(doc)]]
+        offset += len(doc)
+    prompts: list[list[int]] = []
+    free = set(range(len(starts)))
+    while len(prompts) < n and free:
+        target = (len(prompts) + 0.5) / n * offset
+        nearest = min(free, key=lambda j: (abs(starts[j][0] - target), j))
+        free.discard(nearest)
+        _, d, i = starts[nearest]
+        # a token is seldom over 8 characters: 16 per token is plenty to cut ``tokens`` from
+        ids = list(tokenizer(docs[d][i:i + 16 * tokens], add_special_tokens=False)["input_ids"])[:tokens]
+        if len(ids) == tokens:
+            prompts.append(ids)
+    if len(prompts) < n:
+        raise ValueError(f"--continuations {text.path}: the text has only {len(prompts)} sentence starts with "
+                         f"{tokens} tokens after them, fewer than the {n} prompts asked for; give more text or "
+                         "a smaller --prompts")
+    return prompts
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
