@@ -17,6 +17,16 @@ what the quality follows. The text stage and the scoring are ``seq_unlikelihood.
 
 (the text stage at seed 0, as the demo's; the runs of docs/RESULTS.md passed ``--demo runs/demo-fast`` to both)
 
+``--needle N`` puts the facts of the first N fictional training records inside real text
+(``kvroute.data.needle.needle_records(..., split="train")``, as ``kvroute data needle-qa`` makes test
+records: each record's context paragraph at a random sentence boundary of ``--needle-words`` words of
+SOTU 1990-2006) and keeps the other records as they are, so the mix sees the same facts, N of them in
+a longer context. A record longer than the 256-token rows loses the end of its context (at 80 words,
+1 of 1000 lost its fact). ``--text-steps S`` then
+runs the demo's text stage (``demo.TEXT_STAGE``, SOTU 1990-2006 alone, seed 0) into ``.../text``:
+
+    .venv/bin/python experiments/demo_batch.py --needle 1000 --text-steps 80 --threads 2 --demo runs/demo-c
+
 Needs a finished ``make demo`` folder (``--demo``, default runs/demo) for its pairwise maps and
 QA records. Writes runs/demo_batch/mix-bB-sS-seedN; a finished run is not trained again.
 """
@@ -46,6 +56,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="a finished `make demo` folder")
+    parser.add_argument("--needle", type=int, default=0, help="QA training records whose facts go inside real text")
+    parser.add_argument("--needle-words", type=int, default=80, help="words of real text around each of those")
+    parser.add_argument("--text-steps", type=int, default=0, help="then the demo's text stage for this many steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from kvroute.train import TrainConfig, train
@@ -58,10 +71,46 @@ def main() -> None:
     train_files, _ = demo.split_sotu()
     calib = [f for f in train_files if demo.CALIB_YEARS[0] <= int(Path(f).name[:4]) <= demo.CALIB_YEARS[1]]
     out = ROOT / "runs" / "demo_batch" / f"mix-b{args.batch}-s{args.steps}-seed{args.seed}"
-    if (out / "final" / "config.json").is_file():
+    if args.needle:
+        out = out.with_name(f"{out.name}-needle{args.needle}w{args.needle_words}")
+        qa = needle_mix(qa, calib, args.needle, args.needle_words, out / "data")
+    if not (out / "final" / "config.json").is_file():
+        train_mix(start, calib + [str(qa)], out, args)
+    else:
         print(f"demo_batch: {out}/final is there")
-        return
-    config = TrainConfig(model=str(start), data=calib + [str(qa)], output_dir=str(out), seq_len=256,
+    if args.text_steps and not (out / "text" / "final" / "config.json").is_file():
+        began = time.perf_counter()
+        train(TrainConfig(model=str(out / "final"), data=calib, output_dir=str(out / "text"), seq_len=256,
+                          batch_size=args.batch, max_steps=args.text_steps, seed=0, device="cpu", eval_every=0,
+                          save_every=max(args.text_steps // 2, 1), quiet=True,
+                          resume="latest" if (out / "text" / "checkpoints").is_dir() else None, **demo.TEXT_STAGE))
+        print(f"demo_batch: {out}/text/final in {(time.perf_counter() - began) / 60:.1f} min")
+
+
+def needle_mix(qa: Path, calib: list[str], n: int, words: int, folder: Path) -> Path:
+    """The demo's QA training records with the first ``n`` facts placed inside ``words`` words of ``calib`` text."""
+    import json
+
+    from kvroute.data.fictional import write_jsonl
+    from kvroute.data.needle import needle_records
+    from kvroute.data.text import read_texts
+
+    target = folder / f"qa-needle{n}w{words}.jsonl"
+    if target.is_file():
+        return target
+    records = [json.loads(line) for line in qa.read_text().splitlines()]
+    if n > len(records):
+        sys.exit(f"demo_batch: --needle {n} is more than the {len(records)} QA records of {qa}")
+    needles = needle_records(read_texts(calib), n, words, seed=0, split="train")
+    if [r["context"] for r in records[:n]] != [r["fact"] for r in needles]:
+        sys.exit(f"demo_batch: {qa} is not the fictional train split of seed 0 that --needle expects")
+    return write_jsonl(needles + records[n:], target)
+
+
+def train_mix(start: Path, data: list[str], out: Path, args) -> None:
+    from kvroute.train import TrainConfig, train
+
+    config = TrainConfig(model=str(start), data=data, output_dir=str(out), seq_len=256,
                          batch_size=args.batch, max_steps=args.steps, lr=demo.LR, warmup=0.05, schedule="cosine",
                          seed=args.seed, device="cpu", eval_every=0, save_every=max(args.steps // 4, 1), quiet=True,
                          resume="latest" if (out / "checkpoints").is_dir() else None, **demo.RCLA)

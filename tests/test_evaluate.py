@@ -119,6 +119,12 @@ def test_continuation_prompts_are_sentence_starts_spread_over_the_text():
     assert len(ten) == 10 and not any(p.startswith(("Sentence F", "Sentence L")) for p in ten)
     with pytest.raises(ValueError, match="only 10 sentence starts with 20 tokens after them, fewer than the 12"):
         continuation_prompts(tok, text, 12, 20)
+    # a tokenizer that adds BOS gets it in front of each prompt, as QA prompts do
+    from tokenizers.processors import TemplateProcessing
+
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    with_bos = continuation_prompts(tok, text, 4, 10)
+    assert [p[0] for p in with_bos] == [1] * 4 and [tok.decode(p[1:]) for p in with_bos] == prompts
 
 
 def test_continuations_decode_through_the_shared_cache_like_full_forwards():
@@ -135,7 +141,8 @@ def test_continuations_decode_through_the_shared_cache_like_full_forwards():
     d2 = []
     for prompt, pred in zip(prompts, preds):
         expected = greedy_without_cache(model, prompt, 12, tok.eos_token_id)  # stops after EOS, as the row is cut
-        assert pred["prompt"] == tok.decode(prompt) and pred["continuation"] == tok.decode(expected)
+        assert pred["prompt"] == tok.decode(prompt) and pred["continuation"] == tok.decode(expected, skip_special_tokens=True)
+        assert pred["tokens"] == len(expected) and pred["ended"] == (expected[-1] == tok.eos_token_id)
         assert pred["distinct2"] == distinct_n(expected, 2) and pred["non_degenerate"] == (pred["distinct2"] >= 0.5)
         d2.append(pred["distinct2"])
     assert metrics == {"distinct2": pytest.approx(sum(d2) / 3),
@@ -158,7 +165,8 @@ def test_a_looping_continuation_counts_as_degenerate():
     with torch.no_grad():  # EOS at once: the row is cut after it, and one token has no bigram
         model.lm_head.bias[tok.eos_token_id] = 2e4
     _, preds = continuation_score(model, tok, [tok("Go", add_special_tokens=False)["input_ids"]], 8)
-    assert preds[0]["continuation"] == tok.eos_token and preds[0]["distinct2"] == 0.0
+    assert preds[0]["continuation"] == "" and preds[0]["tokens"] == 1 and preds[0]["ended"]
+    assert preds[0]["distinct2"] == 0.0
 
 
 def test_choice_logprobs_by_hand():
@@ -313,6 +321,11 @@ def test_eval_cli_scores_greedy_continuations(eval_inputs, tmp_path, capsys):
         assert r["stderr"] == pytest.approx(standard_error(per_prompt)) and r["higher_is_better"]
     assert "distinct2" in table and "non_degenerate" in table and (out / "pareto.png").is_file()
 
+    # the flag takes one path each time, so it may come before the checkpoint
+    flag_first = ["eval", "--continuations", str(root / "text"), str(ckpt), *args[2:4], *args[6:-1],
+                  str(tmp_path / "first")]
+    assert main(flag_first) == 0
+    assert json.loads((tmp_path / "first" / "results.json").read_text())["rows"][0]["value"] == rows[0]["value"]
     # more prompts than the text has sentence starts: a clear error before any model loads, nothing written
     assert main([*args[:-1], str(tmp_path / "more"), "--prompts", "4"]) != 0
     assert "only 3 sentence starts with 8 tokens after them, fewer than the 4" in capsys.readouterr().err

@@ -214,11 +214,13 @@ def continuation_score(
 
     Prompts of one length decode ``batch_size`` at a time without padding
     (:func:`~kvroute.train.rollouts.greedy_rollout`); each continuation is cut after its first EOS,
-    as generation stops there. Distinct-2 is over the continuation's tokens (0 when it has under two).
+    as generation stops there (``ended``; ``tokens`` counts what was written, EOS included).
+    Distinct-2 is over the continuation's tokens (0 when it has under two; an EOS counts as a token,
+    as in :func:`kvroute.generate.generate`).
 
     Returns:
         ``({"distinct2": mean, "non_degenerate": share with distinct-2 >= 0.5}, predictions)``; one
-        prediction dict (prompt, continuation, distinct2) per prompt, in order.
+        prediction dict (prompt, continuation, tokens, ended, distinct2, non_degenerate) per prompt, in order.
     """
     from kvroute.train.rollouts import greedy_rollout
 
@@ -238,7 +240,9 @@ def continuation_score(
             if eos is not None and eos in row:
                 row = row[:row.index(eos) + 1]
             d2 = distinct_n(row, 2)
-            predictions.append({"prompt": tokenizer.decode(prompt), "continuation": tokenizer.decode(row),
+            predictions.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                                "continuation": tokenizer.decode(row, skip_special_tokens=True),
+                                "tokens": len(row), "ended": eos is not None and row[-1] == eos,
                                 "distinct2": d2, "non_degenerate": float(d2 >= NON_DEGENERATE)})
         bar.update(batch.shape[0])
     bar.close()
@@ -428,11 +432,13 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
 
     data = load_datasets(config)
     check_checkpoints(config.checkpoints)
+    # continuation prompts come from each checkpoint's tokenizer: too little text fails before any model loads
+    tokenizers = {ckpt: load_tokenizer(ckpt) for ckpt in config.checkpoints}
+    all_prompts = {ckpt: [continuation_prompts(tok, t, config.prompts, config.prompt_tokens) for t in data.continuations]
+                   for ckpt, tok in tokenizers.items()}
     writer = ResultWriter(config.out, run={k: v for k, v in asdict(config).items() if k != "out"})
     for ckpt in config.checkpoints:
-        tokenizer = load_tokenizer(ckpt)
-        # prompts come from the tokenizer: too little text fails before the model loads
-        prompts = [continuation_prompts(tokenizer, t, config.prompts, config.prompt_tokens) for t in data.continuations]
+        tokenizer, prompts = tokenizers[ckpt], all_prompts[ckpt]
         model = load(ckpt, plan="full", dtype=config.dtype, device=config.device)
         plans = [SharingPlan.for_model(spec, model.config) for spec in config.plans]  # all checked first
         max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)

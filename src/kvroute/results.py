@@ -118,7 +118,8 @@ class ResultWriter:
             stderr: dict[str, float] | None = None) -> None:
         """Add one row per metric (``info`` holds the shared columns) and write the files.
 
-        ``stderr``: the standard error of each metric's mean over examples, where it is one (QA, multiple choice).
+        ``stderr``: the standard error of each metric's mean over examples, where it is one (QA, multiple
+        choice, continuations).
         """
         for name, value in metrics.items():
             spread = (stderr or {}).get(name)

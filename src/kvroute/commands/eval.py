@@ -8,7 +8,8 @@ import sys
 NAME = "eval"
 #: dests that are not EvalConfig fields
 CLI_ONLY = ("config", "no_plot", "compare")
-HELP = "Score checkpoints under sharing plans (LM loss, context-QA, multiple choice); tables, files, plots."
+HELP = ("Score checkpoints under sharing plans (LM loss, context-QA, multiple choice, distinct-2 of greedy "
+        "continuations); tables, files, plots.")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         qa={**repeatable, "metavar": "JSONL", "help": "context-QA JSONL {context, question, answer} (repeatable)"},
         mc={**repeatable, "metavar": "FILE",
             "help": "multiple choice JSONL {context, choices, answer} or BIG-bench task.json (repeatable)"},
+        continuations={**repeatable, "metavar": "PATH",
+                       "help": "held-out text whose sentence starts are continued greedily and scored by "
+                               "distinct-2 (repeatable)"},
         dtype={"choices": ["float32", "bfloat16", "float16"]},
     )
     p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
@@ -38,7 +42,7 @@ def config(args: argparse.Namespace):
 
     values = config_values(EvalConfig, args)
     if args.compare:
-        if any(values.get(name) for name in ("checkpoints", "text", "qa", "mc")):
+        if any(values.get(name) for name in ("checkpoints", "text", "qa", "mc", "continuations")):
             raise ValueError("--compare merges result files; give no checkpoints or datasets with it")
         return None
     return EvalConfig(**{"checkpoints": [], **values})

@@ -208,12 +208,14 @@ def generate(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]
 
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write records one JSON object per line."""
+    """Write records one JSON object per line, all or nothing (a temporary file, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    partial.replace(path)
     return path
 
 

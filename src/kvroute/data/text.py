@@ -181,12 +181,15 @@ SENTENCE_START = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
 
 
 def continuation_prompts(tokenizer: Any, text: TextSet, n: int, tokens: int) -> list[list[int]]:
-    """``n`` prompts of exactly ``tokens`` token ids, each the start of a sentence, spread evenly over ``text``.
+    """``n`` prompts of ``tokens`` text tokens, each the start of a sentence, spread evenly over ``text``.
 
     The documents (whitespace collapsed) are laid end to end; prompt ``k`` is the sentence start
     nearest the point ``(k + 0.5) / n`` of the way through that no earlier prompt took (a document's
     first character counts as a sentence start). A start with fewer than ``tokens`` tokens after it
-    in its document is passed over. Deterministic: the same text gives the same prompts.
+    in its document is passed over. Deterministic: the same text gives the same prompts. Each prompt
+    starts with the tokenizer's BOS where it adds one (as QA prompts and scored text do). A sentence
+    start is a heuristic: ``.``, ``!`` or ``?`` and a capital, so ``Mr. Smith`` counts as one, and
+    curly quotes do not.
 
     Raises:
         ValueError: when the text has fewer than ``n`` such sentence starts.
@@ -198,6 +201,7 @@ def continuation_prompts(tokenizer: Any, text: TextSet, n: int, tokens: int) -> 
     for d, doc in enumerate(docs):
         starts += [(offset + i, d, i) for i in [0] + [m.end() for m in SENTENCE_START.finditer(doc)]]
         offset += len(doc)
+    bos = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if the model uses one
     prompts: list[list[int]] = []
     free = set(range(len(starts)))
     while len(prompts) < n and free:
@@ -208,7 +212,7 @@ def continuation_prompts(tokenizer: Any, text: TextSet, n: int, tokens: int) -> 
         # a token is seldom over 8 characters: 16 per token is plenty to cut ``tokens`` from
         ids = list(tokenizer(docs[d][i:i + 16 * tokens], add_special_tokens=False)["input_ids"])[:tokens]
         if len(ids) == tokens:
-            prompts.append(ids)
+            prompts.append(bos + ids)
     if len(prompts) < n:
         raise ValueError(f"--continuations {text.path}: the text has only {len(prompts)} sentence starts with "
                          f"{tokens} tokens after them, fewer than the {n} prompts asked for; give more text or "
