@@ -20,6 +20,13 @@ prompts at 0.5 or more, and a bootstrap 95% interval of the mean), each row cut 
     .venv/bin/python experiments/qa_wide.py --text --runs demo-b2 ...                 # the greedy text
     .venv/bin/python experiments/qa_wide.py --list
 
+With ``--needle sotu|moby`` it scores a second QA domain: ``kvroute data needle-qa``'s records
+(seed 1: fictional test facts never looked at, each placed at a random sentence boundary inside
+250 words of held-out State of the Union 2007-2021 or Moby Dick), so the answer comes back from
+a context about six times longer, at any depth. Rows add F1 by the fact's depth in the passage.
+
+    .venv/bin/python experiments/qa_wide.py --needle sotu --questions 128 --precision bf16 --runs demo-b2 ...
+
 Appends to experiments/results/qa_wide.json; a run already scored on the same questions is skipped.
 """
 
@@ -40,11 +47,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from kvroute.data.fictional import generate, write_jsonl  # noqa: E402
-from kvroute.evaluate import EvalConfig, evaluate  # noqa: E402
-from kvroute.metrics import distinct_n  # noqa: E402
+from kvroute.data.needle import needle_records  # noqa: E402
+from kvroute.data.text import read_texts  # noqa: E402
+from kvroute.evaluate import EvalConfig, continuation_score, evaluate  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
-from kvroute.train.rollouts import greedy_rollout  # noqa: E402
-from common import append_rows, sotu  # noqa: E402
+from common import MOBY, append_rows, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "qa_wide.json"
@@ -63,6 +70,15 @@ RUNS = {
     **{f"b2-40b4-start{s}": f"{SU}/demo-b2-mix240-sul40b4-start{s}/final" for s in (1, 2)},
     **{f"b2-60b4-start{s}": f"{SU}/demo-b2-mix240-sul60b4-start{s}/final" for s in (1, 2, 3)},
     "demo-b2-mix": "runs/demo-b2/rcla-mix/final",
+    # the demo's references, calibrated for every:2 and every:4 (their full plan is the model's own)
+    "demo-b2-base-cal": "runs/demo-b2/base-cal",
+    "demo-b2-standard-cal": "runs/demo-b2/standard-cal",
+    # the demo from scratch at stop 48 (its recipe unchanged)
+    "demo-c": "runs/demo-c/rcla-mix-text/final",
+    "demo-c-standard-cal": "runs/demo-c/standard-cal",
+    # the demo's recipe with the facts of 1000 of its 2000 QA training records inside 80 words of SOTU 1990-2006
+    # (experiments/demo_batch.py --needle 1000 --text-steps 80 --threads 2 --demo runs/demo-c)
+    "needle1000": "runs/demo_batch/mix-b2-s240-seed0-needle1000w80/text/final",
     **{f"mix-b2-seed{s}": f"runs/demo_batch/mix-b2-s240-seed{s}/final" for s in (1, 2, 3)},
 }
 
@@ -72,6 +88,15 @@ def questions(skip: int, n: int) -> Path:
     path = OUT / f"test-{skip}-{skip + n}.jsonl"
     if not path.is_file():
         write_jsonl(generate(skip + n, "test", seed=0)[skip:], path)
+    return path
+
+
+def needle_questions(domain: str, n: int, words: int = 250, seed: int = 1) -> Path:
+    """``n`` needle-QA records (``kvroute data needle-qa``) in held-out ``domain`` text, as a JSONL file."""
+    path = OUT / f"needle-{domain}-{words}w-s{seed}-{n}.jsonl"
+    if not path.is_file():
+        texts = read_texts(sotu(2007, 2021) if domain == "sotu" else [MOBY])
+        write_jsonl(needle_records(texts, n, words, seed), path)
     return path
 
 
@@ -90,13 +115,16 @@ def bootstrap_interval(values: list[float], reference: list[float] | None = None
     return stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]
 
 
-def score(name: str, checkpoint: str, qa: Path, plans: str) -> list[dict]:
-    out = OUT / name
+def score(name: str, checkpoint: str, qa: Path, plans: str, precision: str = "fp32") -> list[dict]:
+    out = OUT / name / (qa.stem if qa.name.startswith("needle") else "")
     start = time.perf_counter()
     evaluate(EvalConfig(checkpoints=[str(ROOT / checkpoint)], plans=plans, out=str(out), qa=[str(qa)],
-                        max_new_tokens=16), progress=False)
+                        max_new_tokens=16, precision=precision), progress=False)
     seconds = round(time.perf_counter() - start, 1)
-    kinds = {r["id"]: r["kind"] for r in map(json.loads, qa.read_text().splitlines())}
+    records = list(map(json.loads, qa.read_text().splitlines()))
+    kinds = {r["id"]: r["kind"] for r in records}
+    # needle QA: where the fact sat in its passage, in quarters
+    depths = {r["id"]: min(3, int(r["depth"] * 4)) for r in records if "depth" in r}
     by_plan: dict[str, dict[str, float]] = {}
     for line in (out / "predictions.jsonl").read_text().splitlines():
         p = json.loads(line)
@@ -113,7 +141,10 @@ def score(name: str, checkpoint: str, qa: Path, plans: str) -> list[dict]:
                "f1_vs_full_95": [round(low, 3), round(high, 3)],
                "f1_by_kind": {k: round(statistics.mean(f1s[i] for i in ids if kinds[i] == k), 3)
                               for k in sorted(set(kinds.values()))},
-               "seconds_all_plans": seconds, "threads": torch.get_num_threads(), "precision": "fp32"}
+               "seconds_all_plans": seconds, "threads": torch.get_num_threads(), "precision": precision}
+        if depths:
+            quarters = [[f1s[i] for i in ids if depths[i] == q] for q in range(4)]
+            row["f1_by_depth_quarter"] = [round(statistics.mean(f), 3) if f else None for f in quarters]
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -145,14 +176,9 @@ def score_text(name: str, checkpoint: str, plans: str) -> list[dict]:
     rows = []
     for plan in plans.split(","):
         model = load(ROOT / checkpoint, plan=plan).eval()
-        start, d2, samples = time.perf_counter(), [], []
-        with torch.no_grad():
-            for batch in prompts.split(BATCH):
-                for row in greedy_rollout(model, batch, NEW_TOKENS)[:, PROMPT_TOKENS:].tolist():
-                    if tokenizer.eos_token_id in row:  # as kvroute.generate, which stops there
-                        row = row[:row.index(tokenizer.eos_token_id) + 1]
-                    d2.append(distinct_n(row, 2))
-                    samples.append(tokenizer.decode(row))
+        start = time.perf_counter()
+        _, predictions = continuation_score(model, tokenizer, prompts.tolist(), NEW_TOKENS, BATCH)  # cut at EOS
+        d2, samples = [p["distinct2"] for p in predictions], [p["continuation"] for p in predictions]
         low, high = bootstrap_interval(d2)
         row = {"run": name, "checkpoint": checkpoint, "task": "text", "plan": plan, "prompts": len(d2),
                "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
@@ -173,6 +199,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=256)
     parser.add_argument("--plans", default="full,every:2,every:4")
     parser.add_argument("--text", action="store_true", help="score the greedy text instead of QA")
+    parser.add_argument("--needle", choices=["sotu", "moby"], help="score needle QA in this held-out text instead")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="QA scoring precision")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--list", action="store_true", help="print the runs and their checkpoints")
     args = parser.parse_args()
@@ -184,7 +212,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown runs {unknown}; --list shows them")
     torch.set_num_threads(args.threads)
-    qa = None if args.text else questions(args.skip, args.questions)
+    qa = (None if args.text else needle_questions(args.needle, args.questions) if args.needle
+          else questions(args.skip, args.questions))
     task = "text" if args.text else str(qa.relative_to(ROOT))
     done = {(r["run"], r.get("qa_file", r.get("task"))) for r in json.loads(RESULTS.read_text())} if RESULTS.is_file() else set()
     for name in args.runs:
@@ -194,7 +223,8 @@ def main() -> None:
         if not (ROOT / RUNS[name]).is_dir():
             print(f"{name}: {RUNS[name]} missing, skipped")
             continue
-        rows = score_text(name, RUNS[name], args.plans) if args.text else score(name, RUNS[name], qa, args.plans)
+        rows = (score_text(name, RUNS[name], args.plans) if args.text
+                else score(name, RUNS[name], qa, args.plans, args.precision))
         append_rows(RESULTS, rows)
 
 
