@@ -3,13 +3,12 @@
 Each record takes a record of :mod:`kvroute.data.fictional` (an invented entity, so only the
 context can answer; the test split unless told otherwise) and places its context paragraph at a
 sentence boundary inside a passage of about ``words`` words of real text (held-out speeches, a
-novel). Sentence boundaries are found as :data:`kvroute.data.text.SENTENCE_START` finds them, a
-heuristic: ``Mr. Starbuck`` holds one. The question and
-answer stay the fictional record's. Against the fictional set alone, the context is several times
-longer, most of it real text that says nothing about the question, and the fact sits at any depth:
-the record's ``depth`` is the share of the passage's words before it. Under a shared KV cache the
-answer has to come back from deep in a long context, through layers that read another layer's keys
-and values.
+novel). The question and answer stay the fictional record's. Against the fictional set alone, the
+context is several times longer, most of it real text that says nothing about the question, and
+the fact sits at any depth: the record's ``depth`` is the share of the passage's words before it.
+Under a shared KV cache the answer has to come back from deep in a long context, through layers
+that read another layer's keys and values. Sentence boundaries are
+:data:`kvroute.data.text.SENTENCE_START`'s, a heuristic: ``Mr. Starbuck`` holds one.
 
 Example:
     >>> texts = ["One sentence here. " * 200]
