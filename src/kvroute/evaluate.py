@@ -122,6 +122,11 @@ def _window_logits(model: torch.nn.Module, ids: torch.Tensor, keep: int, kv_quan
     return torch.cat(parts, dim=1)[:, -keep:]
 
 
+def through_eos(ids: list[int], eos: int | None) -> list[int]:
+    """``ids`` up to and including the first ``eos`` (all of them when there is none): what generation wrote."""
+    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
+
+
 class _StopAtNewline:
     """Stop each row's greedy generation once its answer has started and a line ended."""
 
@@ -186,9 +191,7 @@ def qa_score(
                 stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]),
             )
             for r, i in enumerate(rows):
-                new = out[r, width:].tolist()
-                if eos is not None and eos in new:  # what follows a row's EOS is the batch's padding
-                    new = new[: new.index(eos) + 1]
+                new = through_eos(out[r, width:].tolist(), eos)  # what follows a row's EOS is the batch's padding
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip().split("\n", 1)[0].strip()
             bar.update(len(rows))
     finally:
@@ -237,8 +240,7 @@ def continuation_score(
     for first in range(0, len(prompts), batch_size):
         batch = torch.tensor(prompts[first:first + batch_size], device=device)
         for prompt, row in zip(batch.tolist(), greedy_rollout(model, batch, new_tokens)[:, batch.shape[1]:].tolist()):
-            if eos is not None and eos in row:
-                row = row[:row.index(eos) + 1]
+            row = through_eos(row, eos)
             d2 = distinct_n(row, 2)
             predictions.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                                 "continuation": tokenizer.decode(row, skip_special_tokens=True),
@@ -434,8 +436,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> ResultWriter:
     check_checkpoints(config.checkpoints)
     # continuation prompts come from each checkpoint's tokenizer: too little text fails before any model loads
     tokenizers = {ckpt: load_tokenizer(ckpt) for ckpt in config.checkpoints}
-    all_prompts = {ckpt: [continuation_prompts(tok, t, config.prompts, config.prompt_tokens) for t in data.continuations]
-                   for ckpt, tok in tokenizers.items()}
+    all_prompts = {ckpt: [continuation_prompts(tok, t, config.prompts, config.prompt_tokens)
+                          for t in data.continuations] for ckpt, tok in tokenizers.items()}
     writer = ResultWriter(config.out, run={k: v for k, v in asdict(config).items() if k != "out"})
     for ckpt in config.checkpoints:
         tokenizer, prompts = tokenizers[ckpt], all_prompts[ckpt]

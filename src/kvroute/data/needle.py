@@ -8,7 +8,7 @@ context is several times longer, most of it real text that says nothing about th
 the fact sits at any depth: the record's ``depth`` is the share of the passage's words before it.
 Under a shared KV cache the answer has to come back from deep in a long context, through layers
 that read another layer's keys and values. Sentence boundaries are
-:data:`kvroute.data.text.SENTENCE_START`'s, a heuristic: ``Mr. Starbuck`` holds one.
+:func:`kvroute.data.text.sentence_starts`', a heuristic: ``Mr. Starbuck`` holds one.
 
 Example:
     >>> texts = ["One sentence here. " * 200]
@@ -23,7 +23,7 @@ import random
 from typing import Any
 
 from kvroute.data.fictional import generate
-from kvroute.data.text import SENTENCE_START
+from kvroute.data.text import sentence_starts
 
 
 def needle_records(texts: list[str], n: int, words: int = 250, seed: int = 0,
@@ -55,7 +55,7 @@ def needle_records(texts: list[str], n: int, words: int = 250, seed: int = 0,
     # a passage is whole sentences from one start until ``words`` words are reached
     openings = []  # (document, first character, end character)
     for d, doc in enumerate(docs):
-        bounds = [0] + [m.end() for m in SENTENCE_START.finditer(doc)] + [len(doc)]
+        bounds = sentence_starts(doc) + [len(doc)]
         counts = [len(doc[a:b].split()) for a, b in zip(bounds, bounds[1:])]
         last, total = 0, 0  # sentences first..last-1 hold ``total`` words
         for first in range(len(counts)):
@@ -71,7 +71,7 @@ def needle_records(texts: list[str], n: int, words: int = 250, seed: int = 0,
     for facts in generate(n, split, seed):
         d, start, end = openings[rng.randrange(len(openings))]
         passage = docs[d][start:end].strip()
-        cuts = [0] + [m.end() for m in SENTENCE_START.finditer(passage)] + [len(passage)]
+        cuts = sentence_starts(passage) + [len(passage)]
         cut = rng.choice(cuts)
         before, after = passage[:cut].strip(), passage[cut:].strip()
         context = " ".join(part for part in (before, facts["context"], after) if part)

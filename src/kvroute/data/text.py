@@ -180,6 +180,11 @@ def tokenize_documents(
 SENTENCE_START = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
 
 
+def sentence_starts(text: str) -> list[int]:
+    """Where the sentences of ``text`` start: 0, then after every :data:`SENTENCE_START`."""
+    return [0] + [m.end() for m in SENTENCE_START.finditer(text)]
+
+
 def continuation_prompts(tokenizer: Any, text: TextSet, n: int, tokens: int) -> list[list[int]]:
     """``n`` prompts of ``tokens`` text tokens, each the start of a sentence, spread evenly over ``text``.
 
@@ -199,7 +204,7 @@ def continuation_prompts(tokenizer: Any, text: TextSet, n: int, tokens: int) -> 
     docs = [" ".join(t.split()) for t in text.texts]
     starts, offset = [], 0  # (position in the documents laid end to end, document, position in it)
     for d, doc in enumerate(docs):
-        starts += [(offset + i, d, i) for i in [0] + [m.end() for m in SENTENCE_START.finditer(doc)]]
+        starts += [(offset + i, d, i) for i in sentence_starts(doc)]
         offset += len(doc)
     bos = list(tokenizer("", add_special_tokens=True)["input_ids"])  # BOS, if the model uses one
     prompts: list[list[int]] = []
