@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from textkit import make_model_dir, write_corpus
+from textkit import write_qa as write_qa_file
 
 import kvroute
 from kvroute.cli import main
@@ -164,10 +165,48 @@ def test_search_checkpoint_reports_and_saves(tmp_path):
         SearchConfig(str(folder), "0.5", [str(corpus)], heldout=-0.1)
 
 
+def test_search_on_qa_answers(tmp_path):
+    """--qa: the loss searched is on the answers of the records, after eval's prompt; held-out records
+    score the table; a bf16 search runs under autocast and still returns a plan of the budget."""
+    from kvroute.data.qa import answer_batches, read_qa
+    from kvroute.models import load, load_tokenizer
+
+    folder = make_model_dir(tmp_path / "m", layers=4)
+    qa = write_qa_file(tmp_path / "qa.jsonl", n=12)
+    lines: list[str] = []
+    run = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], max_chunks=6, batch_size=4),
+                            progress=False, log=lines.append)
+    assert lines == ["searching 2/4 owner layers on the answers of 3 QA records (3 held out)"]
+    assert run.objective == "qa" and run.chunks == 6 and run.heldout_chunks == 3
+    assert "loss on: the answers of 3 QA records (3 held out)" in run.report()
+    saved = run.to_dict()
+    assert saved["objective"] == "qa" and saved["data"] == [str(qa)] and saved["heldout_chunks"] == 3
+    records = read_qa([str(qa)])
+    chosen = [records[i] for i in (0, 2, 4)]  # 6 of 12, evenly spaced; the first 3 searched on
+    model, tok = load(str(folder)), load_tokenizer(str(folder))
+    expected = PlanScorer(model, answer_batches(chosen, tok)).loss(run.result.plan.owners)
+    assert run.result.loss == pytest.approx(expected, rel=1e-5)
+    bf16 = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], max_chunks=6, precision="bf16"),
+                             progress=False)
+    assert len(bf16.result.plan.owners) == 2 and bf16.result.loss != run.result.loss
+
+
+def test_cli_search_on_qa(tmp_path, capsys):
+    folder = make_model_dir(tmp_path / "m", layers=4)
+    qa = write_qa_file(tmp_path / "qa.jsonl")
+    assert main(["plan", "search", str(folder), "--budget", "2", "--qa", str(qa), "--max-chunks", "4",
+                 "--precision", "bf16", "--out", str(tmp_path / "r.json")]) == 0
+    assert "loss on: the answers of 2 QA records (2 held out)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["objective"] == "qa"
+    assert main(["plan", "search", str(folder), "--budget", "2", "--qa", str(qa), "--data", str(qa)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("field, value, match", [("beam", 0, "--beam must be at least 1"),
                                                  ("shortlist", 0, "--shortlist must be at least 1"),
                                                  ("refine", -1, "--refine must be >= 0"),
-                                                 ("data", [], "--data: give at least one")])
+                                                 ("data", [], "--data: give at least one"),
+                                                 ("precision", "fp16", "precision")])
 def test_search_config_errors_name_the_flag(field, value, match):
     with pytest.raises(ValueError, match=match):
         SearchConfig(**{"model": "m", "budget": "0.5", "data": ["d"], field: value})

@@ -1,4 +1,5 @@
-"""Plan search: the owner set with a given number of owners that minimizes loss on calibration text.
+"""Plan search: the owner set with a given number of owners that minimizes loss on calibration text
+(or on the answers of QA records, for a plan chosen for the task it will serve).
 
 The paper deploys uniform plans (every k-th layer keeps its cache); layers are not
 interchangeable, so for the same KV bytes another owner set can do much better.
@@ -23,8 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,25 +62,36 @@ def calibration_chunks(
     if n == 0:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one chunk of {chunk_tokens}")
     chunks = torch.tensor(ids[: n * chunk_tokens]).view(n, chunk_tokens)
-    if max_chunks is not None and max_chunks < n:
-        chunks = chunks[[i * n // max_chunks for i in range(max_chunks)]]
-    return chunks
+    return chunks[evenly_spaced(n, max_chunks)]
+
+
+def evenly_spaced(n: int, keep: int | None) -> list[int]:
+    """Indices of ``keep`` of ``n`` items spread evenly from the first (all of them when ``keep`` is None or >= n)."""
+    return list(range(n)) if keep is None or keep >= n else [i * n // keep for i in range(keep)]
 
 
 # ------------------------------------------------------------------------- scoring
+#: what a search scores: ``(N, T)`` token ids (every token labelled), or labelled batches
+#: (``input_ids``, ``labels``, ``attention_mask``: :func:`kvroute.data.qa.answer_batches`)
+SearchData = torch.Tensor | list[dict[str, torch.Tensor]]
+
+
 class PlanScorer:
     """Mean next-token loss of a routed model under a plan, cached per owner set.
 
     Args:
         model: a routed model (``kvroute.apply``); put in eval mode, plan changed in place.
-        chunks: ``(N, T)`` token ids.
-        batch_size: chunks per forward pass.
+        chunks: ``(N, T)`` token ids, or labelled batches (:data:`SearchData`).
+        batch_size: chunks per forward pass (labelled batches are scored as they are).
+        autocast: a context manager each forward runs in (:func:`kvroute.precision.autocast`).
     """
 
-    def __init__(self, model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 8) -> None:
+    def __init__(self, model: torch.nn.Module, chunks: SearchData, batch_size: int = 8,
+                 autocast: Callable = contextlib.nullcontext) -> None:
         self.model = model.eval()
         self.chunks = chunks
         self.batch_size = batch_size
+        self.autocast = autocast
         self.shape = KVShape.from_config(model.config)
         self.cache: dict[Owners, float] = {}
 
@@ -89,7 +102,7 @@ class PlanScorer:
         key = tuple(sorted(owners))
         if key not in self.cache:
             set_plan(self.model, self.plan(key))
-            self.cache[key] = mean_loss(self.model, self.chunks, self.batch_size)
+            self.cache[key] = mean_loss(self.model, self.chunks, self.batch_size, self.autocast)
         return self.cache[key]
 
     def best(self, candidates: Iterable[Owners], keep: int, desc: str, progress: bool) -> list[Owners]:
@@ -151,14 +164,15 @@ def uniform_plans(num_layers: int, owners: int, layer_types: tuple[str, ...] | N
 
 def search_plan(
     model: torch.nn.Module,
-    chunks: torch.Tensor,
+    chunks: SearchData,
     owners: int,
-    heldout: torch.Tensor | None = None,
+    heldout: SearchData | None = None,
     beam: int = 1,
     shortlist: int | None = None,
     refine: int = 20,
     batch_size: int = 8,
     progress: bool = True,
+    autocast: Callable = contextlib.nullcontext,
 ) -> SearchResult:
     """Search the owner set of size ``owners`` with the lowest loss on ``chunks``.
 
@@ -167,15 +181,17 @@ def search_plan(
 
     Args:
         model: a routed model (``kvroute.load`` or ``kvroute.apply``).
-        chunks: ``(N, T)`` calibration token ids the search minimizes the loss on.
+        chunks: ``(N, T)`` calibration token ids the search minimizes the loss on, or labelled
+            batches (:data:`SearchData`: the loss on QA answers, say).
         owners: exact number of owner layers (see :func:`kvroute.budget.owners_for_budget`).
-        heldout: optional ``(M, T)`` token ids, only scored for the comparison table.
+        heldout: optional data of the same kind, only scored for the comparison table.
         beam: owner sets kept per greedy step.
         shortlist: if set, each greedy step after the first only tries the ``shortlist`` layers
             that did best in the previous step (lazy greedy: far fewer plans evaluated).
         refine: at most this many rounds of moving single owners to neighbouring layers (0: none).
         batch_size: chunks per forward pass.
         progress: show tqdm progress bars.
+        autocast: a context manager each forward runs in (:func:`kvroute.precision.autocast`).
 
     Returns:
         The plan (spec ``layers:...``) and a table against ``full`` and uniform plans with the same owner count.
@@ -190,7 +206,7 @@ def search_plan(
     if shortlist is not None and shortlist < 1:
         raise ValueError(f"shortlist must be at least 1, got {shortlist}")
     previous = get_router(model).plan
-    scorer = PlanScorer(model, chunks, batch_size)
+    scorer = PlanScorer(model, chunks, batch_size, autocast)
     try:
         best = _greedy(scorer, must, layers, owners, beam, shortlist, progress)
         best = _refine(scorer, best, must, layers, refine, progress)
@@ -207,7 +223,7 @@ def search_plan(
             rows.append(row)
         evaluations = len(scorer.cache)
         if heldout is not None:
-            held = PlanScorer(model, heldout, batch_size)
+            held = PlanScorer(model, heldout, batch_size, autocast)
             for row, plan in zip(rows, [*reference, *baselines, result_plan]):
                 row["heldout_loss"] = held.loss(plan.owners)
         return SearchResult(result_plan, scorer.loss(best), rows, evaluations)

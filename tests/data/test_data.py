@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kvroute.data import text as text_data
-from kvroute.data.qa import IGNORE_INDEX, QACollator, QADataset, QARecord, qa_prompt_ids, read_qa, split_records
+from kvroute.data.qa import (IGNORE_INDEX, QACollator, QADataset, QARecord, answer_batches, qa_prompt_ids, read_qa,
+                             split_records)
 from kvroute.data.text import load_text_splits, pack, parse_hf_source, resolve_files, token_stream
 from kvroute.models import load_tokenizer
 from textkit import make_tokenizer, write_corpus
@@ -129,6 +130,26 @@ def test_collator_masks_exactly_the_non_answer_tokens(tok):
         assert labels[row][kept].tolist() == answer == ids[row, n - len(answer):n].tolist()
         assert (ids[row, n:] == tok.pad_token_id).all()
     assert mask.shape == ids.shape == labels.shape
+
+
+def test_answer_batches_are_the_evaluation_prompt_then_the_answer(tok):
+    """Plan search's QA loss: each row is qa_prompt_ids, then the first answer and EOS, labelled on those only;
+    similar lengths share a batch and no context is cut, however long."""
+    long = " ".join(f"w{i % 40}" for i in range(300))
+    records = [QARecord(long, "w1", ("w2 w3", "w4")), QARecord("w5", "w6", ("w7",)), QARecord("w8 w9", "w10", ("w11",))]
+    batches = answer_batches(records, tok, batch_size=2)
+    assert [len(b["input_ids"]) for b in batches] == [2, 1]
+    rows = [(ids[mask == 1].tolist(), labels[mask == 1].tolist())
+            for b in batches for ids, labels, mask in zip(b["input_ids"], b["labels"], b["attention_mask"])]
+    by_prompt_length = [records[1], records[2], records[0]]
+    for (ids, labels), record in zip(rows, by_prompt_length):
+        prompt = qa_prompt_ids(tok, record)
+        answer = tok(" " + record.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids == prompt + answer
+        assert labels == [IGNORE_INDEX] * len(prompt) + answer
+    assert len(rows[-1][0]) > 300  # the long context whole
+    with pytest.raises(ValueError, match="batch size"):
+        answer_batches(records, tok, batch_size=0)
 
 
 def test_question_order_is_a_seeded_fair_coin(tok):

@@ -58,6 +58,11 @@ def test_cli_writes_records_kvroute_eval_reads(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == needle_records(DOCS, n=6, words=20, seed=1)
     assert [r.answers for r in read_qa([str(out)])] == [(r["answer"],) for r in rows]
+    train = tmp_path / "train.jsonl"  # --split train: the facts training (or a plan search) may see
+    assert main(["data", "needle-qa", "--text", str(tmp_path), "--out", str(train), "--n", "6", "--words", "20",
+                 "--seed", "1", "--split", "train"]) == 0
+    assert [json.loads(line) for line in train.read_text().splitlines()] == needle_records(
+        DOCS, n=6, words=20, seed=1, split="train")
 
 
 def test_training_records_take_the_train_split_facts():

@@ -16,7 +16,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     qa.add_argument("--train", type=int, default=2000, help="training records (default: 2000)")
     qa.add_argument("--test", type=int, default=200, help="test records (default: 200)")
     qa.add_argument("--seed", type=int, default=0)
-    needle = sub.add_parser("needle-qa", help="fictional test-split facts placed inside passages of real text "
+    needle = sub.add_parser("needle-qa", help="fictional facts placed inside passages of real text "
                                               "(context QA over a long context; kvroute.data.needle)")
     needle.add_argument("--text", action="append", required=True, metavar="PATH",
                         help="held-out real text: a file, a folder or a quoted glob (repeatable)")
@@ -24,6 +24,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     needle.add_argument("--n", type=int, default=256, help="records (default: 256)")
     needle.add_argument("--words", type=int, default=250, help="words of real text around each fact (default: 250)")
     needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--split", choices=("test", "train"), default="test",
+                        help="the fictional split the facts come from: test (default) to score, train to train or "
+                             "search a plan on (entity-disjoint from test)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         from kvroute.data.needle import needle_records
         from kvroute.data.text import read_texts
 
-        records = needle_records(read_texts(args.text, "--text"), args.n, args.words, args.seed)
+        records = needle_records(read_texts(args.text, "--text"), args.n, args.words, args.seed, args.split)
         print(f"wrote {write_jsonl(records, args.out)} ({len(records)} records)")
         return 0
     paths = write_fictional_qa(args.out, train=args.train, test=args.test, seed=args.seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,6 +223,24 @@ class QACollator:
             labels[row, :n] = item["labels"]
             mask[row, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def answer_batches(records: list[QARecord], tokenizer: Any, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Labelled batches for the loss on the answers: the evaluation's context-first prompt
+    (:func:`qa_prompt_ids`) followed by the first answer and EOS, labelled on those only.
+
+    Records of similar length are batched together (right-padded by :class:`QACollator`); no context is cut.
+
+    Returns:
+        Batches with ``input_ids``, ``labels`` and ``attention_mask``, for
+        :func:`kvroute.train.losses.mean_loss`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    dataset = QADataset(records, tokenizer, seq_len=sys.maxsize, question_first_p=0.0)
+    items = sorted((dataset.encode(r, question_first=False) for r in records), key=lambda x: len(x["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [QACollator(pad)(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 #: seed of the train/validation split of QA records: fixed, so runs with different ``--seed``
