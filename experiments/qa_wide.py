@@ -27,7 +27,7 @@ a context about six times longer, at any depth. Rows add F1 by the fact's depth 
 
     .venv/bin/python experiments/qa_wide.py --needle sotu --questions 128 --precision bf16 --runs demo-b2 ...
 
-Appends to experiments/results/qa_wide.json; a run already scored on the same questions is skipped.
+Appends to experiments/results/qa_wide.json; a plan already scored for a run on the same questions is skipped.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from kvroute.data.needle import needle_records  # noqa: E402
 from kvroute.data.text import read_texts  # noqa: E402
 from kvroute.evaluate import EvalConfig, continuation_score, evaluate  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
+from kvroute.plan import parse_plan_list  # noqa: E402
 from common import MOBY, append_rows, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,14 @@ RUNS = {
     # (experiments/demo_batch.py --needle 1000 --text-steps 80 --threads 2 --demo runs/demo-c)
     "needle1000": "runs/demo_batch/mix-b2-s240-seed0-needle1000w80/text/final",
     **{f"mix-b2-seed{s}": f"runs/demo_batch/mix-b2-s240-seed{s}/final" for s in (1, 2, 3)},
+    # the demo's text stage naming the 50% plan searched on needle answers in place of every:2
+    # (experiments/needle_plan_search.py --run demo-c --owners 15 --text-stage 80 --start runs/demo-c/rcla-mix/final)
+    "demo-c-needleplan-text": "runs/needle_plan_search/demo-c-15-text/final",
+    # the same from mix seed 1, searched before its text stage (--run mix-b2-seed1 ... --start runs/demo_batch/...)
+    "mix-b2-seed1-needleplan-text": "runs/needle_plan_search/mix-b2-seed1-15-text/final",
+    # the demo's text stage naming the 25% layout searched on fictional QA answers in place of every:4
+    # (kvroute plan search runs/demo-c/rcla-mix/final --budget 8 --qa ...; docs/RESULTS.md, stop 49)
+    "demo-c-qa8-text": "runs/plan_search_qa/demo-c-qa8-text/final",
 }
 
 
@@ -200,6 +209,7 @@ def main() -> None:
     parser.add_argument("--plans", default="full,every:2,every:4")
     parser.add_argument("--text", action="store_true", help="score the greedy text instead of QA")
     parser.add_argument("--needle", choices=["sotu", "moby"], help="score needle QA in this held-out text instead")
+    parser.add_argument("--needle-words", type=int, default=250, help="words of real text around each needle fact")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="QA scoring precision")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--list", action="store_true", help="print the runs and their checkpoints")
@@ -212,20 +222,23 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown runs {unknown}; --list shows them")
     torch.set_num_threads(args.threads)
-    qa = (None if args.text else needle_questions(args.needle, args.questions) if args.needle
+    qa = (None if args.text else needle_questions(args.needle, args.questions, args.needle_words) if args.needle
           else questions(args.skip, args.questions))
     task = "text" if args.text else str(qa.relative_to(ROOT))
-    done = {(r["run"], r.get("qa_file", r.get("task"))) for r in json.loads(RESULTS.read_text())} if RESULTS.is_file() else set()
+    done = ({(r["run"], r.get("qa_file", r.get("task")), r["plan"]) for r in json.loads(RESULTS.read_text())}
+            if RESULTS.is_file() else set())
     for name in args.runs:
-        if (name, task) in done:
+        todo = [p for p in parse_plan_list(args.plans) if (name, task, p) not in done]
+        if not todo:
             print(f"{name}: already scored ({task})")
             continue
         if not (ROOT / RUNS[name]).is_dir():
             print(f"{name}: {RUNS[name]} missing, skipped")
             continue
-        rows = (score_text(name, RUNS[name], args.plans) if args.text
-                else score(name, RUNS[name], qa, args.plans, args.precision))
-        append_rows(RESULTS, rows)
+        plans = ",".join(dict.fromkeys(["full", *todo]))  # QA ratios need the full cache's answers
+        rows = (score_text(name, RUNS[name], plans) if args.text
+                else score(name, RUNS[name], qa, plans, args.precision))
+        append_rows(RESULTS, [r for r in rows if r["plan"] in todo])  # a plan already scored keeps its row
 
 
 if __name__ == "__main__":

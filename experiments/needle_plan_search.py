@@ -1,0 +1,120 @@
+"""Plan search on answers from long contexts: does a 50% layout chosen for retrieval keep needle QA?
+
+Under every:2 the demo's R-CLA recipe keeps 0.57-0.71x of its full-cache F1 on short fictional
+contexts but only 0.17-0.43x when the fact sits inside about 400 tokens of real text
+(``kvroute data needle-qa``; docs/RESULTS.md, stop 48). Layers are not interchangeable: a layer
+that retrieves may need its own keys. This runs :func:`kvroute.search.search_plan` with the
+loss on the answer tokens of needle-QA records as the objective (the context-first prompt the
+evaluation uses, every other token unlabelled), on search records that share nothing with the
+scored ones:
+
+- search: 16 (``--records``) needle records of the *train* split of the fictional facts
+  (entity-disjoint from every scored question), seed 2, inside SOTU 1990-2006;
+- scored afterwards by ``qa_wide.py --needle sotu|moby --plans ...``: seed-1 test facts inside
+  SOTU 2007-2021 and Moby Dick.
+
+Scoring runs under bf16 autocast (as the needle scoring does). Writes
+``experiments/results/needle_plan_search-<run>-<owners>.json``: the plan and its search loss
+against every:2's and full's. ``kvroute plan search --qa FILE --precision bf16`` is the same
+search on a checkpoint.
+
+    .venv/bin/python experiments/needle_plan_search.py --run demo-c --owners 15 --threads 2
+
+The demo's text stage rolls out every:2 and every:4, so the plans it serves write varied text and
+others may loop. ``--text-stage S`` then runs it (``demo.TEXT_STAGE``, S steps of 2 x 256 tokens of
+SOTU 1990-2006, seed 0) from ``--start`` (the demo's model before its text stage) with the found
+plan in place of every:2, into runs/needle_plan_search/<run>-<owners>-text:
+
+    .venv/bin/python experiments/needle_plan_search.py --run demo-c --owners 15 --threads 2 \\
+        --text-stage 80 --start runs/demo-c/rcla-mix/final
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from kvroute.data.needle import needle_records  # noqa: E402
+from kvroute.data.qa import QARecord, answer_batches  # noqa: E402
+from kvroute.data.text import read_texts  # noqa: E402
+from kvroute.models import load, load_tokenizer  # noqa: E402
+from kvroute.plan import SharingPlan  # noqa: E402
+from kvroute.search import PlanScorer, search_plan  # noqa: E402
+from common import sotu, write_json  # noqa: E402
+from qa_wide import RUNS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import demo  # noqa: E402  (scripts/demo.py: the text stage)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="demo-c", help="a name of qa_wide.py's RUNS")
+    parser.add_argument("--owners", type=int, default=15)
+    parser.add_argument("--records", type=int, default=16)
+    parser.add_argument("--shortlist", type=int, default=5)
+    parser.add_argument("--refine", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--text-stage", type=int, default=0, help="steps of the demo's text stage naming the plan")
+    parser.add_argument("--start", help="the text stage's start: the demo's model before its text stage")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = ROOT / "experiments" / "results" / f"needle_plan_search-{args.run}-{args.owners}.json"
+    if not out.is_file():
+        search(args, out)
+    if args.text_stage:
+        text_stage(args, json.loads(out.read_text())["plan"])
+
+
+def text_stage(args: argparse.Namespace, plan: str) -> None:
+    from kvroute.train import TrainConfig, train
+
+    if not args.start:
+        sys.exit("needle_plan_search: --text-stage needs --start")
+    target = ROOT / "runs" / "needle_plan_search" / f"{args.run}-{args.owners}-text"
+    if (target / "final" / "config.json").is_file():
+        print(f"needle_plan_search: {target}/final is there")
+        return
+    stage = dict(demo.TEXT_STAGE)
+    assert "3*plan:every:2+" in stage["routing"]
+    stage["routing"] = stage["routing"].replace("3*plan:every:2+", f"3*plan:{plan}+")
+    began = time.perf_counter()
+    train(TrainConfig(model=str(ROOT / args.start), data=sotu(*demo.CALIB_YEARS), output_dir=str(target),
+                      seq_len=256, batch_size=demo.BATCH, max_steps=args.text_stage, seed=0, device="cpu",
+                      eval_every=0, save_every=max(args.text_stage // 2, 1), quiet=True,
+                      resume="latest" if (target / "checkpoints").is_dir() else None, **stage))
+    print(f"needle_plan_search: {target}/final ({stage['routing']}) in {(time.perf_counter() - began) / 60:.1f} min")
+
+
+def search(args: argparse.Namespace, out: Path) -> None:
+    checkpoint = RUNS[args.run]
+    model, tokenizer = load(str(ROOT / checkpoint)), load_tokenizer(str(ROOT / checkpoint))
+    records = needle_records(read_texts(sotu(1990, 2006)), args.records, 250, seed=2, split="train")
+    batches = answer_batches([QARecord(r["context"], r["question"], (r["answer"],)) for r in records], tokenizer)
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = search_plan(model, batches, args.owners, shortlist=args.shortlist, refine=args.refine)
+        scorer = PlanScorer(model, batches)
+        layers = model.config.num_hidden_layers
+        every2 = SharingPlan.from_spec("every:2", layers).owners
+        refs = {"full": scorer.loss(range(layers)), "every:2": scorer.loss(every2)}
+    seconds = round(time.perf_counter() - start, 1)
+    write_json(out, {"run": args.run, "checkpoint": checkpoint, "owners": args.owners, "plan": result.plan.spec,
+                     "answer_loss": result.loss, "reference_answer_loss": refs, "search_records": args.records,
+                     "shortlist": args.shortlist, "refine": args.refine, "evaluations": result.evaluations,
+                     "seconds": seconds, "threads": args.threads, "precision": "bf16"})
+    print(json.dumps({"plan": result.plan.spec, "loss": result.loss, **refs, "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()
