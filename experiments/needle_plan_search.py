@@ -3,10 +3,10 @@
 Under every:2 the demo's R-CLA recipe keeps 0.57-0.71x of its full-cache F1 on short fictional
 contexts but only 0.17-0.43x when the fact sits inside about 400 tokens of real text
 (``kvroute data needle-qa``; docs/RESULTS.md, stop 48). Layers are not interchangeable: a layer
-that retrieves may need its own keys. This runs :func:`kvroute.search.search_plan` with the
-loss on the answer tokens of needle-QA records as the objective (the context-first prompt the
-evaluation uses, every other token unlabelled), on search records that share nothing with the
-scored ones:
+that retrieves may need its own keys. This runs ``kvroute plan search --qa``
+(:func:`kvroute.search_run.search_checkpoint`): the loss on the answer tokens of needle-QA records
+is the objective (the context-first prompt the evaluation uses, every other token unlabelled), on
+search records that share nothing with the scored ones:
 
 - search: 16 (``--records``) needle records of the *train* split of the fictional facts
   (entity-disjoint from every scored question), seed 2, inside SOTU 1990-2006;
@@ -15,8 +15,7 @@ scored ones:
 
 Scoring runs under bf16 autocast (as the needle scoring does). Writes
 ``experiments/results/needle_plan_search-<run>-<owners>.json``: the plan and its search loss
-against every:2's and full's. ``kvroute plan search --qa FILE --precision bf16`` is the same
-search on a checkpoint.
+against full's and the uniform plan's of the budget (every:2 for 15 owners).
 
     .venv/bin/python experiments/needle_plan_search.py --run demo-c --owners 15 --threads 2
 
@@ -44,15 +43,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from kvroute.data.needle import needle_records  # noqa: E402
-from kvroute.data.qa import QARecord, answer_batches  # noqa: E402
+from kvroute.data.fictional import write_jsonl  # noqa: E402
 from kvroute.data.text import read_texts  # noqa: E402
-from kvroute.models import load, load_tokenizer  # noqa: E402
-from kvroute.plan import SharingPlan  # noqa: E402
-from kvroute.search import PlanScorer, search_plan  # noqa: E402
+from kvroute.search_run import SearchConfig, search_checkpoint  # noqa: E402
 from common import sotu, write_json  # noqa: E402
 from qa_wide import RUNS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "needle_plan_search"
 sys.path.insert(0, str(ROOT / "scripts"))
 import demo  # noqa: E402  (scripts/demo.py: the text stage)
 
@@ -72,8 +70,11 @@ def main() -> None:
     out = ROOT / "experiments" / "results" / f"needle_plan_search-{args.run}-{args.owners}.json"
     if not out.is_file():
         search(args, out)
+    saved = json.loads(out.read_text())
+    if {k: saved.get(k) for k in settings(args)} != settings(args):
+        sys.exit(f"needle_plan_search: {out} was searched with other settings; move it aside to search again")
     if args.text_stage:
-        text_stage(args, json.loads(out.read_text())["plan"])
+        text_stage(args, saved["plan"])
 
 
 def text_stage(args: argparse.Namespace, plan: str) -> None:
@@ -81,7 +82,7 @@ def text_stage(args: argparse.Namespace, plan: str) -> None:
 
     if not args.start:
         sys.exit("needle_plan_search: --text-stage needs --start")
-    target = ROOT / "runs" / "needle_plan_search" / f"{args.run}-{args.owners}-text"
+    target = OUT / f"{args.run}-{args.owners}-text"
     if (target / "final" / "config.json").is_file():
         print(f"needle_plan_search: {target}/final is there")
         return
@@ -97,23 +98,26 @@ def text_stage(args: argparse.Namespace, plan: str) -> None:
 
 
 def search(args: argparse.Namespace, out: Path) -> None:
+    """``kvroute plan search --qa`` (:func:`kvroute.search_run.search_checkpoint`) on the search records."""
     checkpoint = RUNS[args.run]
-    model, tokenizer = load(str(ROOT / checkpoint)), load_tokenizer(str(ROOT / checkpoint))
-    records = needle_records(read_texts(sotu(1990, 2006)), args.records, 250, seed=2, split="train")
-    batches = answer_batches([QARecord(r["context"], r["question"], (r["answer"],)) for r in records], tokenizer)
+    records = OUT / f"search-sotu1990-2006-train-s2-{args.records}.jsonl"
+    if not records.is_file():
+        write_jsonl(needle_records(read_texts(sotu(1990, 2006)), args.records, 250, seed=2, split="train"), records)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        result = search_plan(model, batches, args.owners, shortlist=args.shortlist, refine=args.refine)
-        scorer = PlanScorer(model, batches)
-        layers = model.config.num_hidden_layers
-        every2 = SharingPlan.from_spec("every:2", layers).owners
-        refs = {"full": scorer.loss(range(layers)), "every:2": scorer.loss(every2)}
+    run = search_checkpoint(SearchConfig(str(ROOT / checkpoint), str(args.owners), qa=[str(records)], heldout=0.0,
+                                         shortlist=args.shortlist, refine=args.refine, precision="bf16"))
     seconds = round(time.perf_counter() - start, 1)
-    write_json(out, {"run": args.run, "checkpoint": checkpoint, "owners": args.owners, "plan": result.plan.spec,
-                     "answer_loss": result.loss, "reference_answer_loss": refs, "search_records": args.records,
-                     "shortlist": args.shortlist, "refine": args.refine, "evaluations": result.evaluations,
-                     "seconds": seconds, "threads": args.threads, "precision": "bf16"})
-    print(json.dumps({"plan": result.plan.spec, "loss": result.loss, **refs, "seconds": seconds}))
+    refs = {row["plan"]: row["loss"] for row in run.result.rows[:-1]}  # full and the uniform plan of the budget
+    write_json(out, {"run": args.run, "checkpoint": checkpoint, "owners": args.owners, "plan": run.result.plan.spec,
+                     "answer_loss": run.result.loss, "reference_answer_loss": refs, **settings(args),
+                     "evaluations": run.result.evaluations, "seconds": seconds, "threads": args.threads,
+                     "precision": "bf16"})
+    print(json.dumps({"plan": run.result.plan.spec, "loss": run.result.loss, **refs, "seconds": seconds}))
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What a saved search depends on besides the run and the owners."""
+    return {"search_records": args.records, "shortlist": args.shortlist, "refine": args.refine}
 
 
 if __name__ == "__main__":

@@ -52,12 +52,13 @@ from kvroute.data.text import read_texts  # noqa: E402
 from kvroute.evaluate import EvalConfig, continuation_score, evaluate  # noqa: E402
 from kvroute.models import load, load_tokenizer  # noqa: E402
 from kvroute.plan import parse_plan_list  # noqa: E402
-from common import MOBY, append_rows, sotu  # noqa: E402
+from common import MOBY, append_rows, slug, sotu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "qa_wide.json"
 OUT = ROOT / "runs" / "qa_wide"
 SU = "runs/seq_unlikelihood"
+DEFAULT_PLANS = "full,every:2,every:4"
 
 #: the demo's recipe (2 x (240 + 80) steps) and the variants docs/RESULTS.md compares it with
 RUNS = {
@@ -125,7 +126,9 @@ def bootstrap_interval(values: list[float], reference: list[float] | None = None
 
 
 def score(name: str, checkpoint: str, qa: Path, plans: str, precision: str = "fp32") -> list[dict]:
+    # a folder per plan set: scoring one more plan later keeps the earlier predictions
     out = OUT / name / (qa.stem if qa.name.startswith("needle") else "")
+    out = out if plans == DEFAULT_PLANS else out / slug(plans)
     start = time.perf_counter()
     evaluate(EvalConfig(checkpoints=[str(ROOT / checkpoint)], plans=plans, out=str(out), qa=[str(qa)],
                         max_new_tokens=16, precision=precision), progress=False)
@@ -183,7 +186,7 @@ def score_text(name: str, checkpoint: str, plans: str) -> list[dict]:
     tokenizer = load_tokenizer(ROOT / checkpoint)
     texts, prompts = text_prompts(tokenizer)
     rows = []
-    for plan in plans.split(","):
+    for plan in parse_plan_list(plans):
         model = load(ROOT / checkpoint, plan=plan).eval()
         start = time.perf_counter()
         _, predictions = continuation_score(model, tokenizer, prompts.tolist(), NEW_TOKENS, BATCH)  # cut at EOS
@@ -206,7 +209,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help="names of RUNS (--list shows them)")
     parser.add_argument("--skip", type=int, default=32, help="test records before these (the ones choices were made on)")
     parser.add_argument("--questions", type=int, default=256)
-    parser.add_argument("--plans", default="full,every:2,every:4")
+    parser.add_argument("--plans", default=DEFAULT_PLANS)
     parser.add_argument("--text", action="store_true", help="score the greedy text instead of QA")
     parser.add_argument("--needle", choices=["sotu", "moby"], help="score needle QA in this held-out text instead")
     parser.add_argument("--needle-words", type=int, default=250, help="words of real text around each needle fact")
@@ -235,7 +238,7 @@ def main() -> None:
         if not (ROOT / RUNS[name]).is_dir():
             print(f"{name}: {RUNS[name]} missing, skipped")
             continue
-        plans = ",".join(dict.fromkeys(["full", *todo]))  # QA ratios need the full cache's answers
+        plans = ",".join(todo if args.text else dict.fromkeys(["full", *todo]))  # QA ratios need full's answers
         rows = (score_text(name, RUNS[name], plans) if args.text
                 else score(name, RUNS[name], qa, plans, args.precision))
         append_rows(RESULTS, [r for r in rows if r["plan"] in todo])  # a plan already scored keeps its row

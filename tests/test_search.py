@@ -174,19 +174,24 @@ def test_search_on_qa_answers(tmp_path):
     folder = make_model_dir(tmp_path / "m", layers=4)
     qa = write_qa_file(tmp_path / "qa.jsonl", n=12)
     lines: list[str] = []
-    run = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], max_chunks=6, batch_size=4),
+    run = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], max_records=6, batch_size=4),
                             progress=False, log=lines.append)
     assert lines == ["searching 2/4 owner layers on the answers of 3 QA records (3 held out)"]
     assert run.objective == "qa" and run.chunks == 6 and run.heldout_chunks == 3
     assert "loss on: the answers of 3 QA records (3 held out)" in run.report()
     saved = run.to_dict()
     assert saved["objective"] == "qa" and saved["data"] == [str(qa)] and saved["heldout_chunks"] == 3
+    assert saved["chunk_tokens"] is None
     records = read_qa([str(qa)])
     chosen = [records[i] for i in (0, 2, 4)]  # 6 of 12, evenly spaced; the first 3 searched on
     model, tok = load(str(folder)), load_tokenizer(str(folder))
     expected = PlanScorer(model, answer_batches(chosen, tok)).loss(run.result.plan.owners)
     assert run.result.loss == pytest.approx(expected, rel=1e-5)
-    bf16 = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], max_chunks=6, precision="bf16"),
+    held = PlanScorer(model, answer_batches([records[i] for i in (6, 8, 10)], tok))
+    assert run.result.rows[-1]["heldout_loss"] == pytest.approx(held.loss(run.result.plan.owners), rel=1e-5)
+    everything = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], heldout=0.0), progress=False)
+    assert everything.chunks == 12 and everything.heldout_chunks == 0  # --qa reads every record by default
+    bf16 = search_checkpoint(SearchConfig(str(folder), "0.5", qa=[str(qa)], max_records=6, precision="bf16"),
                              progress=False)
     assert len(bf16.result.plan.owners) == 2 and bf16.result.loss != run.result.loss
 
@@ -194,7 +199,7 @@ def test_search_on_qa_answers(tmp_path):
 def test_cli_search_on_qa(tmp_path, capsys):
     folder = make_model_dir(tmp_path / "m", layers=4)
     qa = write_qa_file(tmp_path / "qa.jsonl")
-    assert main(["plan", "search", str(folder), "--budget", "2", "--qa", str(qa), "--max-chunks", "4",
+    assert main(["plan", "search", str(folder), "--budget", "2", "--qa", str(qa), "--max-records", "4",
                  "--precision", "bf16", "--out", str(tmp_path / "r.json")]) == 0
     assert "loss on: the answers of 2 QA records (2 held out)" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["objective"] == "qa"
@@ -206,7 +211,8 @@ def test_cli_search_on_qa(tmp_path, capsys):
                                                  ("shortlist", 0, "--shortlist must be at least 1"),
                                                  ("refine", -1, "--refine must be >= 0"),
                                                  ("data", [], "--data: give at least one"),
-                                                 ("precision", "fp16", "precision")])
+                                                 ("precision", "fp16", "precision"),
+                                                 ("max_records", 0, "--max-records must be at least 1")])
 def test_search_config_errors_name_the_flag(field, value, match):
     with pytest.raises(ValueError, match=match):
         SearchConfig(**{"model": "m", "budget": "0.5", "data": ["d"], field: value})

@@ -189,7 +189,7 @@ def search_plan(
         shortlist: if set, each greedy step after the first only tries the ``shortlist`` layers
             that did best in the previous step (lazy greedy: far fewer plans evaluated).
         refine: at most this many rounds of moving single owners to neighbouring layers (0: none).
-        batch_size: chunks per forward pass.
+        batch_size: chunks per forward pass (labelled batches are scored as they are).
         progress: show tqdm progress bars.
         autocast: a context manager each forward runs in (:func:`kvroute.precision.autocast`).
 

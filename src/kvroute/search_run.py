@@ -38,16 +38,17 @@ class SearchConfig:
             see :func:`kvroute.budget.owners_for_budget`.
         data: calibration text files or folders (.txt, .md, .jsonl); the search minimizes the loss on them.
         qa: instead of --data, context-QA records (JSONL ``{context, question, answer}``, as ``eval --qa``):
-            the search minimizes the loss on their answers, after the prompt ``eval`` gives them, for a
-            plan chosen for the task it will serve (long contexts, say).
+            the search minimizes the loss on their first answers (and EOS), after the prompt ``eval --qa``
+            gives them without ``--chat``, for a plan chosen for the task it will serve (long contexts, say).
         chunk_tokens: tokens per calibration chunk.
-        max_chunks: chunks (or QA records) read in total, evenly spaced over the text (the records).
+        max_chunks: chunks read in total, evenly spaced over the text.
+        max_records: with --qa, records read in total, evenly spaced over them (default: all).
         heldout: fraction of the chunks or records (the last ones) held out for the comparison.
         beam: owner sets kept per greedy step.
         shortlist: lazy greedy: after the first step, try only the N layers that did best in the
             previous step (default: try all).
         refine: rounds of moving single owners to neighbouring layers (0: none).
-        batch_size: chunks per forward pass.
+        batch_size: chunks (or QA records: lower it for long contexts) per forward pass.
         model_dtype: dtype the model runs in.
         precision: ``fp32`` scores in the model's dtype, ``bf16`` under bfloat16 autocast (about twice
             as fast on a CPU with native bf16), ``auto`` picks bf16 where the hardware runs it natively.
@@ -62,6 +63,7 @@ class SearchConfig:
     qa: list[str] | None = None
     chunk_tokens: int = 256
     max_chunks: int | None = 8
+    max_records: int | None = None
     heldout: float = 0.5
     beam: int = 1
     shortlist: int | None = None
@@ -88,7 +90,7 @@ class SearchConfig:
         for name in ("chunk_tokens", "beam", "batch_size", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_chunks", "shortlist", "context"):
+        for name in ("max_chunks", "max_records", "shortlist", "context"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.refine < 0:
@@ -133,7 +135,7 @@ class CheckpointSearch:
         r = self.result
         return {"plan": r.plan.to_dict(), "loss": r.loss, "rows": r.rows, "evaluations": r.evaluations,
                 "budget": self.budget, "data": self.data, "objective": self.objective,
-                "chunk_tokens": self.chunk_tokens, "chunks": self.chunks, "heldout_chunks": self.heldout_chunks,
+                "chunk_tokens": self.chunk_tokens if self.objective == "text" else None, "chunks": self.chunks, "heldout_chunks": self.heldout_chunks,
                 "model": self.checkpoint}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -186,7 +188,7 @@ def search_checkpoint(
     tokenizer = load_tokenizer(c.model)
     if c.qa:
         records = read_qa(c.qa, flag="--qa")
-        records = [records[i] for i in evenly_spaced(len(records), c.max_chunks)]
+        records = [records[i] for i in evenly_spaced(len(records), c.max_records)]
         search, held = split_heldout(records, c.heldout)
         n_total, n_held = len(records), 0 if held is None else len(held)
         search = answer_batches(search, tokenizer, c.batch_size)

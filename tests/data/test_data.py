@@ -150,6 +150,8 @@ def test_answer_batches_are_the_evaluation_prompt_then_the_answer(tok):
     assert len(rows[-1][0]) > 300  # the long context whole
     with pytest.raises(ValueError, match="batch size"):
         answer_batches(records, tok, batch_size=0)
+    with pytest.raises(ValueError, match="no QA records"):
+        answer_batches([], tok)
 
 
 def test_question_order_is_a_seeded_fair_coin(tok):

@@ -62,7 +62,7 @@ def test_cli_writes_records_kvroute_eval_reads(tmp_path, capsys):
     assert main(["data", "needle-qa", "--text", str(tmp_path), "--out", str(train), "--n", "6", "--words", "20",
                  "--seed", "1", "--split", "train"]) == 0
     assert [json.loads(line) for line in train.read_text().splitlines()] == needle_records(
-        DOCS, n=6, words=20, seed=1, split="train")
+        DOCS, n=6, words=20, seed=1, split="train") != rows
 
 
 def test_training_records_take_the_train_split_facts():

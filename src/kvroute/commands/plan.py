@@ -33,7 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     _memory_args(budget, batch=1, context=4096)
     budget.set_defaults(_action=_budget)
 
-    search = sub.add_parser("search", help="the owner set that minimizes loss on calibration text")
+    search = sub.add_parser("search", help="the owner set that minimizes loss on calibration text "
+                                           "(or on the answers of QA records, --qa)")
     search.add_argument("model", help="checkpoint folder, hub id or .gguf (weights and tokenizer are loaded)")
     add_config_flags(search, SearchConfig, skip={"model"}, kv_dtype={"flags": ["--dtype"]})  # as show, budget
     search.add_argument("--out", help="write the result (plan, table) as JSON here")

@@ -229,7 +229,8 @@ def answer_batches(records: list[QARecord], tokenizer: Any, batch_size: int = 8)
     """Labelled batches for the loss on the answers: the evaluation's context-first prompt
     (:func:`qa_prompt_ids`) followed by the first answer and EOS, labelled on those only.
 
-    Records of similar length are batched together (right-padded by :class:`QACollator`); no context is cut.
+    Records of similar length are batched together (right-padded by :class:`QACollator`); no context is cut,
+    so ``batch_size`` bounds the memory of long contexts. The loss is per token: longer answers weigh more.
 
     Returns:
         Batches with ``input_ids``, ``labels`` and ``attention_mask``, for
@@ -237,6 +238,8 @@ def answer_batches(records: list[QARecord], tokenizer: Any, batch_size: int = 8)
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if not records:
+        raise ValueError("no QA records to score")
     dataset = QADataset(records, tokenizer, seq_len=sys.maxsize, question_first_p=0.0)
     items = sorted((dataset.encode(r, question_first=False) for r in records), key=lambda x: len(x["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
