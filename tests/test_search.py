@@ -212,7 +212,8 @@ def test_cli_search_on_qa(tmp_path, capsys):
                                                  ("refine", -1, "--refine must be >= 0"),
                                                  ("data", [], "--data: give at least one"),
                                                  ("precision", "fp16", "precision"),
-                                                 ("max_records", 0, "--max-records must be at least 1")])
+                                                 ("max_records", 0, "--max-records must be at least 1"),
+                                                 ("max_records", 4, "--max-records applies to --qa")])
 def test_search_config_errors_name_the_flag(field, value, match):
     with pytest.raises(ValueError, match=match):
         SearchConfig(**{"model": "m", "budget": "0.5", "data": ["d"], field: value})

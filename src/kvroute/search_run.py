@@ -93,6 +93,8 @@ class SearchConfig:
         for name in ("max_chunks", "max_records", "shortlist", "context"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.data and self.max_records is not None:
+            raise ValueError("--max-records applies to --qa records; text is cut by --max-chunks")
         if self.refine < 0:
             raise ValueError(f"--refine must be >= 0, got {self.refine}")
 
@@ -135,8 +137,8 @@ class CheckpointSearch:
         r = self.result
         return {"plan": r.plan.to_dict(), "loss": r.loss, "rows": r.rows, "evaluations": r.evaluations,
                 "budget": self.budget, "data": self.data, "objective": self.objective,
-                "chunk_tokens": self.chunk_tokens if self.objective == "text" else None, "chunks": self.chunks, "heldout_chunks": self.heldout_chunks,
-                "model": self.checkpoint}
+                "chunk_tokens": self.chunk_tokens if self.objective == "text" else None, "chunks": self.chunks,
+                "heldout_chunks": self.heldout_chunks, "model": self.checkpoint}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON to ``path``."""
@@ -166,7 +168,7 @@ def split_heldout(chunks: torch.Tensor | list, heldout: float) -> tuple[Any, Any
 def search_checkpoint(
     config: SearchConfig, *, progress: bool = True, log: Callable[[str], Any] | None = None
 ) -> CheckpointSearch:
-    """Load ``config.model``, read its calibration text (or QA records) and search the best plan for ``config.budget``.
+    """Load ``config.model``, read its calibration text (or QA records), search the best plan for ``config.budget``.
 
     Args:
         config: the checkpoint, budget, data and search settings.
