@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--text-steps", type=int, default=0, help="then the demo's text stage for this many steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from kvroute.train import TrainConfig, train
 
     demo_dir = Path(args.demo)
     start, qa = demo_dir / "base-pairs", demo_dir / "data" / "fictional" / "train.jsonl"
@@ -80,11 +79,18 @@ def main() -> None:
         print(f"demo_batch: {out}/final is there")
     if args.text_steps and not (out / "text" / "final" / "config.json").is_file():
         began = time.perf_counter()
-        train(TrainConfig(model=str(out / "final"), data=calib, output_dir=str(out / "text"), seq_len=256,
-                          batch_size=args.batch, max_steps=args.text_steps, seed=0, device="cpu", eval_every=0,
-                          save_every=max(args.text_steps // 2, 1), quiet=True,
-                          resume="latest" if (out / "text" / "checkpoints").is_dir() else None, **demo.TEXT_STAGE))
+        text_stage(out / "final", calib, out / "text", args.text_steps, args.batch)
         print(f"demo_batch: {out}/text/final in {(time.perf_counter() - began) / 60:.1f} min")
+
+
+def text_stage(start: Path, data: list[str], out: Path, steps: int, batch: int, **recipe) -> None:
+    """The demo's text stage (``demo.TEXT_STAGE``, ``recipe`` overriding it) from ``start`` into ``out``, seed 0;
+    a stopped run resumes from its last checkpoint."""
+    from kvroute.train import TrainConfig, train
+
+    train(TrainConfig(model=str(start), data=data, output_dir=str(out), seq_len=256, batch_size=batch,
+                      max_steps=steps, seed=0, device="cpu", eval_every=0, save_every=max(steps // 2, 1), quiet=True,
+                      resume="latest" if (out / "checkpoints").is_dir() else None, **{**demo.TEXT_STAGE, **recipe}))
 
 
 def needle_mix(qa: Path, calib: list[str], n: int, words: int, folder: Path) -> Path:

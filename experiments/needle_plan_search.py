@@ -51,8 +51,8 @@ from qa_wide import RUNS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "needle_plan_search"
-sys.path.insert(0, str(ROOT / "scripts"))
-import demo  # noqa: E402  (scripts/demo.py: the text stage)
+import demo_batch  # noqa: E402  (the demo's text stage)
+from demo_batch import demo  # noqa: E402  (scripts/demo.py)
 
 
 def main() -> None:
@@ -78,23 +78,18 @@ def main() -> None:
 
 
 def text_stage(args: argparse.Namespace, plan: str) -> None:
-    from kvroute.train import TrainConfig, train
-
     if not args.start:
         sys.exit("needle_plan_search: --text-stage needs --start")
     target = OUT / f"{args.run}-{args.owners}-text"
     if (target / "final" / "config.json").is_file():
         print(f"needle_plan_search: {target}/final is there")
         return
-    stage = dict(demo.TEXT_STAGE)
-    assert "3*plan:every:2+" in stage["routing"]
-    stage["routing"] = stage["routing"].replace("3*plan:every:2+", f"3*plan:{plan}+")
+    assert "3*plan:every:2+" in demo.TEXT_STAGE["routing"]
+    routing = demo.TEXT_STAGE["routing"].replace("3*plan:every:2+", f"3*plan:{plan}+")
     began = time.perf_counter()
-    train(TrainConfig(model=str(ROOT / args.start), data=sotu(*demo.CALIB_YEARS), output_dir=str(target),
-                      seq_len=256, batch_size=demo.BATCH, max_steps=args.text_stage, seed=0, device="cpu",
-                      eval_every=0, save_every=max(args.text_stage // 2, 1), quiet=True,
-                      resume="latest" if (target / "checkpoints").is_dir() else None, **stage))
-    print(f"needle_plan_search: {target}/final ({stage['routing']}) in {(time.perf_counter() - began) / 60:.1f} min")
+    demo_batch.text_stage(ROOT / args.start, sotu(*demo.CALIB_YEARS), target, args.text_stage, demo.BATCH,
+                          routing=routing)
+    print(f"needle_plan_search: {target}/final ({routing}) in {(time.perf_counter() - began) / 60:.1f} min")
 
 
 def search(args: argparse.Namespace, out: Path) -> None:

@@ -7,8 +7,8 @@ novel). The question and answer stay the fictional record's. Against the fiction
 context is several times longer, most of it real text that says nothing about the question, and
 the fact sits at any depth: the record's ``depth`` is the share of the passage's words before it.
 Under a shared KV cache the answer has to come back from deep in a long context, through layers
-that read another layer's keys and values. Sentence boundaries are
-:func:`kvroute.data.text.sentence_starts`', a heuristic: ``Mr. Starbuck`` holds one.
+that read another layer's keys and values. Sentence boundaries come from
+:func:`kvroute.data.text.sentence_starts`, a heuristic: ``Mr. Starbuck`` holds one.
 
 Example:
     >>> texts = ["One sentence here. " * 200]
