@@ -9,6 +9,10 @@ warm-up. To compare two versions of kvroute on the same machine, run it once per
     PYTHONPATH=/tmp/before/src .venv/bin/python benchmarks/demo_steps.py --json before.json
     .venv/bin/python benchmarks/demo_steps.py --json after.json
 
+`--beside STAGE` times the stages while another process runs STAGE's steps with one thread, as the
+demo's parallel stages do (scripts/demo.py, ``stages()``): what a stage's threads buy when the other
+core is busy too.
+
 Needs `make demo` to have run (runs/demo). Not a test: its numbers go into docs/RESULTS.md.
 """
 
@@ -75,21 +79,37 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--demo-dir", default="runs/demo", help="a `make demo` output folder")
+    parser.add_argument("--beside", choices=("standard", "mix", "text"),
+                        help="time them while another process trains this stage with one thread")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    neighbour = None
+    if args.beside:  # steps enough to outlast the timed stages; stopped when they are done
+        neighbour = subprocess.Popen([sys.executable, __file__, "--stages", args.beside, "--steps", "100000",
+                                      "--warmup", "0", "--threads", "1", "--demo-dir", args.demo_dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        time.sleep(20)  # its model loaded and stepping before the timing starts
     import kvroute
     from kvroute.precision import cpu_model, resolve_precision
 
     source = Path(kvroute.__file__).resolve().parents[2]
     rev = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip() or "unknown"
-    results = {stage: time_stage(stage, Path(args.demo_dir), args.warmup, args.steps)
-               for stage in args.stages.split(",")}
+    try:
+        results = {stage: time_stage(stage, Path(args.demo_dir), args.warmup, args.steps)
+                   for stage in args.stages.split(",")}
+        if neighbour is not None and neighbour.poll() is not None:  # the timing above was not beside it
+            sys.exit(f"demo_steps: the --beside {args.beside} process stopped early (exit {neighbour.returncode})")
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
     record = {"kvroute_source": str(source), "git_rev": rev, "cpu": cpu_model(), "threads": args.threads,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "precision": resolve_precision("auto", "cpu"),
               "torch": torch.__version__, "args": vars(args), "results": results}
-    print(f"kvroute {rev} ({source}), {record['cpu']}, {args.threads} threads, {record['precision']}")
+    beside = f", beside a 1-thread {args.beside} process" if args.beside else ""
+    print(f"kvroute {rev} ({source}), {record['cpu']}, {args.threads} threads{beside}, {record['precision']}")
     for stage, r in results.items():
         print(f"{stage:<9} {r['mean_s']:6.2f} s/step (median {r['median_s']:.2f}; {r['rollout_steps']} of "
               f"{r['steps']} with rollouts)")

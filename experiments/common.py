@@ -37,7 +37,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-from jobs import log, run_parallel  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from jobs import log, run_parallel  # noqa: E402  (scripts/jobs.py: the worker scheduler)
 
 #: torch threads per run (``--threads``; :func:`run_experiment` sets them)
 THREADS = 1

@@ -25,6 +25,11 @@
    at 0.5 or more (`kvroute eval --continuations`), the target line of issue 15 on many prompts.
 6. Generate 64 greedy tokens under every:2 and every:4; report distinct-2 and the KV bytes saved.
 
+The stages run as worker processes, two at a time with one thread each on 2 cores (``stages()``): the
+pair fit and the mix alone with both threads, then the text stage beside the standard fine-tune, the
+calibrations and the evaluations, which start as soon as what they need has finished. Each stage logs
+to runs/demo/logs/STAGE/run.log; the demo prints every stage's latest line once a minute.
+
 Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations and resumes a
 fine-tune stopped part-way; one whose settings changed, or whose start was rewritten, is redone (the
 old one moves to NAME.previous).
@@ -34,7 +39,7 @@ none), DEMO_BATCH (rows of 256 tokens per step of those two, default 2),
 DEMO_EVAL_TOKENS (default 4096), DEMO_QA (default 16 questions), DEMO_PROMPTS (continuation prompts per
 held-out text, default 32), DEMO_QA_TRAIN (fictional QA
 training records, default 2000), DEMO_CAL_STEPS (calibration refinement steps, default 10; 0 =
-closed form only).
+closed form only), DEMO_JOBS (stages at once, default 2; 1 runs them one after another with every thread).
 
 The one-plan model of earlier demos (the calibrated untrained model fine-tuned for every:2 only) is
 `experiments/one_plan_demo.py --variants steps120`, from this demo's runs/demo/base-cal.
@@ -50,6 +55,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/jobs.py
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -230,111 +237,200 @@ def without_pairs(checkpoint: Path) -> Path:
     return out
 
 
+#: threads of the whole demo: 2 where the machine has them (the budget it is sized for)
+THREADS = max(1, min(2, os.cpu_count() or 1))
+#: stages run at once, each with THREADS // JOBS threads (the mix and the pair fit run alone with all of them)
+JOBS = max(1, min(int(os.environ.get("DEMO_JOBS", "2")), THREADS))
+
+
+def stages() -> dict[str, tuple[tuple[str, ...], bool]]:
+    """The demo's stages in priority order: name -> (the stages it starts after, whether it runs alone).
+
+    The R-CLA chain (pair fit, mix, text stage) is the longest; its compute-bound part runs alone
+    with every thread (a mix step took 2.29 s with 2 threads alone, 3.55 s with 1 thread beside
+    another stage). The text stage decodes its rollouts, which one thread does about as fast as two,
+    so the standard fine-tune, the calibrations and the evaluations run beside it, one thread each.
+    """
+    rcla = "text" if TEXT_STEPS else "mix"
+    return {
+        "pairs": ((), True),
+        "mix": (("pairs",), True),
+        **({"text": (("mix",), False)} if TEXT_STEPS else {}),
+        "standard": ((), False),
+        "cal-base": ((), False),
+        "cal-standard": (("standard",), False),
+        "eval-base": (("cal-base",), False),
+        "eval-standard": (("cal-standard",), False),
+        "eval-rcla": ((rcla,), False),
+    }
+
+
+class Demo:
+    """The demo's data and checkpoint paths, the same in the parent and in every stage's worker."""
+
+    def __init__(self) -> None:
+        from kvroute.precision import resolve_precision
+
+        train_files, self.held_files = split_sotu()
+        self.calib = [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
+        fictional = OUT / "data" / "fictional"
+        self.qa_train, self.qa = fictional / "train.jsonl", fictional / "test.jsonl"
+        self.mix = self.calib + [str(self.qa_train)]  # SOTU 1990-2006 + fictional QA: both fine-tunes' data
+        self.held = OUT / "data" / "sotu-2007-2021"
+        self.precision = resolve_precision("auto", "cpu")
+        rcla = OUT / ("rcla-mix-text" if TEXT_STEPS else "rcla-mix") / "final"
+        #: display name -> checkpoint; ``+cal`` and ``+pairs`` are the calibrated ones
+        self.checkpoints = {"base": str(MODEL), "standard": str(OUT / "standard" / "final"),
+                            "rcla-mix": str(OUT / f"{rcla.parent.name}-nomaps"), "base+cal": str(OUT / "base-cal"),
+                            "standard+cal": str(OUT / "standard-cal"), "rcla-mix+pairs": str(rcla)}
+
+    def write_data(self) -> None:
+        """The fictional QA records and the held-out SOTU copy (before any stage starts)."""
+        from kvroute.data.fictional import write_fictional_qa
+
+        write_fictional_qa(self.qa.parent, train=QA_TRAIN, test=QA_N, seed=0)  # no test name in the training records
+        self.held.mkdir(parents=True, exist_ok=True)
+        for f in self.held_files:
+            target = self.held / Path(f).name
+            if not target.exists():
+                target.write_text(Path(f).read_text(encoding="utf-8"), encoding="utf-8")
+
+    def run(self, stage: str) -> None:
+        """One stage, as its worker runs it."""
+        if stage == "pairs":
+            calibrated("base", str(MODEL), self.calib, pairs=True)
+        elif stage == "mix":
+            finetune("rcla-mix", OUT / "base-pairs", self.mix, steps=RCLA_STEPS, batch=BATCH, **RCLA)
+        elif stage == "text":
+            finetune("rcla-mix-text", OUT / "rcla-mix" / "final", self.calib, steps=TEXT_STEPS, batch=BATCH,
+                     **TEXT_STAGE)
+        elif stage == "standard":
+            finetune("standard", MODEL, self.mix, **STANDARD)
+        elif stage in ("cal-base", "cal-standard"):
+            name = stage.removeprefix("cal-")
+            calibrated(name, self.checkpoints[name], self.calib)
+        elif stage.startswith("eval-"):
+            self.evaluate(stage.removeprefix("eval-"))
+        else:
+            raise SystemExit(f"demo: unknown stage {stage!r}; expected one of {', '.join(stages())}")
+
+    def evaluate(self, name: str) -> None:
+        """Evaluate model ``name`` (base, standard, rcla) under PLANS, its calibrated form under CALIBRATED_PLANS,
+        into ``OUT/eval/NAME/{plans,full,calibrated}``."""
+        from kvroute.evaluate import EvalConfig, evaluate
+
+        plain = self.checkpoints["rcla-mix" if name == "rcla" else name]
+        if name == "rcla":
+            without_pairs(Path(self.checkpoints["rcla-mix+pairs"]))  # the same weights, its plans plain
+        cal = self.checkpoints["rcla-mix+pairs" if name == "rcla" else f"{name}+cal"]
+        out = OUT / "eval" / name
+        # scored under the training precision: bf16 autocast where the CPU runs it natively (evaluation 5.8 min against
+        # 8.0 in fp32; full-cache and calibrated perplexities within 0.3%: docs/RESULTS.md); the samples stay fp32
+        texts = dict(text=[str(self.held), str(MOBY)], window=256, stride=256, max_tokens=EVAL_TOKENS,
+                     precision=self.precision)
+        decoded = dict(qa=[str(self.qa)], limit=QA_N, max_new_tokens=16,  # QA, and greedy continuations of held-out text
+                       continuations=[str(self.held), str(MOBY)], prompts=PROMPTS)
+        # QA and continuations are scored under the full cache and the calibrated plans; uncalibrated shared plans
+        # score F1 0.00 in every run so far (docs/RESULTS.md), so the demo spends its time on their perplexity only.
+        evaluate(EvalConfig(checkpoints=[plain], plans=PLANS, out=str(out / "plans"), **texts))
+        evaluate(EvalConfig(checkpoints=[plain], plans="full", out=str(out / "full"), precision=self.precision,
+                            **decoded))
+        evaluate(EvalConfig(checkpoints=[cal], plans=CALIBRATED_PLANS, out=str(out / "calibrated"), **texts,
+                            **decoded))
+
+    def rows(self) -> list[dict]:
+        """Every evaluation row, the checkpoint named as in the report."""
+        from kvroute.results import load_results
+
+        names = {v: k for k, v in self.checkpoints.items()}
+        return [{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])}
+                for model in ("base", "standard", "rcla") for kind in ("plans", "full", "calibrated")
+                for r in load_results(OUT / "eval" / model / kind)["rows"]]
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The kvroute demo (`make demo`); see the module docstring.")
+    parser.add_argument("--stage", help="run this one stage and exit (what the demo's workers do)")
+    args = parser.parse_args()
+    if not (MODEL / "config.json").is_file():
+        sys.exit(f"demo: {MODEL} is missing; run `make assets` (or `make demo`, which fetches it)")
+    if args.stage:
+        import torch
+
+        print(f"demo stage {args.stage}: {torch.get_num_threads()} threads", flush=True)
+        Demo().run(args.stage)
+        return
+    run_all()
+
+
+def run_all() -> None:
     import torch
 
-    from kvroute.data.fictional import write_fictional_qa
-    from kvroute.evaluate import EvalConfig, evaluate
+    from jobs import log, run_parallel
     from kvroute.generate import generate
     from kvroute.models import load, load_tokenizer
     from kvroute.plots import pareto_plot
-    from kvroute.precision import cpu_model, resolve_precision
+    from kvroute.precision import cpu_model
     from kvroute.results import format_table
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    if not (MODEL / "config.json").is_file():
-        sys.exit(f"demo: {MODEL} is missing; run `make assets` (or `make demo`, which fetches it)")
+    torch.set_num_threads(THREADS)
     OUT.mkdir(parents=True, exist_ok=True)
-    precision, cpu = resolve_precision("auto", "cpu"), cpu_model()
-    print(f"demo: {cpu}, {torch.get_num_threads()} threads; training, calibration and evaluation in {precision}",
-          flush=True)
+    demo = Demo()
+    precision, cpu = demo.precision, cpu_model()
+    print(f"demo: {cpu}, {THREADS} threads; training, calibration and evaluation in {precision}", flush=True)
     if precision != "bf16":
         print(f"demo: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16), so the fine-tunes run in fp32: {FP32_NOTE}",
               flush=True)
     start = time.time()
-    seconds: dict[str, float] = {}
-
-    def stage(name: str) -> None:  # wall seconds per stage, for the report
-        seconds[name] = round(time.time() - start - sum(seconds.values()), 1)
-    train_files, held_files = split_sotu()
-    fictional = write_fictional_qa(OUT / "data" / "fictional", train=QA_TRAIN, test=QA_N, seed=0)
-    qa = fictional["test"]  # no invented name of a test record appears in the training records
-
-    calib_files = [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
-    mix = calib_files + [str(fictional["train"])]  # SOTU 1990-2006 + fictional QA: both fine-tunes' data
+    demo.write_data()
+    plan = stages()
     data_note = f"State of the Union {CALIB_YEARS[0]}-{CALIB_YEARS[1]} + {QA_TRAIN} fictional QA records"
-    checkpoints = {"base": str(MODEL)}
-    banner(f"fine-tune: standard ({STEPS} steps of 4 x 256 tokens, {data_note})")
-    checkpoints["standard"] = str(finetune("standard", MODEL, mix, **STANDARD))
-    stage("fine-tune standard")
-
-    cal = {}
-    for name in list(checkpoints):
-        banner(f"calibrate {name} for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}; weights unchanged)")
-        cal[f"{name}+cal"] = str(calibrated(name, checkpoints[name], calib_files))
-        stage(f"calibrate {name}")
-
-    banner(f"pairwise maps of base: one per (layer, source layer), closed form on {PAIR_TOKENS} tokens")
-    base_pairs = calibrated("base", str(MODEL), calib_files, pairs=True)
-    stage("pairwise maps of base")
-    banner(f"fine-tune: R-CLA, the pairs mix ({RCLA_STEPS} steps of {BATCH} x 256 tokens, {data_note})")
-    rcla = finetune("rcla-mix", base_pairs, mix, steps=RCLA_STEPS, batch=BATCH, **RCLA)
-    stage("fine-tune rcla-mix")
-    if TEXT_STEPS:
-        banner(f"text stage: rcla-mix, {TEXT_STEPS} steps of sequence-level unlikelihood on SOTU "
-               f"{CALIB_YEARS[0]}-{CALIB_YEARS[1]}, rolling out every:2 and every:4 (1:2)")
-        rcla = finetune("rcla-mix-text", rcla, calib_files, steps=TEXT_STEPS, batch=BATCH, **TEXT_STAGE)
-        stage("text stage")
-    cal["rcla-mix+pairs"] = str(rcla)  # its trained pairwise maps calibrate every plan
-    checkpoints["rcla-mix"] = str(without_pairs(rcla))  # the same weights without them: its plans plain
-
-    banner(f"evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})")
-    held_glob = str(OUT / "data" / "sotu-2007-2021")
-    Path(held_glob).mkdir(parents=True, exist_ok=True)
-    for f in held_files:
-        target = Path(held_glob) / Path(f).name
-        if not target.exists():
-            target.write_text(Path(f).read_text(encoding="utf-8"), encoding="utf-8")
-    # scored under the training precision: bf16 autocast where the CPU runs it natively (evaluation 5.8 min against
-    # 8.0 in fp32; full-cache and calibrated perplexities within 0.3%: docs/RESULTS.md); the samples below stay fp32
-    texts = dict(text=[held_glob, str(MOBY)], window=256, stride=256, max_tokens=EVAL_TOKENS, precision=precision)
-    decoded = dict(qa=[str(qa)], limit=QA_N, max_new_tokens=16,  # QA, and greedy continuations of held-out text
-                   continuations=[held_glob, str(MOBY)], prompts=PROMPTS)
-    # QA and continuations are scored under the full cache and the calibrated plans; uncalibrated shared plans
-    # score F1 0.00 in every run so far (docs/RESULTS.md), so the demo spends its time on their perplexity only.
-    writers = [
-        evaluate(EvalConfig(checkpoints=list(checkpoints.values()), plans=PLANS, out=str(OUT / "eval"), **texts)),
-        evaluate(EvalConfig(checkpoints=list(checkpoints.values()), plans="full", out=str(OUT / "eval-qa"),
-                            precision=precision, **decoded)),
-        evaluate(EvalConfig(checkpoints=list(cal.values()), plans=CALIBRATED_PLANS, out=str(OUT / "eval-cal"),
-                            **texts, **decoded)),
-    ]
-    stage("evaluate")
-    names = {v: k for k, v in {**checkpoints, **cal}.items()}
-    rows = [{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])} for w in writers for r in w.rows]
+    banner(f"{len(plan)} stages, {JOBS} at a time with {THREADS // JOBS} thread(s) each; the pair fit and the mix "
+           f"alone with {THREADS}. Each stage logs to {OUT}/logs/STAGE/run.log")
+    print(f"standard: {STEPS} steps of 4 x 256 tokens, {data_note}\n"
+          f"pairs: pairwise maps of base, one per (layer, source layer), closed form on {PAIR_TOKENS} tokens\n"
+          f"mix: R-CLA, the pairs mix, {RCLA_STEPS} steps of {BATCH} x 256 tokens, {data_note}\n"
+          + (f"text: {TEXT_STEPS} steps of sequence-level unlikelihood on SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}, "
+             "rolling out every:2 and every:4 (1:2)\n" if TEXT_STEPS else "")
+          + f"cal-base, cal-standard: calibrate for {CALIBRATED_PLANS} (SOTU {CALIB_YEARS[0]}-{CALIB_YEARS[1]}; "
+          f"weights unchanged)\neval-*: evaluate under {PLANS} (calibrated models under {CALIBRATED_PLANS})",
+          flush=True)
+    seconds: dict[str, float] = {}
+    script = str(Path(__file__).resolve())
+    failed = run_parallel(list(plan), lambda n: [script, "--stage", n], lambda n: OUT / "logs" / n, JOBS,
+                          threads=THREADS // JOBS, needs={n: need for n, (need, _) in plan.items()},
+                          exclusive={n for n, (_, alone) in plan.items() if alone}, seconds=seconds,
+                          progress_s=60, poll_s=2)
+    if failed:
+        sys.exit(f"demo: stage(s) {', '.join(failed)} did not finish (logs under {OUT}/logs); run it again: "
+                 "finished fine-tunes and calibrations are reused, a stopped fine-tune resumes")
+    rows = demo.rows()
     table = format_table(rows)
     print(table)
     plot = pareto_plot(rows, OUT / "pareto.png")
 
     prompt = "In his address to Congress, the President said that"
     samples = []
-    for name, plan in (("base", "full"), ("base+cal", "every:2"), ("base+cal", "every:4"), ("rcla-mix+pairs", "every:2"),
-                       ("rcla-mix+pairs", "every:4"), ("rcla-mix", "every:4")):
-        banner(f"generate under {plan} with {name}")
-        source = {**checkpoints, **cal}[name]
-        model = load(source, plan=plan)
+    generate_start = time.time()
+    for name, plan_spec in (("base", "full"), ("base+cal", "every:2"), ("base+cal", "every:4"),
+                            ("rcla-mix+pairs", "every:2"), ("rcla-mix+pairs", "every:4"), ("rcla-mix", "every:4")):
+        banner(f"generate under {plan_spec} with {name}")
+        source = demo.checkpoints[name]
+        model = load(source, plan=plan_spec)
         tokenizer = load_tokenizer(source)
         print(prompt, end="", flush=True)
         result = generate(model, tokenizer, prompt, max_new_tokens=64,
                           on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         print("\n" + result.summary())
-        samples.append((name, plan, result))
+        samples.append((name, plan_spec, result))
         del model
-    stage("generate")
+    seconds["generate"] = round(time.time() - generate_start, 1)
 
     minutes = (time.time() - start) / 60
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_minutes = (usage.ru_utime + usage.ru_stime) / 60
+    cpu_minutes = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                      for field in ("ru_utime", "ru_stime")) / 60
     timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items())
     report = OUT / "REPORT.md"
     report.write_text(
@@ -360,21 +456,23 @@ def main() -> None:
         "spread over each held-out text, scored by distinct-2 (mean, and the share at 0.5 or more: "
         "`non_degenerate`); QA and continuations under the full cache and the calibrated plans, uncalibrated "
         "shared plans on perplexity only. "
-        f"Wall time {minutes:.1f} min ({timing} min), {cpu_minutes:.1f} CPU minutes, {torch.get_num_threads()} "
-        f"threads of {cpu}.\n\n"
+        f"Wall time {minutes:.1f} min, {cpu_minutes:.1f} CPU minutes, {THREADS} threads of {cpu}: {JOBS} stages at a "
+        f"time with {THREADS // JOBS} thread(s) each, the pair fit and the mix alone with {THREADS}. Minutes per "
+        f"stage (side by side, so they add up to more than the wall time): {timing}.\n\n"
         "```\n" + table + "\n```\n\n![pareto](pareto.png)\n\n## Greedy generation, 64 tokens\n\n"
-        + "".join(f"**{name}, {plan}**: {r.summary()}\n\n> {prompt}{r.text}\n\n" for name, plan, r in samples),
+        + "".join(f"**{name}, {p}**: {r.summary()}\n\n> {prompt}{r.text}\n\n" for name, p, r in samples),
         encoding="utf-8",
     )
     generations = [{"checkpoint": n, "plan": p, "calibrated": r.calibrated, "distinct2": r.distinct2,
                     "text": r.text} for n, p, r in samples]
-    (OUT / "summary.json").write_text(json.dumps({"checkpoints": {**checkpoints, **cal}, "rows": rows,
+    (OUT / "summary.json").write_text(json.dumps({"checkpoints": demo.checkpoints, "rows": rows,
                                                  "generations": generations, "seconds": seconds,
-                                                 "cpu": cpu, "precision": precision,
+                                                 "wall_minutes": round(minutes, 1), "threads": THREADS,
+                                                 "jobs": JOBS, "cpu": cpu, "precision": precision,
                                                  "cpu_minutes": round(cpu_minutes, 1)}, indent=1))
     banner("done")
-    print(f"results: {OUT}/eval*/results.json (and .csv)")
-    print(f"plot:    {plot}\nreport:  {report}\ntook {minutes:.1f} min ({timing} min; {cpu_minutes:.1f} CPU min)")
+    log(f"results: {OUT}/eval/*/*/results.json (and .csv)")
+    print(f"plot:    {plot}\nreport:  {report}\ntook {minutes:.1f} min ({cpu_minutes:.1f} CPU min; stages: {timing})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The experiments' worker scheduler (experiments/jobs.py): logs, failures, callbacks, limits."""
+"""The worker scheduler of the demo and the experiments (scripts/jobs.py): logs, failures, callbacks, limits,
+needs, exclusive jobs."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-# loaded from its file: putting experiments/ on sys.path would expose its generic module names
+# loaded from its file: putting scripts/ on sys.path would expose its generic module names
 _SPEC = importlib.util.spec_from_file_location(
-    "kvroute_experiment_jobs", Path(__file__).resolve().parents[1] / "experiments" / "jobs.py")
+    "kvroute_script_jobs", Path(__file__).resolve().parents[1] / "scripts" / "jobs.py")
 _JOBS = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(_JOBS)
-run_parallel = _JOBS.run_parallel
+run_parallel, last_line = _JOBS.run_parallel, _JOBS.last_line
 
 SCRIPT = {
     "ok1": "print('hello from ok1')",
@@ -52,6 +53,61 @@ def test_at_most_jobs_workers_at_once(tmp_path):
 def test_rejects_zero_jobs(tmp_path):
     with pytest.raises(ValueError, match="--jobs"):
         run_parallel(["a"], lambda n: ["-c", "pass"], lambda n: tmp_path / n, jobs=0)
+
+
+# each worker appends "start"/"end" with a clock time to one shared file; the order shows what overlapped
+TRACE = ("import os, pathlib, sys, time; f = pathlib.Path(sys.argv[1]); name = sys.argv[2]; "
+         "f.open('a').write(f'{name} start {os.environ[\"OMP_NUM_THREADS\"]}\\n'); time.sleep(0.25); "
+         "f.open('a').write(f'{name} end\\n'); sys.exit(3 if name == 'bad' else 0)")
+
+
+def _trace(tmp_path, names, **kwargs):
+    trace = tmp_path / "trace.txt"
+    seconds = {}
+    failed = run_parallel(names, lambda n: ["-c", TRACE, str(trace), n], lambda n: tmp_path / n, poll_s=0.02,
+                          seconds=seconds, **kwargs)
+    return failed, trace.read_text().split("\n")[:-1], seconds
+
+
+def test_a_job_starts_only_after_what_it_needs_and_not_when_that_failed(tmp_path):
+    failed, events, seconds = _trace(tmp_path, ["a", "bad", "b", "c", "d"], jobs=2,
+                                     needs={"b": ["a"], "c": ["bad"], "d": ["c"]})
+    assert failed == ["bad", "c", "d"]  # c needs bad, d needs c: neither starts
+    assert events.index("b start 1") > events.index("a end")
+    assert not any(e.startswith(("c ", "d ")) for e in events)
+    assert sorted(seconds) == ["a", "b", "bad"] and all(s >= 0.2 for s in seconds.values())
+
+
+def test_an_exclusive_job_runs_alone_with_every_thread(tmp_path):
+    # x is listed first and can start at once; y and z wait for it, then run side by side with 2 threads each
+    failed, events, _ = _trace(tmp_path, ["x", "y", "z"], jobs=2, threads=2, exclusive={"x"})
+    assert failed == []
+    assert events[:2] == ["x start 4", "x end"]
+    assert sorted(events[2:4]) == ["y start 2", "z start 2"]
+
+
+def test_a_waiting_exclusive_job_holds_back_later_ones(tmp_path):
+    # e needs a; once a ends, e waits for b to end, and c (listed after e) does not start before e has
+    failed, events, _ = _trace(tmp_path, ["a", "b", "e", "c"], jobs=2, needs={"e": ["a"]}, exclusive={"e"})
+    assert failed == []
+    assert events.index("e start 2") > max(events.index("a end"), events.index("b end"))
+    assert events.index("c start 1") > events.index("e end")
+
+
+@pytest.mark.parametrize("needs, match", [({"z": ["a"]}, "'z' is not a job"), ({"a": ["z"]}, "'z', which is not"),
+                                          ({"a": ["b"]}, "must be listed before it")])
+def test_bad_needs_are_refused_before_anything_starts(tmp_path, needs, match):
+    with pytest.raises(ValueError, match=match):
+        run_parallel(["a", "b"], lambda n: ["-c", "pass"], lambda n: tmp_path / n, jobs=2, needs=needs)
+    assert not (tmp_path / "a").exists()
+
+
+def test_last_line_is_a_progress_bar_s_latest_redraw(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("loading\ntrain:  10%|#  | 8/80\rtrain:  11%|#  | 9/80\r")
+    assert last_line(log) == "train:  11%|#  | 9/80"
+    assert last_line(log, width=5) == "train"
+    assert last_line(tmp_path / "missing.log") == ""
 
 
 # experiments/common.py sets OpenMP's environment on import, so it is exercised in a child process
