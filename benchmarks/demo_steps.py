@@ -51,7 +51,8 @@ def stage_config(stage: str, demo_dir: Path):
     if not Path(start).is_dir():
         sys.exit(f"demo_steps: {start} is missing; run `make demo` (or pass --demo-dir)")
     settings = {"lr": demo.LR, "warmup": 0.05, "schedule": "cosine", **recipe}  # a recipe may set its own
-    return TrainConfig(model=str(start), data=data, output_dir=f"/tmp/kvroute-demo-steps-{stage}", seq_len=256,
+    out = f"/tmp/kvroute-demo-steps-{stage}-{os.getpid()}"  # a --beside process has its own
+    return TrainConfig(model=str(start), data=data, output_dir=out, seq_len=256,
                        batch_size=batch, max_steps=1000, seed=0, device="cpu", eval_every=0, save_every=0, quiet=True,
                        **settings)
 

@@ -56,8 +56,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/jobs.py
-
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ASSETS = Path("assets")
@@ -246,10 +244,12 @@ JOBS = max(1, min(int(os.environ.get("DEMO_JOBS", "2")), THREADS))
 def stages() -> dict[str, tuple[tuple[str, ...], bool]]:
     """The demo's stages in priority order: name -> (the stages it starts after, whether it runs alone).
 
-    The R-CLA chain (pair fit, mix, text stage) is the longest; its compute-bound part runs alone
-    with every thread (a mix step took 2.29 s with 2 threads alone, 3.55 s with 1 thread beside
-    another stage). The text stage decodes its rollouts, which one thread does about as fast as two,
-    so the standard fine-tune, the calibrations and the evaluations run beside it, one thread each.
+    Two threads speed a stage up only 1.15-1.5x here, so two stages at one thread each get more done.
+    The R-CLA chain (pair fit, mix, text stage, its evaluation) is the longest, so its first two
+    stages run alone with every thread (with 2 threads beside a 1-thread text stage a mix step took
+    3.17 s, against 2.81 s with 1 thread: docs/bench/demo_steps_stop50_*.json); the standard
+    fine-tune, the calibrations and the evaluations run beside the text stage, one thread each. The
+    whole demo took 0.76x the time of one stage at a time (docs/RESULTS.md, "The demo in two lanes").
     """
     rcla = "text" if TEXT_STEPS else "mix"
     return {
@@ -338,14 +338,15 @@ class Demo:
         evaluate(EvalConfig(checkpoints=[cal], plans=CALIBRATED_PLANS, out=str(out / "calibrated"), **texts,
                             **decoded))
 
-    def rows(self) -> list[dict]:
-        """Every evaluation row, the checkpoint named as in the report."""
+    def results(self) -> tuple[list[dict], list[dict]]:
+        """Every evaluation row and every plan that failed to score, the checkpoint named as in the report."""
         from kvroute.results import load_results
 
         names = {v: k for k, v in self.checkpoints.items()}
-        return [{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])}
-                for model in ("base", "standard", "rcla") for kind in ("plans", "full", "calibrated")
-                for r in load_results(OUT / "eval" / model / kind)["rows"]]
+        docs = [load_results(OUT / "eval" / model / kind) for model in ("base", "standard", "rcla")
+                for kind in ("plans", "full", "calibrated")]
+        return tuple([{**r, "checkpoint": names.get(r["checkpoint"], r["checkpoint"])} for doc in docs for r in doc[key]]
+                     for key in ("rows", "errors"))
 
 
 def main() -> None:
@@ -366,9 +367,12 @@ def main() -> None:
 
 
 def run_all() -> None:
+    import signal
+
     import torch
 
-    from jobs import log, run_parallel
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from jobs import log, run_parallel  # scripts/jobs.py
     from kvroute.generate import generate
     from kvroute.models import load, load_tokenizer
     from kvroute.plots import pareto_plot
@@ -387,8 +391,9 @@ def run_all() -> None:
     demo.write_data()
     plan = stages()
     data_note = f"State of the Union {CALIB_YEARS[0]}-{CALIB_YEARS[1]} + {QA_TRAIN} fictional QA records"
-    banner(f"{len(plan)} stages, {JOBS} at a time with {THREADS // JOBS} thread(s) each; the pair fit and the mix "
-           f"alone with {THREADS}. Each stage logs to {OUT}/logs/STAGE/run.log")
+    schedule = (f"{JOBS} at a time with {THREADS // JOBS} thread(s) each, the pair fit and the mix alone with "
+                f"{THREADS}" if JOBS > 1 else f"one at a time with {THREADS} thread(s)")
+    banner(f"{len(plan)} stages, {schedule}. Each stage logs to {OUT}/logs/STAGE/run.log")
     print(f"standard: {STEPS} steps of 4 x 256 tokens, {data_note}\n"
           f"pairs: pairwise maps of base, one per (layer, source layer), closed form on {PAIR_TOKENS} tokens\n"
           f"mix: R-CLA, the pairs mix, {RCLA_STEPS} steps of {BATCH} x 256 tokens, {data_note}\n"
@@ -399,6 +404,7 @@ def run_all() -> None:
           flush=True)
     seconds: dict[str, float] = {}
     script = str(Path(__file__).resolve())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed demo stops its workers too
     failed = run_parallel(list(plan), lambda n: [script, "--stage", n], lambda n: OUT / "logs" / n, JOBS,
                           threads=THREADS // JOBS, needs={n: need for n, (need, _) in plan.items()},
                           exclusive={n for n, (_, alone) in plan.items() if alone}, seconds=seconds,
@@ -406,9 +412,11 @@ def run_all() -> None:
     if failed:
         sys.exit(f"demo: stage(s) {', '.join(failed)} did not finish (logs under {OUT}/logs); run it again: "
                  "finished fine-tunes and calibrations are reused, a stopped fine-tune resumes")
-    rows = demo.rows()
+    rows, errors = demo.results()
     table = format_table(rows)
     print(table)
+    for e in errors:  # a plan that failed to score: the others are in the table
+        print(f"demo: {e['checkpoint']} under {e['plan']} was not scored: {e['error']}", flush=True)
     plot = pareto_plot(rows, OUT / "pareto.png")
 
     prompt = "In his address to Congress, the President said that"
@@ -456,16 +464,18 @@ def run_all() -> None:
         "spread over each held-out text, scored by distinct-2 (mean, and the share at 0.5 or more: "
         "`non_degenerate`); QA and continuations under the full cache and the calibrated plans, uncalibrated "
         "shared plans on perplexity only. "
-        f"Wall time {minutes:.1f} min, {cpu_minutes:.1f} CPU minutes, {THREADS} threads of {cpu}: {JOBS} stages at a "
-        f"time with {THREADS // JOBS} thread(s) each, the pair fit and the mix alone with {THREADS}. Minutes per "
-        f"stage (side by side, so they add up to more than the wall time): {timing}.\n\n"
+        f"Wall time {minutes:.1f} min, {cpu_minutes:.1f} CPU minutes, {THREADS} threads of {cpu}, stages {schedule}. "
+        f"Minutes per stage{' (side by side, so they add up to more than the wall time)' if JOBS > 1 else ''}: "
+        f"{timing}.\n\n"
         "```\n" + table + "\n```\n\n![pareto](pareto.png)\n\n## Greedy generation, 64 tokens\n\n"
-        + "".join(f"**{name}, {p}**: {r.summary()}\n\n> {prompt}{r.text}\n\n" for name, p, r in samples),
+        + "".join(f"**{name}, {p}**: {r.summary()}\n\n> {prompt}{r.text}\n\n" for name, p, r in samples)
+        + ("## Plans that failed to score\n\n" + "".join(f"- {e['checkpoint']}, {e['plan']}: {e['error']}\n"
+                                                          for e in errors) if errors else ""),
         encoding="utf-8",
     )
     generations = [{"checkpoint": n, "plan": p, "calibrated": r.calibrated, "distinct2": r.distinct2,
                     "text": r.text} for n, p, r in samples]
-    (OUT / "summary.json").write_text(json.dumps({"checkpoints": demo.checkpoints, "rows": rows,
+    (OUT / "summary.json").write_text(json.dumps({"checkpoints": demo.checkpoints, "rows": rows, "errors": errors,
                                                  "generations": generations, "seconds": seconds,
                                                  "wall_minutes": round(minutes, 1), "threads": THREADS,
                                                  "jobs": JOBS, "cpu": cpu, "precision": precision,
@@ -473,6 +483,8 @@ def run_all() -> None:
     banner("done")
     log(f"results: {OUT}/eval/*/*/results.json (and .csv)")
     print(f"plot:    {plot}\nreport:  {report}\ntook {minutes:.1f} min ({cpu_minutes:.1f} CPU min; stages: {timing})")
+    if errors:
+        sys.exit(f"demo: {len(errors)} plan(s) failed to score (listed above and in {report}; logs under {OUT}/logs)")
 
 
 if __name__ == "__main__":

@@ -135,8 +135,9 @@ def run_parallel(names: list[str], worker_args: Callable[[str], list[str]], log_
                 last_progress = time.time()
                 for name in active:
                     log(f"  {name}: {last_line(log_dir(name) / 'run.log') or '(no output yet)'}")
-    except KeyboardInterrupt:
+    finally:  # Ctrl-C, SIGTERM turned into SystemExit, or a failing callback: no worker left training
         for proc in active.values():
             proc.terminate()
-        raise
+        for proc in active.values():
+            proc.wait()
     return failed + skipped

@@ -35,6 +35,7 @@ def demo(tmp_path, monkeypatch):
         (sotu / f"{year}_someone.txt").write_text("text")
     monkeypatch.setattr(DEMO, "SOTU", sotu)
     monkeypatch.setattr(DEMO, "OUT", tmp_path / "out")
+    monkeypatch.setattr(DEMO, "TEXT_STEPS", 80)  # whatever DEMO_TEXT_STEPS says
     calls = []
     monkeypatch.setattr(DEMO, "finetune", lambda name, model, data, **kw: calls.append(("finetune", name, Path(model),
                                                                                          len(data), kw)))
@@ -91,3 +92,23 @@ def test_an_unknown_stage_is_refused(demo):
     with pytest.raises(SystemExit, match="unknown stage 'train'"):
         module.Demo().run("train")
     assert calls == []
+
+
+def test_the_report_reads_every_row_and_every_plan_that_failed(demo, tmp_path):
+    import json
+
+    module, _ = demo
+    runner = module.Demo()
+    for model in ("base", "standard", "rcla"):
+        for kind in ("plans", "full", "calibrated"):  # results.json as kvroute.results.ResultWriter writes it
+            checkpoint = runner.checkpoints[{"base": "base", "standard": "standard+cal", "rcla": "rcla-mix+pairs"}[model]]
+            errors = ([{"checkpoint": checkpoint, "plan": "every:4", "error": "RuntimeError: boom"}]
+                      if (model, kind) == ("rcla", "calibrated") else [])
+            folder = tmp_path / "out" / "eval" / model / kind
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(
+                {"rows": [{"checkpoint": checkpoint, "plan": "every:2", "metric": "loss", "value": 1.0}],
+                 "errors": errors}))
+    rows, errors = runner.results()
+    assert len(rows) == 9 and {r["checkpoint"] for r in rows} == {"base", "standard+cal", "rcla-mix+pairs"}
+    assert errors == [{"checkpoint": "rcla-mix+pairs", "plan": "every:4", "error": "RuntimeError: boom"}]
