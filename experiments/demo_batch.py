@@ -83,13 +83,13 @@ def main() -> None:
         print(f"demo_batch: {out}/text/final in {(time.perf_counter() - began) / 60:.1f} min")
 
 
-def text_stage(start: Path, data: list[str], out: Path, steps: int, batch: int, **recipe) -> None:
-    """The demo's text stage (``demo.TEXT_STAGE``, ``recipe`` overriding it) from ``start`` into ``out``, seed 0;
-    a stopped run resumes from its last checkpoint."""
+def text_stage(start: Path, data: list[str], out: Path, steps: int, batch: int, seed: int = 0, **recipe) -> None:
+    """The demo's text stage (``demo.TEXT_STAGE``, ``recipe`` overriding it) from ``start`` into ``out`` (the demo's
+    seed 0 by default); a stopped run resumes from its last checkpoint."""
     from kvroute.train import TrainConfig, train
 
     train(TrainConfig(model=str(start), data=data, output_dir=str(out), seq_len=256, batch_size=batch,
-                      max_steps=steps, seed=0, device="cpu", eval_every=0, save_every=max(steps // 2, 1), quiet=True,
+                      max_steps=steps, seed=seed, device="cpu", eval_every=0, save_every=max(steps // 2, 1), quiet=True,
                       resume="latest" if (out / "checkpoints").is_dir() else None, **{**demo.TEXT_STAGE, **recipe}))
 
 

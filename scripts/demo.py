@@ -26,8 +26,9 @@
 6. Generate 64 greedy tokens under every:2 and every:4; report distinct-2 and the KV bytes saved.
 
 The stages run as worker processes, two at a time with one thread each on 2 cores (``stages()``): the
-pair fit and the mix alone with both threads, then the text stage beside the standard fine-tune, the
-calibrations and the evaluations, which start as soon as what they need has finished. Each stage logs
+pair fit alone with both threads, then the R-CLA chain (mix, text stage, its evaluation) beside the
+standard fine-tune, the calibrations and their evaluations, each starting as soon as what it needs has
+finished. Each stage logs
 to runs/demo/logs/STAGE/run.log; the demo prints every stage's latest line once a minute.
 
 Everything lands in runs/demo/. A rerun reuses finished training runs and calibrations and resumes a
@@ -237,7 +238,7 @@ def without_pairs(checkpoint: Path) -> Path:
 
 #: threads of the whole demo: 2 where the machine has them (the budget it is sized for)
 THREADS = max(1, min(2, os.cpu_count() or 1))
-#: stages run at once, each with THREADS // JOBS threads (the mix and the pair fit run alone with all of them)
+#: stages run at once, each with THREADS // JOBS threads (the pair fit runs alone with all of them)
 JOBS = max(1, min(int(os.environ.get("DEMO_JOBS", "2")), THREADS))
 
 
@@ -245,16 +246,16 @@ def stages() -> dict[str, tuple[tuple[str, ...], bool]]:
     """The demo's stages in priority order: name -> (the stages it starts after, whether it runs alone).
 
     Two threads speed a stage up only 1.15-1.5x here, so two stages at one thread each get more done.
-    The R-CLA chain (pair fit, mix, text stage, its evaluation) is the longest, so its first two
-    stages run alone with every thread (with 2 threads beside a 1-thread text stage a mix step took
-    3.17 s, against 2.81 s with 1 thread: docs/bench/demo_steps_stop50_*.json); the standard
-    fine-tune, the calibrations and the evaluations run beside the text stage, one thread each. The
-    whole demo took 0.76x the time of one stage at a time (docs/RESULTS.md, "The demo in two lanes").
+    The R-CLA chain (pair fit, mix, text stage, its evaluation) is the longest, so it starts first: the
+    short pair fit alone with every thread, then the mix with one thread (a mix step took 2.81 s beside
+    a 1-thread text stage against 2.83 s alone, and 2.23 s with 2 threads: docs/bench/demo_steps_stop50_*.json)
+    beside the standard fine-tune, the calibrations and their evaluations, one thread each. Each stage
+    starts as soon as what it needs has finished (docs/RESULTS.md, "The demo in two lanes").
     """
     rcla = "text" if TEXT_STEPS else "mix"
     return {
         "pairs": ((), True),
-        "mix": (("pairs",), True),
+        "mix": (("pairs",), False),
         **({"text": (("mix",), False)} if TEXT_STEPS else {}),
         "standard": ((), False),
         "cal-base": ((), False),
@@ -391,7 +392,7 @@ def run_all() -> None:
     demo.write_data()
     plan = stages()
     data_note = f"State of the Union {CALIB_YEARS[0]}-{CALIB_YEARS[1]} + {QA_TRAIN} fictional QA records"
-    schedule = (f"{JOBS} at a time with {THREADS // JOBS} thread(s) each, the pair fit and the mix alone with "
+    schedule = (f"{JOBS} at a time with {THREADS // JOBS} thread(s) each, the pair fit alone with "
                 f"{THREADS}" if JOBS > 1 else f"one at a time with {THREADS} thread(s)")
     banner(f"{len(plan)} stages, {schedule}. Each stage logs to {OUT}/logs/STAGE/run.log")
     print(f"standard: {STEPS} steps of 4 x 256 tokens, {data_note}\n"

@@ -53,7 +53,7 @@ def test_the_stages_form_a_valid_schedule(monkeypatch, text_steps):
     monkeypatch.setattr(DEMO, "TEXT_STEPS", text_steps)
     plan = DEMO.stages()
     JOBS._check_needs(list(plan), {n: need for n, (need, _) in plan.items()})  # each need is a stage listed before
-    assert [n for n, (_, alone) in plan.items() if alone] == ["pairs", "mix"]
+    assert [n for n, (_, alone) in plan.items() if alone] == ["pairs"]
     assert ("text" in plan) == bool(text_steps)
     assert plan["eval-rcla"][0] == (("text",) if text_steps else ("mix",))
 
