@@ -3,8 +3,8 @@
 The demo's text stage (``scripts/demo.py``, ``TEXT_STAGE``) trains 80 steps of 2 rows, each row
 prompting one greedy rollout under the plan its pass draws. Greedy decoding of the 135M model is
 bound by reading its weights, so 4 rollouts a step cost little more than 2, and the stage is the
-longest link of the demo's R-CLA chain (8.9-10.2 min of 23-25). This trains, from the demo's mix
-(``runs/demo/rcla-mix/final``, seed 0), variants of the stage on three text-stage seeds:
+longest link of the demo's R-CLA chain after the mix (8.1-10.2 min at one thread). This trains, from
+the demo's mix (``runs/demo/rcla-mix/final``, seed 0), variants of the stage on three text-stage seeds:
 
 - ``demo``: the demo's stage (80 steps, one rollout per row); seed 0 is the demo's own checkpoint;
 - ``x2``: 40 steps, two rollouts per row (``--seq-ul-per-row 2``): the same rollouts, half the updates;
@@ -49,7 +49,8 @@ VARIANTS = {
     "x2": dict(steps=40, seq_ul_per_row=2),
     "x2lr2": dict(steps=40, seq_ul_per_row=2, lr=2e-4),
 }
-#: x2lr2 ran first, on two seeds: both lost 2.4-3.8 points of full-cache perplexity, so it went no further
+#: x2lr2 ran first, on two seeds: its full cache lost 2.4 and 4.6 points of perplexity against the demo's stage
+#: on the same seed, and on seed 0 its full-cache QA fell to F1 0.58, so it went no further
 NAMES = ["x2lr2-s0", "x2lr2-s1", *(f"{v}-s{s}" for s in (0, 1, 2) for v in ("x2", "demo"))]
 
 
