@@ -40,8 +40,7 @@ def stage_config(stage: str, demo_dir: Path):
     """The demo's TrainConfig of ``stage`` (``standard``, ``mix``, ``text``), writing nothing to keep."""
     from kvroute.train import TrainConfig
 
-    train, _ = demo.split_sotu()
-    calib = [f for f in train if demo.CALIB_YEARS[0] <= int(Path(f).name[:4]) <= demo.CALIB_YEARS[1]]
+    calib = demo.calibration_text(demo.split_sotu()[0])
     mix = calib + [str(demo_dir / "data" / "fictional" / "train.jsonl")]
     start, data, recipe, batch = {
         "standard": (demo.MODEL, mix, demo.STANDARD, 4),

@@ -67,8 +67,7 @@ def main() -> None:
     for need in (start, qa):
         if not need.exists():
             sys.exit(f"demo_batch: {need} is missing; run `make demo` (or pass --demo)")
-    train_files, _ = demo.split_sotu()
-    calib = [f for f in train_files if demo.CALIB_YEARS[0] <= int(Path(f).name[:4]) <= demo.CALIB_YEARS[1]]
+    calib = demo.calibration_text(demo.split_sotu()[0])
     out = ROOT / "runs" / "demo_batch" / f"mix-b{args.batch}-s{args.steps}-seed{args.seed}"
     if args.needle:
         out = out.with_name(f"{out.name}-needle{args.needle}w{args.needle_words}")

@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import common as c  # noqa: E402
+import common as c  # noqa: E402  (puts scripts/ on sys.path)
 from jobs import log  # noqa: E402  (scripts/jobs.py)
 
 ROOT = Path(__file__).resolve().parents[1]

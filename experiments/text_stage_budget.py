@@ -72,8 +72,7 @@ def run_one(name: str) -> dict:
         start = DEMO / "rcla-mix" / "final"
         if not (start / "config.json").is_file():
             sys.exit(f"text_stage_budget: {start} is missing; run `make demo` first")
-        train, _ = demo.split_sotu()
-        calib = [f for f in train if demo.CALIB_YEARS[0] <= int(Path(f).name[:4]) <= demo.CALIB_YEARS[1]]
+        calib = demo.calibration_text(demo.split_sotu()[0])
         began = time.perf_counter()
         text_stage(start, calib, out, steps, demo.BATCH, seed=int(seed), **recipe)
         seconds = round(time.perf_counter() - began, 1)

@@ -115,6 +115,11 @@ def split_sotu() -> tuple[list[str], list[str]]:
     return train, held
 
 
+def calibration_text(train_files: list[str]) -> list[str]:
+    """The training speeches of CALIB_YEARS: the calibration text, and the text of both fine-tunes' mix."""
+    return [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
+
+
 def finetune(name: str, model: str | Path, data: list[str], steps: int = STEPS, batch: int = 4, **recipe) -> Path:
     from kvroute.train import TrainConfig, train
 
@@ -274,7 +279,7 @@ class Demo:
         from kvroute.precision import resolve_precision
 
         train_files, self.held_files = split_sotu()
-        self.calib = [f for f in train_files if CALIB_YEARS[0] <= int(Path(f).name[:4]) <= CALIB_YEARS[1]]
+        self.calib = calibration_text(train_files)
         fictional = OUT / "data" / "fictional"
         self.qa_train, self.qa = fictional / "train.jsonl", fictional / "test.jsonl"
         self.mix = self.calib + [str(self.qa_train)]  # SOTU 1990-2006 + fictional QA: both fine-tunes' data
